@@ -1,0 +1,1 @@
+"""Runnable example applications for poolkit, plus the embedded PostgreSQL they share."""

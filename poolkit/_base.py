@@ -1,0 +1,496 @@
+"""Everything the sync and async pools share that does no I/O: settings, counters, borrow registry, messages, fork hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import sys
+import threading
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import monotonic
+from types import CodeType, FrameType
+from typing import Any
+
+from ._config import PoolConfig, mask_conninfo
+from ._stats import Histogram, PoolStats
+
+logger = logging.getLogger("poolkit")
+leak_logger = logging.getLogger("poolkit.leak")
+
+# Frames from these directories are skipped when looking for the code that borrowed.
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP_PREFIXES: tuple[str, ...] = (
+    os.path.join(_PKG_ROOT, "poolkit"),
+    os.path.join(_PKG_ROOT, "poolkit_fastapi"),
+    os.path.join(_PKG_ROOT, "poolkit_django"),
+    os.path.dirname(os.path.abspath(weakref.__file__)),  # the stdlib (contextlib, asyncio)
+)
+# Idle connections back for less than this are lent without the liveness peek.
+PEEK_AFTER = 0.001
+_MAX_TAGS = 100
+_OTHER_TAG = "(other)"
+
+# Reset statements by policy name; "auto" runs RESET ALL only after a borrow that ran
+# anything on the connection.
+RESET_SQL: dict[str, bytes] = {
+    "auto": b"RESET ALL",
+    "reset_all": b"RESET ALL",
+    "discard_all": b"DISCARD ALL",
+}
+
+
+# A borrow record is a plain list (cheapest to build on the hot path):
+# [t0, code, lineno, thread ident, task, tag, warned, stack-at-borrow].
+T0, CODE, LINENO, OWNER, TASK, TAG, WARNED, STACK = range(8)
+
+
+def new_record(
+    t0: float, frame: FrameType | None, task: Any, tag: str | None, capture: bool
+) -> list[Any]:
+    """Build a borrow record; the pools inline this on their fast path."""
+    return [
+        t0,
+        frame.f_code if frame is not None else None,
+        frame.f_lineno if frame is not None else 0,
+        threading.get_ident(),
+        task,
+        tag,
+        False,
+        traceback.format_stack(frame) if capture and frame is not None else None,
+    ]
+
+
+class BorrowRecord:
+    """A readable view of one borrow record, built only for reports."""
+
+    __slots__ = ("code", "lineno", "owner", "stack", "t0", "tag", "task", "warned")
+
+    def __init__(self, rec: list[Any]) -> None:
+        self.t0: float = rec[T0]
+        self.code: CodeType | None = rec[CODE]
+        self.lineno: int = rec[LINENO]
+        self.owner: int = rec[OWNER]
+        self.task: Any = rec[TASK]
+        self.tag: str | None = rec[TAG]
+        self.warned: bool = rec[WARNED]
+        self.stack: list[str] | None = rec[STACK]
+
+    @property
+    def site(self) -> str:
+        if self.code is None:
+            return "<unknown>"
+        return f"{self.code.co_filename}:{self.lineno} in {self.code.co_name}"
+
+    def owner_name(self) -> str:
+        if self.task is not None:
+            name = getattr(self.task, "get_name", None)
+            return f"task {name() if name else self.task!r}"
+        for t in threading.enumerate():
+            if t.ident == self.owner:
+                return f"thread {t.name!r}"
+        return f"thread {self.owner}"
+
+    def current_stack(self) -> str:
+        """Where the borrower is now: the stack that is holding the connection."""
+        if self.task is not None:
+            try:
+                frames = self.task.get_stack()
+            except Exception:  # the task may be done or foreign
+                return ""
+            lines: list[str] = []
+            for f in frames:
+                lines.extend(traceback.format_stack(f, limit=1))
+            return "".join(lines)
+        frame = sys._current_frames().get(self.owner)
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
+
+
+class _NoPoll:
+    @staticmethod
+    def poll(timeout: int = 0) -> list[Any]:
+        return []
+
+
+@dataclass(frozen=True)
+class BorrowInfo:
+    """A public view of one current borrow (for dashboards and the doctor)."""
+
+    held_for: float
+    site: str
+    owner: str
+    tag: str | None
+    leak_suspect: bool
+
+
+def borrow_frame(f: FrameType) -> FrameType:
+    """The first frame, from f outwards, outside poolkit and the stdlib."""
+    for _ in range(8):
+        if not f.f_code.co_filename.startswith(SKIP_PREFIXES) or f.f_back is None:
+            return f
+        f = f.f_back
+    return f
+
+
+class PoolCore:
+    """Mixin with the shared, I/O-free state of Pool and AsyncPool."""
+
+    name: str
+    _pool: deque[Any]
+    _waiting: deque[Any]
+    _nconns: int
+    _min_size: int
+    _max_size: int
+    _closed: bool
+
+    housekeeping_interval = 1.0  # seconds; tests shrink it
+
+    def _pk_init(self, config: PoolConfig, check: Callable[..., Any] | None) -> None:
+        self.config = config
+        self._pk_check = check
+        self._pk_validate = config.validate
+        self._pk_bypass = config.validation_bypass
+        reset = config.reset
+        if config.pgbouncer and reset == "auto":
+            reset = "none"
+        self._pk_reset_callable: Callable[..., Any] | None = reset if callable(reset) else None
+        self._pk_reset_sql: bytes | None = RESET_SQL.get(reset) if isinstance(reset, str) else None
+        self._pk_reset_auto = reset == "auto"
+        self._pk_leak_threshold = config.leak_threshold or 0.0
+        self._pk_capture_stack = config.leak_capture_stack
+        self._pk_invalid_before = 0.0
+        self._pk_draining = False
+        self._pk_forked = False
+        self._pk_borrowed: dict[Any, list[Any]] = {}
+        self._pk_reclaim: deque[list[Any]] = deque()
+        self._pk_gc_cb = self._pk_on_conn_gc
+        self._pk_fast_window = min(
+            config.validation_bypass if config.validate else float("inf"), config.max_idle
+        )
+        self._pk_events: deque[tuple[float, str, str]] = deque(maxlen=200)
+        self._pk_tag_hold: dict[str, Histogram] = {}
+        self._pk_wait_hist = Histogram()
+        self._pk_hold_hist = Histogram()
+        self._pk_connect_hist = Histogram()
+        self._n_borrows = 0
+        self._n_fast = 0  # borrows served from idle without any check beyond the peek
+        self._pk_plain_return = self._pk_reset_callable is None and (
+            self._pk_reset_sql is None or self._pk_reset_auto
+        )
+        self._n_timeouts = 0
+        self._n_rejected = 0
+        self._n_created = 0
+        self._n_closed = 0
+        self._n_failed = 0
+        self._n_lost = 0
+        self._n_leaks = 0
+        self._n_reclaimed = 0
+        self._n_valid_run = 0
+        self._n_valid_skip = 0
+        self._n_valid_fail = 0
+        self._n_resets = 0
+        _live_pools.add(self)
+
+    # -- connection bookkeeping --------------------------------------------------------
+
+    def _pk_new_conn(self, conn: Any, connect_seconds: float) -> None:
+        """Attach poolkit's per-connection fields to a fresh connection."""
+        conn._pk_returned_at = monotonic()
+        conn._pk_dirty = False
+        conn._pk_pending = None
+        conn._pk_wr = None
+        poller: Any = _NoPoll
+        try:
+            poller = select.poll()
+            poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+        except Exception:  # no socket to watch: the peek is skipped
+            poller = _NoPoll
+        conn._pk_poll = poller
+        self._n_created += 1
+        self._pk_connect_hist.add(connect_seconds)
+
+    def _pk_register(
+        self, conn: Any, now: float, tag: str | None, task: Any, frame: FrameType
+    ) -> None:
+        wr = weakref.ref(conn, self._pk_gc_cb)
+        conn._pk_wr = wr
+        self._pk_borrowed[wr] = new_record(
+            now, borrow_frame(frame), task, tag, self._pk_capture_stack
+        )
+
+    def _pk_account(self, rec: list[Any], now: float) -> None:
+        """Record a finished borrow's hold time (caller holds the pool lock)."""
+        held = now - rec[T0]
+        self._pk_hold_hist.add(held)
+        if rec[TAG] is not None or rec[WARNED]:
+            self._pk_unregister_rare(rec, held)
+
+    def _pk_unregister_rare(self, rec: list[Any], held: float) -> None:
+        tag = rec[TAG]
+        if tag is not None:
+            h = self._pk_tag_hold.get(tag)
+            if h is None:
+                key = tag if len(self._pk_tag_hold) < _MAX_TAGS else _OTHER_TAG
+                h = self._pk_tag_hold.setdefault(key, Histogram())
+            h.add(held)
+        if rec[WARNED]:
+            r = BorrowRecord(rec)
+            leak_logger.info(
+                "pool %r: connection borrowed at %s by %s came back after %.1f s",
+                self.name,
+                r.site,
+                r.owner_name(),
+                held,
+            )
+            self._pk_event("leak-returned", f"{r.site} after {held:.1f} s")
+
+    def _pk_on_conn_gc(self, wr: weakref.ref[Any]) -> None:
+        # Runs inside the garbage collector, possibly while this pool's lock is held by
+        # this same thread: only queue the record, housekeeping gives the slot back.
+        rec = self._pk_borrowed.pop(wr, None)
+        if rec is not None:
+            self._pk_reclaim.append(rec)
+
+    def _pk_take_reclaimed(self) -> list[BorrowRecord]:
+        out: list[BorrowRecord] = []
+        while self._pk_reclaim:
+            rec = BorrowRecord(self._pk_reclaim.popleft())
+            out.append(rec)
+            self._n_reclaimed += 1
+            leak_logger.warning(
+                "pool %r: a connection borrowed at %s by %s was garbage-collected without "
+                "being returned after %.1f s; its slot is given back to the pool. Return "
+                "connections with 'with pool.connection()' or putconn().",
+                self.name,
+                rec.site,
+                rec.owner_name(),
+                monotonic() - rec.t0,
+            )
+            self._pk_event("leak-reclaimed", rec.site)
+        return out
+
+    def _pk_leak_scan(self, now: float) -> None:
+        threshold = self._pk_leak_threshold
+        if not threshold:
+            return
+        for raw in list(self._pk_borrowed.values()):
+            if raw[WARNED] or now - raw[T0] < threshold:
+                continue
+            raw[WARNED] = True
+            rec = BorrowRecord(raw)
+            self._n_leaks += 1
+            borrow_stack = "\nStack at borrow:\n" + "".join(rec.stack) if rec.stack else ""
+            leak_logger.warning(
+                "pool %r: connection borrowed at %s by %s has been out for %.1f s "
+                "(leak_threshold=%s s). Current stack of the borrower:\n%s%s",
+                self.name,
+                rec.site,
+                rec.owner_name(),
+                now - rec.t0,
+                threshold,
+                rec.current_stack() or "  <not available>\n",
+                borrow_stack,
+            )
+            self._pk_event("leak-suspect", f"{rec.site} out for {now - rec.t0:.1f} s")
+
+    def _pk_event(self, kind: str, detail: str) -> None:
+        self._pk_events.append((monotonic(), kind, detail))
+
+    def _pk_invalidate_older(self, now: float) -> list[Any]:
+        """Mark every connection created before now as stale; return the idle ones to close."""
+        self._pk_invalid_before = now
+        stale = [c for c in self._pool if c._created_at < now]
+        if stale:
+            keep = [c for c in self._pool if c._created_at >= now]
+            self._pool.clear()
+            self._pool.extend(keep)
+        return stale
+
+    def _pk_socket_broken(self, conn: Any) -> bool:
+        """Non-blocking liveness peek: an idle connection's socket should have nothing to read."""
+        if not conn._pk_poll.poll(0):
+            return False
+        # Readable while idle: a NOTIFY/notice, or the server went away (FATAL + EOF).
+        pgconn = conn.pgconn
+        try:
+            pgconn.consume_input()
+        except Exception:
+            return True
+        return bool(pgconn.status != 0)  # 0 == CONNECTION_OK
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def _pk_longest(self) -> tuple[float, BorrowRecord] | None:
+        if not self._pk_borrowed:
+            return None
+        rec = BorrowRecord(min(self._pk_borrowed.values(), key=lambda r: r[T0]))
+        return monotonic() - rec.t0, rec
+
+    def _pk_state_line(self) -> str:
+        idle = len(self._pool)
+        return (
+            f"size={self._nconns} (min {self._min_size}, max {self._max_size}), "
+            f"idle={idle}, in_use={len(self._pk_borrowed)}, waiting={len(self._waiting)}"
+        )
+
+    def _pk_timeout_message(self, waited: float) -> str:
+        msg = (
+            f"couldn't get a connection from pool {self.name!r} after {waited:.2f} s: "
+            f"{self._pk_state_line()}"
+        )
+        longest = self._pk_longest()
+        if longest is not None:
+            held, rec = longest
+            msg += f"; longest borrow: {held:.2f} s by {rec.owner_name()} at {rec.site}"
+        msg += (
+            ". Raise max_size or timeout, shorten the work done while holding a "
+            "connection, or set leak_threshold to log the stacks of long borrows."
+        )
+        if self._n_failed and not self._pool and self._nconns > len(self._pk_borrowed):
+            msg += (
+                f" The last connection attempts failed (server {mask_conninfo(self._pk_dsn())}"
+                " unreachable?)."
+            )
+        return msg
+
+    def _pk_dsn(self) -> str:
+        conninfo = getattr(self, "conninfo", "")
+        return conninfo if isinstance(conninfo, str) else "<callable conninfo>"
+
+    def borrowed(self) -> list[BorrowInfo]:
+        """The connections currently lent out, longest-held first."""
+        now = monotonic()
+        thr = self._pk_leak_threshold
+        out = [
+            BorrowInfo(
+                held_for=now - r.t0,
+                site=r.site,
+                owner=r.owner_name(),
+                tag=r.tag,
+                leak_suspect=bool(thr) and now - r.t0 >= thr,
+            )
+            for r in map(BorrowRecord, list(self._pk_borrowed.values()))
+        ]
+        out.sort(key=lambda b: -b.held_for)
+        return out
+
+    def events(self) -> list[tuple[float, str, str]]:
+        """Recent pool events (monotonic time, kind, detail): losses, recoveries, timeouts."""
+        return list(self._pk_events)
+
+    def histograms(self) -> dict[str, Histogram]:
+        """The live wait/hold/connect histograms (seconds), for metric exporters."""
+        return {
+            "wait_time": self._pk_wait_hist,
+            "hold_time": self._pk_hold_hist,
+            "connect_time": self._pk_connect_hist,
+        }
+
+    def hold_time_by_tag(self) -> dict[str, Histogram]:
+        """Hold-time histograms per borrow tag (route/view), at most 100 tags plus '(other)'."""
+        return dict(self._pk_tag_hold)
+
+    def stats(self) -> PoolStats:
+        """A typed snapshot of the pool: gauges, counters and time summaries."""
+        size = self._nconns
+        return {
+            "name": self.name,
+            "size": size,
+            "idle": len(self._pool),
+            "in_use": len(self._pk_borrowed),
+            "waiting": len(self._waiting),
+            "min_size": self._min_size,
+            "max_size": self._max_size,
+            "overflow": max(0, size - self._min_size),
+            "borrows": self._n_borrows + self._n_fast,
+            "timeouts": self._n_timeouts,
+            "rejected": self._n_rejected,
+            "connections_created": self._n_created,
+            "connections_closed": self._n_closed,
+            "connections_failed": self._n_failed,
+            "connections_lost": self._n_lost,
+            "leaks_detected": self._n_leaks,
+            "leaks_reclaimed": self._n_reclaimed,
+            "validations_run": self._n_valid_run,
+            "validations_skipped": self._n_valid_skip
+            + (self._n_fast if self._pk_validate else 0),
+            "validations_failed": self._n_valid_fail,
+            "resets": self._n_resets,
+            "wait_time": self._pk_wait_hist.summary(zeros=self._n_fast),
+            "hold_time": self._pk_hold_hist.summary(),
+            "connect_time": self._pk_connect_hist.summary(),
+        }
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool-compatible counters (see psycopg_pool's docs for the keys)."""
+        w, h, c = self._pk_wait_hist, self._pk_hold_hist, self._pk_connect_hist
+        return {
+            "pool_min": self._min_size,
+            "pool_max": self._max_size,
+            "pool_size": self._nconns,
+            "pool_available": len(self._pool),
+            "requests_waiting": len(self._waiting),
+            "requests_num": self._n_borrows + self._n_fast + self._n_timeouts + self._n_rejected,
+            "requests_queued": w.count - w.counts[0],
+            "requests_wait_ms": int(w.sum * 1000),
+            "requests_errors": self._n_timeouts + self._n_rejected,
+            "usage_ms": int(h.sum * 1000),
+            "returns_bad": self._n_lost,
+            "connections_num": c.count + self._n_failed,
+            "connections_ms": int(c.sum * 1000),
+            "connections_errors": self._n_failed,
+            "connections_lost": self._n_lost,
+        }
+
+    def pop_stats(self) -> dict[str, int]:
+        """Like get_stats(); kept for psycopg_pool compatibility (counters are not reset)."""
+        return self.get_stats()
+
+    # -- fork --------------------------------------------------------------------------
+
+    def _pk_detach_after_fork(self) -> None:
+        """In a forked child: make the parent's sockets unreachable from here.
+
+        Closing them normally would send a Terminate message on a socket the parent
+        still uses, so each descriptor is first pointed at /dev/null.
+        """
+        conns = list(self._pool)
+        conns.extend(wr() for wr in list(self._pk_borrowed))
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            for conn in conns:
+                if conn is None:
+                    continue
+                try:
+                    fd = conn.pgconn.socket
+                except Exception:
+                    continue
+                try:
+                    os.dup2(devnull, fd)
+                except OSError:
+                    pass
+                _orphans.append(conn)
+        finally:
+            os.close(devnull)
+        self._pk_forked = True
+
+
+_live_pools: weakref.WeakSet[PoolCore] = weakref.WeakSet()
+# Connections inherited from the parent: kept referenced so their finalizers never run
+# in the child while it is alive.
+_orphans: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_live_pools):
+        try:
+            pool._pk_detach_after_fork()
+        except Exception:  # never break the child's start
+            logger.exception("pool %r: could not detach after fork", pool.name)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,113 @@
+"""Connection-level helpers shared by both pools: config assembly, dirty tracking, reset and ping generators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from typing import Any
+
+from psycopg import AsyncConnection, OperationalError
+from psycopg.generators import execute, fetch_many
+from psycopg.pq import ExecStatus
+
+from ._config import PoolConfig
+from ._errors import ConfigError
+
+_OK = (ExecStatus.COMMAND_OK, ExecStatus.EMPTY_QUERY, ExecStatus.TUPLES_OK)
+
+# Client-side connection state a borrower can change without telling the server;
+# restored after a borrow that touched the connection. psycopg keeps them in these
+# attributes and only checks the transaction status when they are set.
+_ATTRS = ("_autocommit", "_isolation_level", "_read_only", "_deferrable", "row_factory")
+
+
+def build_config(
+    owner: str,
+    conninfo: Any,
+    config: PoolConfig | None,
+    kwargs: Mapping[str, Any] | None,
+    reset: Any,
+    settings: dict[str, Any],
+) -> PoolConfig:
+    """Merge a Pool's keyword arguments over an optional PoolConfig, validating once."""
+    changes: dict[str, Any] = dict(settings)
+    if isinstance(conninfo, str) and conninfo:
+        changes["conninfo"] = conninfo
+    elif conninfo and not callable(conninfo):
+        raise ConfigError("conninfo", conninfo, "is not a string", "pass a URL or DSN string")
+    if kwargs:
+        base = dict(config.kwargs) if config is not None else {}
+        base.update(kwargs)
+        changes["kwargs"] = base
+    if reset is not None:
+        changes["reset"] = reset
+    if config is None:
+        return PoolConfig.from_dict(changes, source=f"{owner}()")
+    return config.replace(**changes) if changes else config
+
+
+def check_result(results: list[Any]) -> None:
+    for res in results:
+        if res.status not in _OK:
+            raise OperationalError(
+                (res.error_message or b"unexpected result").decode("utf-8", "replace")
+            )
+
+
+def drain_gen(pgconn: Any) -> Generator[Any, Any, list[Any]]:
+    """Read the answer to a pipelined reset sent when the connection came back."""
+    return (yield from fetch_many(pgconn))
+
+
+def ping_gen(pgconn: Any) -> Generator[Any, Any, list[Any]]:
+    """The cheapest round trip: an empty query, outside psycopg's transaction handling."""
+    pgconn.send_query(b"")
+    return (yield from execute(pgconn))
+
+
+def remember_attrs(conn: Any) -> None:
+    conn._pk_attrs = tuple(getattr(conn, a) for a in _ATTRS)
+    conn._pk_prepare_threshold = conn.prepare_threshold
+
+
+def restore_attrs(conn: Any) -> None:
+    """Undo client-side changes (autocommit, isolation, read-only, row factory) of a borrow."""
+    for name, value in zip(_ATTRS, conn._pk_attrs, strict=True):
+        if getattr(conn, name) is not value:
+            setattr(conn, name, value)
+    if conn.prepare_threshold != conn._pk_prepare_threshold:
+        conn.prepare_threshold = conn._pk_prepare_threshold
+
+
+_tracking: dict[type, type] = {}
+
+
+def tracking_class(cls: type[Any]) -> type[Any]:
+    """A subclass of `cls` that notes when a borrower talks to the server.
+
+    Every statement, commit and COPY goes through `wait()`; a borrow that never reached
+    it cannot have changed session state, so the reset can be skipped.
+    """
+    sub = _tracking.get(cls)
+    if sub is not None:
+        return sub
+    wait: Callable[..., Any]
+    if issubclass(cls, AsyncConnection):
+        base_wait = cls.wait
+
+        async def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            self._pk_dirty = True
+            return await base_wait(self, gen, *args, **kwargs)
+    else:
+        sync_wait = cls.wait
+
+        def wait(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+            self._pk_dirty = True
+            return sync_wait(self, gen, *args, **kwargs)
+
+    sub = type(
+        cls.__name__,
+        (cls,),
+        {"wait": wait, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
+    _tracking[cls] = sub
+    return sub

@@ -1,0 +1,41 @@
+"""Exceptions raised by poolkit, plus psycopg_pool's own, re-exported unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
+
+__all__ = ["ConfigError", "PoolClosed", "PoolTimeout", "PoolkitError", "TooManyRequests"]
+
+
+class PoolkitError(Exception):
+    """Base class of the errors poolkit adds; psycopg_pool's own errors are not subclasses."""
+
+    __module__ = "poolkit"
+
+
+class ConfigError(PoolkitError, ValueError):
+    """A setting has a wrong type or value.
+
+    ``setting`` names what the user wrote (a field, an environment variable or a
+    ``DATABASES`` key), ``value`` is what they gave (with any password masked) and
+    ``fix`` says what to change.
+    """
+
+    __module__ = "poolkit"
+
+    def __init__(self, setting: str, value: object, problem: str, fix: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{setting}={value!r}: {problem}; {fix}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default reduce would call ConfigError(message) and fail on unpickling.
+        return (type(self), (self.setting, self.value, self.problem, self.fix))
+
+    def _renamed(self, setting: str) -> ConfigError:
+        """The same error reported under the name the user wrote (env var, dict key)."""
+        return type(self)(setting, self.value, self.problem, self.fix)

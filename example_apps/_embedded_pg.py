@@ -238,17 +238,19 @@ class EmbeddedPostgres:
     def socket_dir(self) -> Path:
         return self._socket_dir
 
-    def _hostport(self) -> str:
+    def _require_port(self) -> int:
         if self.port is None:
             raise RuntimeError(f"{self!r} has no port yet: call start() first")
-        return f"{self.host}:{self.port}"
+        return self.port
+
+    def _hostport(self) -> str:
+        return f"{self.host}:{self._require_port()}"
 
     def _socket_dsn(self, database: str) -> str:
-        self._hostport()
         host = quote(str(self._socket_dir), safe="")
         return (
             f"postgresql://{quote(self.user, safe='')}@/{quote(database, safe='')}"
-            f"?host={host}&port={self.port}"
+            f"?host={host}&port={self._require_port()}"
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -270,7 +272,7 @@ class EmbeddedPostgres:
                 self._adopt(pidfile)
             else:
                 fresh = self._prepare()
-                self._launch()
+                self._launch_on_a_port()
             self._wait_connectable(self._socket_dsn("postgres"), deadline)
             self._ensure_role_and_database(set_password=not fresh)
             self._wait_connectable(self.dsn, deadline)
@@ -372,11 +374,24 @@ class EmbeddedPostgres:
             self._initdb()
         else:
             self._check_version()
-        if self.port is None:
+        return fresh
+
+    def _launch_on_a_port(self) -> None:
+        if self.port is not None:  # given, or kept from an earlier start: DSNs depend on it
+            self._write_config()
+            self._launch()
+            return
+        for attempt in range(3):
             saved = self._saved_port()
             self.port = saved if saved is not None and _port_is_free(saved) else _free_port()
-        self._write_config()
-        return fresh
+            self._write_config()
+            try:
+                self._launch()
+                return
+            except RuntimeError:
+                # Another process may take the port between our probe and the server's bind.
+                if attempt == 2 or _port_is_free(self.port):
+                    raise
 
     def _initdb(self) -> None:
         args = [self._bin("initdb"), "-D", str(self.data_dir), "-U", self.user]

@@ -1,7 +1,8 @@
-"""Everything the sync and async pools share that does no I/O: settings, counters, borrow registry, messages, fork hooks."""
+"""What the sync and async pools share that does no I/O: counters, borrow registry, messages."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -30,6 +31,8 @@ SKIP_PREFIXES: tuple[str, ...] = (
     os.path.join(_PKG_ROOT, "poolkit_django"),
     os.path.dirname(os.path.abspath(weakref.__file__)),  # the stdlib (contextlib, asyncio)
 )
+_RDHUP = getattr(select, "POLLRDHUP", 0)
+_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL | _RDHUP
 # Idle connections back for less than this are lent without the liveness peek.
 PEEK_AFTER = 0.001
 _MAX_TAGS = 100
@@ -63,6 +66,20 @@ def new_record(
         False,
         traceback.format_stack(frame) if capture and frame is not None else None,
     ]
+
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def _sets_connect_timeout(config: PoolConfig) -> bool:
+    if "connect_timeout" in config.kwargs:
+        return True
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        return "connect_timeout" in conninfo_to_dict(config.conninfo)
+    except Exception:
+        return False
 
 
 class BorrowRecord:
@@ -161,6 +178,11 @@ class PoolCore:
         self._pk_reset_sql: bytes | None = RESET_SQL.get(reset) if isinstance(reset, str) else None
         self._pk_reset_auto = reset == "auto"
         self._pk_leak_threshold = config.leak_threshold or 0.0
+        # A connection attempt into a black hole must end: unless the user set one,
+        # background connects give up after this and are retried with backoff.
+        self._pk_connect_timeout: float | None = (
+            None if _sets_connect_timeout(config) else DEFAULT_CONNECT_TIMEOUT
+        )
         self._pk_capture_stack = config.leak_capture_stack
         self._pk_invalid_before = 0.0
         self._pk_draining = False
@@ -206,7 +228,7 @@ class PoolCore:
         poller: Any = _NoPoll
         try:
             poller = select.poll()
-            poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+            poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI | _RDHUP)
         except Exception:  # no socket to watch: the peek is skipped
             poller = _NoPoll
         conn._pk_poll = poller
@@ -312,12 +334,21 @@ class PoolCore:
 
     def _pk_socket_broken(self, conn: Any) -> bool:
         """Non-blocking liveness peek: an idle connection's socket should have nothing to read."""
-        if not conn._pk_poll.poll(0):
+        events = conn._pk_poll.poll(0)
+        if not events:
             return False
-        # Readable while idle: a NOTIFY/notice, or the server went away (FATAL + EOF).
+        if events[0][1] & _HANGUP:
+            return True
+        # Readable while idle: a NOTIFY or notice, or the server's goodbye (FATAL, then
+        # EOF), which may arrive in two reads.
         pgconn = conn.pgconn
         try:
             pgconn.consume_input()
+            events = conn._pk_poll.poll(0)
+            if events and events[0][1] & _HANGUP:
+                return True
+            if events:
+                pgconn.consume_input()
         except Exception:
             return True
         return bool(pgconn.status != 0)  # 0 == CONNECTION_OK
@@ -383,9 +414,15 @@ class PoolCore:
         return list(self._pk_events)
 
     def histograms(self) -> dict[str, Histogram]:
-        """The live wait/hold/connect histograms (seconds), for metric exporters."""
+        """Wait/hold/connect histograms (seconds) for metric exporters; wait_time is a copy."""
+        wait = Histogram()
+        src = self._pk_wait_hist
+        wait.counts = list(src.counts)
+        wait.counts[0] += self._n_fast  # immediate borrows are counted apart, see getconn
+        wait.count = src.count + self._n_fast
+        wait.sum, wait.max = src.sum, src.max
         return {
-            "wait_time": self._pk_wait_hist,
+            "wait_time": wait,
             "hold_time": self._pk_hold_hist,
             "connect_time": self._pk_connect_hist,
         }
@@ -416,8 +453,7 @@ class PoolCore:
             "leaks_detected": self._n_leaks,
             "leaks_reclaimed": self._n_reclaimed,
             "validations_run": self._n_valid_run,
-            "validations_skipped": self._n_valid_skip
-            + (self._n_fast if self._pk_validate else 0),
+            "validations_skipped": self._n_valid_skip + (self._n_fast if self._pk_validate else 0),
             "validations_failed": self._n_valid_fail,
             "resets": self._n_resets,
             "wait_time": self._pk_wait_hist.summary(zeros=self._n_fast),
@@ -469,10 +505,8 @@ class PoolCore:
                     fd = conn.pgconn.socket
                 except Exception:
                     continue
-                try:
+                with contextlib.suppress(OSError):
                     os.dup2(devnull, fd)
-                except OSError:
-                    pass
                 _orphans.append(conn)
         finally:
             os.close(devnull)

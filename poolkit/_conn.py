@@ -1,4 +1,4 @@
-"""Connection-level helpers shared by both pools: config assembly, dirty tracking, reset and ping generators."""
+"""Connection helpers shared by both pools: config assembly, dirty tracking, reset and ping."""
 
 from __future__ import annotations
 
@@ -55,13 +55,15 @@ def check_result(results: list[Any]) -> None:
 
 def drain_gen(pgconn: Any) -> Generator[Any, Any, list[Any]]:
     """Read the answer to a pipelined reset sent when the connection came back."""
-    return (yield from fetch_many(pgconn))
+    results: list[Any] = yield from fetch_many(pgconn)
+    return results
 
 
 def ping_gen(pgconn: Any) -> Generator[Any, Any, list[Any]]:
     """The cheapest round trip: an empty query, outside psycopg's transaction handling."""
     pgconn.send_query(b"")
-    return (yield from execute(pgconn))
+    results: list[Any] = yield from execute(pgconn)
+    return results
 
 
 def remember_attrs(conn: Any) -> None:

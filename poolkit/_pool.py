@@ -1,17 +1,18 @@
-"""Pool: psycopg_pool's ConnectionPool with poolkit's borrow/return path (sync twin of _pool_async)."""
+"""Pool: psycopg_pool's ConnectionPool with poolkit's borrow/return path (twin of _pool_async)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from sys import _getframe
 from threading import get_ident as _get_ident
-from traceback import format_stack
-from weakref import ref as _ref
-from collections.abc import Callable
 from time import monotonic
+from traceback import format_stack
 from types import FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
+from weakref import ref as _ref
 
 from psycopg import Connection
 from psycopg.pq import TransactionStatus
@@ -125,7 +126,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
         conninfo: str | Callable[..., Any] = "",
         *,
         config: PoolConfig | None = None,
-        connection_class: type[CT] = cast(type[CT], Connection),
+        connection_class: type[CT] = cast(type[CT], Connection),  # noqa: B008
         kwargs: dict[str, Any] | None = None,
         open: bool | None = None,
         configure: Callable[[CT], Any] | None = None,
@@ -150,7 +151,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
             open=open,
             configure=configure,
             close_returns=close_returns,
-            reconnect_failed=reconnect_failed,
+            reconnect_failed=cast(Any, reconnect_failed),
             **pool_kwargs,
         )
 
@@ -194,7 +195,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
         ):
             with self._lock:
                 self._n_fast -= 1
-            if not self._pk_ready(conn, now):
+            if not self._pk_ready(conn, now, now + (timeout or self.timeout)):
                 conn = None
             else:
                 with self._lock:
@@ -242,10 +243,10 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     self._waiting.append(waiter)
                     self._maybe_grow_pool()
             if waiter is not None:
-                conn = self._pk_wait_in_line(waiter, deadline)
+                conn = self._pk_wait_in_line(waiter, t0, deadline)
             assert conn is not None
             now = monotonic()
-            if self._pk_ready(conn, now):
+            if self._pk_ready(conn, now, deadline):
                 with self._lock:
                     self._n_borrows += 1
                     self._pk_wait_hist.add(now - t0)
@@ -256,7 +257,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                 self._n_timeouts += 1
                 raise PoolTimeout(self._pk_timeout_message(now - t0))
 
-    def _pk_wait_in_line(self, waiter: _Waiter[CT], deadline: float) -> CT:
+    def _pk_wait_in_line(self, waiter: _Waiter[CT], t0: float, deadline: float) -> CT:
         try:
             waiter.sem.acquire(timeout=max(0.0, deadline - monotonic()))
         except BaseException:
@@ -276,21 +277,23 @@ class Pool(PoolCore, ConnectionPool[CT]):
         if waiter.error is _TIMED_OUT:
             self._n_timeouts += 1
             self._pk_event("timeout", self._pk_state_line())
-            raise PoolTimeout(self._pk_timeout_message(monotonic() - deadline + self.timeout))
+            raise PoolTimeout(self._pk_timeout_message(monotonic() - t0))
         raise waiter.error
 
     def _pk_forget_waiter(self, waiter: _Waiter[CT]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._waiting.remove(waiter)
-        except ValueError:
-            pass
 
-    def _pk_ready(self, conn: CT, now: float) -> bool:
-        """Make a popped idle connection ready to lend, or dispose of it and return False."""
+    def _pk_ready(self, conn: CT, now: float, deadline: float) -> bool:
+        """Make a popped idle connection ready to lend, or dispose of it and return False.
+
+        Round trips are bounded by the borrower's deadline: a black-holed network costs
+        the borrower its timeout, never more.
+        """
         if conn._pk_pending is not None:
             # Usually already answered while the connection sat idle: no waiting here.
             try:
-                check_result(conn.wait(drain_gen(conn.pgconn)))
+                check_result(conn.wait(drain_gen(conn.pgconn), timeout=max(0.001, deadline - now)))
                 if self._configure is not None:
                     self._configure(conn)
             except Exception:
@@ -314,7 +317,9 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     if self._pk_check is not None:
                         self._pk_check(conn)
                     else:
-                        check_result(conn.wait(ping_gen(conn.pgconn)))
+                        check_result(
+                            conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
+                        )
                 except Exception:
                     self._n_valid_fail += 1
                     self._pk_lost(conn, now, bulk=True)
@@ -394,7 +399,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
         if conn._created_at <= self._drained_at or now >= conn._expire_at:
             self._pk_replace(conn)
             return
-        if conn._pk_dirty:
+        if self._pk_reset_sql is not None or self._pk_reset_callable is not None:
             restore_attrs(conn)
         if self._pk_reset_callable is not None:
             self.run_task(_ResetTask(self, conn))
@@ -469,7 +474,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
     def _connect(self, timeout: float | None = None) -> CT:
         t0 = monotonic()
         try:
-            conn = super()._connect(timeout)
+            conn = super()._connect(timeout or self._pk_connect_timeout)
         except BaseException:
             self._n_failed += 1
             raise
@@ -512,7 +517,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     self._pool.remove(conn)
                 except ValueError:
                     continue  # borrowed meanwhile
-            if self._pk_ready(conn, now - 0.0):
+            if self._pk_ready(conn, now, now + self.timeout):
                 conn._pk_returned_at = monotonic()
                 self._add_to_pool(conn)
 
@@ -526,7 +531,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
             conn._pk_returned_at = min(conn._pk_returned_at, now - self._pk_bypass - 1.0)
             saved, self._pk_validate = self._pk_validate, True
             try:
-                ok = self._pk_ready(conn, now)
+                ok = self._pk_ready(conn, now, now + self.timeout)
             finally:
                 self._pk_validate = saved
             if ok:

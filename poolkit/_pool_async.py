@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from asyncio import current_task as _current_task
 from collections import deque
-from sys import _getframe
-from traceback import format_stack
-from weakref import ref as _ref
 from collections.abc import Callable
+from sys import _getframe
 from time import monotonic
+from traceback import format_stack
 from types import FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
+from weakref import ref as _ref
 
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
@@ -119,7 +120,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         conninfo: str | Callable[..., Any] = "",
         *,
         config: PoolConfig | None = None,
-        connection_class: type[ACT] = cast(type[ACT], AsyncConnection),
+        connection_class: type[ACT] = cast(type[ACT], AsyncConnection),  # noqa: B008
         kwargs: dict[str, Any] | None = None,
         open: bool | None = None,
         configure: Callable[[ACT], Any] | None = None,
@@ -144,7 +145,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             open=open,
             configure=configure,
             close_returns=close_returns,
-            reconnect_failed=reconnect_failed,
+            reconnect_failed=cast(Any, reconnect_failed),
             **pool_kwargs,
         )
 
@@ -186,7 +187,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             )
         ):
             self._n_fast -= 1
-            if not await self._pk_ready(conn, now):
+            if not await self._pk_ready(conn, now, now + (timeout or self.timeout)):
                 conn = None
             else:
                 self._n_borrows += 1
@@ -226,9 +227,9 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                         f"the pool {self.name!r} has already {len(self._waiting)} requests "
                         f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
                     )
-                conn = await self._pk_wait_in_line(deadline)
+                conn = await self._pk_wait_in_line(t0, deadline)
             now = monotonic()
-            if await self._pk_ready(conn, now):
+            if await self._pk_ready(conn, now, deadline):
                 self._n_borrows += 1
                 self._pk_wait_hist.add(now - t0)
                 conn._pool = self
@@ -238,7 +239,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                 self._n_timeouts += 1
                 raise PoolTimeout(self._pk_timeout_message(now - t0))
 
-    async def _pk_wait_in_line(self, deadline: float) -> ACT:
+    async def _pk_wait_in_line(self, t0: float, deadline: float) -> ACT:
         waiter: _Waiter[ACT] = _Waiter()
         self._waiting.append(waiter)
         self._maybe_grow_pool()
@@ -262,21 +263,25 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         if waiter.error is _TIMED_OUT:
             self._n_timeouts += 1
             self._pk_event("timeout", self._pk_state_line())
-            raise PoolTimeout(self._pk_timeout_message(monotonic() - deadline + self.timeout))
+            raise PoolTimeout(self._pk_timeout_message(monotonic() - t0))
         raise waiter.error
 
     def _pk_forget_waiter(self, waiter: _Waiter[ACT]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self._waiting.remove(waiter)
-        except ValueError:
-            pass
 
-    async def _pk_ready(self, conn: ACT, now: float) -> bool:
-        """Make a popped idle connection ready to lend, or dispose of it and return False."""
+    async def _pk_ready(self, conn: ACT, now: float, deadline: float) -> bool:
+        """Make a popped idle connection ready to lend, or dispose of it and return False.
+
+        Round trips are bounded by the borrower's deadline: a black-holed network costs
+        the borrower its timeout, never more.
+        """
         if conn._pk_pending is not None:
             # Usually already answered while the connection sat idle: no waiting here.
             try:
-                check_result(await conn.wait(drain_gen(conn.pgconn)))
+                check_result(
+                    await conn.wait(drain_gen(conn.pgconn), timeout=max(0.001, deadline - now))
+                )
                 if self._configure is not None:
                     await self._configure(conn)
             except Exception:
@@ -300,7 +305,11 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                     if self._pk_check is not None:
                         await self._pk_check(conn)
                     else:
-                        check_result(await conn.wait(ping_gen(conn.pgconn)))
+                        check_result(
+                            await conn.wait(
+                                ping_gen(conn.pgconn), timeout=max(0.001, deadline - now)
+                            )
+                        )
                 except Exception:
                     self._n_valid_fail += 1
                     await self._pk_lost(conn, now, bulk=True)
@@ -373,7 +382,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         if conn._created_at <= self._drained_at or now >= conn._expire_at:
             await self._pk_replace(conn)
             return
-        if conn._pk_dirty:
+        if self._pk_reset_sql is not None or self._pk_reset_callable is not None:
             restore_attrs(conn)
         if self._pk_reset_callable is not None:
             self.run_task(_ResetTask(self, conn))
@@ -445,7 +454,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
     async def _connect(self, timeout: float | None = None) -> ACT:
         t0 = monotonic()
         try:
-            conn = await super()._connect(timeout)
+            conn = await super()._connect(timeout or self._pk_connect_timeout)
         except BaseException:
             self._n_failed += 1
             raise
@@ -484,7 +493,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                 self._pool.remove(conn)
             except ValueError:
                 continue  # borrowed meanwhile
-            if await self._pk_ready(conn, now - 0.0):
+            if await self._pk_ready(conn, now, now + self.timeout):
                 conn._pk_returned_at = monotonic()
                 await self._add_to_pool(conn)
 
@@ -497,7 +506,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             conn._pk_returned_at = min(conn._pk_returned_at, now - self._pk_bypass - 1.0)
             saved, self._pk_validate = self._pk_validate, True
             try:
-                ok = await self._pk_ready(conn, now)
+                ok = await self._pk_ready(conn, now, now + self.timeout)
             finally:
                 self._pk_validate = saved
             if ok:
@@ -524,10 +533,8 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         for w in waiting:
             w.fail_now(PoolClosed(f"the pool {self.name!r} is closing"))
         if self._pk_borrowed and timeout > 0:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pk_drained.wait(), timeout)
-            except TimeoutError:
-                pass
         if self._pk_borrowed:
             leak_logger.warning(
                 "pool %r: closing with %d connection(s) still borrowed after a %.1f s drain: %s",

@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "pytest-timeout is not active, and every poolkit test needs a timeout: "
             'install it with `pip install -e ".[dev]"` (or `bash scripts/setup.sh`)'
         )
-    import pytest_timeout
+    import pytest_timeout  # type: ignore[import-untyped]
 
     settings = pytest_timeout.get_env_settings(config)
     if not settings.timeout or settings.timeout <= 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -115,6 +117,31 @@ def test_ensure_server_persists_and_reuses(monkeypatch: pytest.MonkeyPatch) -> N
         EmbeddedPostgres(data_dir).cleanup(remove=True)
         shutil.rmtree(root, ignore_errors=True)
     assert not data_dir.exists()
+
+
+@pytest.mark.slow
+def test_embedded_retries_when_its_port_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(tempfile.mkdtemp(prefix="poolkit-port-"))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        real_free_port = _embedded_pg._free_port
+        # The race being simulated: the port was free when probed, taken when bound.
+        monkeypatch.setattr(
+            _embedded_pg, "_free_port", lambda: next(ports, None) or real_free_port()
+        )
+        server = EmbeddedPostgres(root / "data")
+        try:
+            server.start()
+            assert server.port not in (None, taken)
+            assert "Address already in use" in server.log_tail(100)  # the first try failed
+            with psycopg.connect(server.dsn, connect_timeout=10) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            server.cleanup(remove=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_server_stop_and_start(pg_control: PgControl, dsn: str) -> None:
@@ -285,6 +312,17 @@ def test_proxy_delay_adds_latency(proxy: TcpProxy, proxy_dsn: str) -> None:
         assert time.monotonic() - started >= 0.39
         proxy.delay(0)
         assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_proxy_stop_releases_connections_held_while_deaf(proxy: TcpProxy) -> None:
+    proxy.deaf(True)
+    with socket.create_connection((proxy.host, proxy.port), timeout=5) as client:
+        client.sendall(b"hello?")
+        wait_until(lambda: proxy.active == 1, what="the proxy to hold the connection")
+        proxy.stop()
+        assert proxy.active == 0
+        with contextlib.suppress(ConnectionResetError):  # a reset is as good as an EOF
+            assert client.recv(10) == b""
 
 
 def test_proxy_close_cuts_and_is_idempotent(pg_server: PgServer) -> None:

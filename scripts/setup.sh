@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Set up a poolkit development environment from a clean clone; safe to run again.
+# Usage: bash scripts/setup.sh [--system]
+#   --system  when root and apt-get exists, also install the Debian packages pgbouncer and chromium
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+system=0
+for arg in "$@"; do
+  case "$arg" in
+    --system) system=1 ;;
+    -h | --help) sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf 'setup: %s\n' "$*"; }
+warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
+
+# -- 1. virtualenv ---------------------------------------------------------------------------------
+if [ -x .venv/bin/python ] && python_ok .venv/bin/python; then
+  say ".venv present ($(.venv/bin/python -V 2>&1))"
+elif [ -e .venv ]; then
+  die ".venv exists but holds no working Python >= 3.11: remove it (rm -rf .venv) and run again"
+else
+  py=""
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+      py=$candidate
+      break
+    fi
+  done
+  [ -n "$py" ] || die "poolkit needs Python >= 3.11; python3 is $(python3 -V 2>&1 || echo missing)"
+  say "creating .venv with $py ($("$py" -V 2>&1))"
+  "$py" -m venv .venv || die "'$py -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
+fi
+
+# -- 2. Python dependencies (skipped while pyproject.toml is unchanged) ---------------------------
+stamp=.venv/.poolkit-setup-stamp
+want=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
+installed() {
+  .venv/bin/python -c 'import importlib.metadata as m; m.version("poolkit"); import pytest, pytest_timeout' >/dev/null 2>&1
+}
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed; then
+  say "python dependencies up to date"
+else
+  say 'installing poolkit with its dev extra: pip install -e ".[dev]"'
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" \
+    || die 'pip install -e ".[dev]" failed (see the output above)'
+  echo "$want" >"$stamp"
+fi
+
+# -- 3. Debian packages (--system only) ------------------------------------------------------------
+if [ "$system" = 1 ]; then
+  packages=(pgbouncer chromium)
+  if [ "$(id -u)" != 0 ]; then
+    warn "--system needs root: not installing ${packages[*]}"
+  elif ! command -v apt-get >/dev/null 2>&1; then
+    warn "--system needs apt-get: not installing ${packages[*]}"
+  else
+    missing=()
+    for pkg in "${packages[@]}"; do
+      dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+      say "Debian packages present: ${packages[*]}"
+    else
+      say "installing Debian packages: ${missing[*]} (apt-get update first)"
+      export DEBIAN_FRONTEND=noninteractive
+      apt_opts=(-q -o Acquire::Retries=1 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30)
+      if apt-get "${apt_opts[@]}" update >/dev/null \
+        && apt-get "${apt_opts[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null; then
+        say "installed: ${missing[*]}"
+      else
+        warn "apt-get could not install ${missing[*]}; the tests that need them will say so"
+      fi
+    fi
+  fi
+fi
+
+say "done; run the tests with: .venv/bin/python -m pytest"

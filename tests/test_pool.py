@@ -1,0 +1,411 @@
+"""Pool (sync) against a real server: each behaviour that sets poolkit apart from psycopg_pool."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from poolkit import Pool, PoolClosed, PoolTimeout, TooManyRequests
+from tests._helpers import backend_count, backend_pids, terminate_backends, wait_until
+from tests._proxy import TcpProxy
+
+MakePool = Callable[..., Pool[Any]]
+
+
+@pytest.fixture
+def make_pool(app_dsn: str) -> Iterator[MakePool]:
+    pools: list[Pool[Any]] = []
+
+    def make(conninfo: str | None = None, *, housekeeping: float = 0.05, **kw: Any) -> Pool[Any]:
+        kw.setdefault("min_size", 1)
+        pool: Pool[Any] = Pool(conninfo or app_dsn, open=False, **kw)
+        pool.housekeeping_interval = housekeeping
+        pools.append(pool)
+        pool.open(wait=True, timeout=30)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close(timeout=0)
+
+
+def pid_of(conn: psycopg.Connection[Any]) -> int:
+    return conn.info.backend_pid
+
+
+def test_borrow_commits_and_rolls_back(make_pool: MakePool, admin_conn: Any) -> None:
+    pool = make_pool()
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_sync_t (v int)")
+    admin_conn.execute("TRUNCATE pk_sync_t")
+    with pool.connection() as conn:
+        conn.execute("INSERT INTO pk_sync_t VALUES (1)")
+    with pytest.raises(RuntimeError), pool.connection() as conn:
+        conn.execute("INSERT INTO pk_sync_t VALUES (2)")
+        raise RuntimeError("boom")
+    rows = admin_conn.execute("SELECT v FROM pk_sync_t ORDER BY v").fetchall()
+    assert rows == [(1,)]
+    assert pool.stats()["in_use"] == 0
+
+
+def test_bypass_window_lends_recent_connections_without_round_trip(make_pool: MakePool) -> None:
+    pool = make_pool(validation_bypass=60.0)
+    for _ in range(3):
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+    st = pool.stats()
+    assert st["validations_run"] == 0
+    assert st["validations_skipped"] == 3
+
+
+def test_validation_outside_bypass_window(make_pool: MakePool) -> None:
+    pool = make_pool(validation_bypass=0.05)
+    with pool.connection():
+        pass
+    time.sleep(0.1)
+    with pool.connection() as conn:
+        conn.execute("SELECT 1")
+    assert pool.stats()["validations_run"] == 1
+
+
+def test_failed_validation_replaces_connection_transparently(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = make_pool(validation_bypass=60.0)
+    with pool.connection() as conn:
+        old = pid_of(conn)
+    terminate_backends(admin_dsn, application_name=app_name)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backend terminated")
+    with pool.connection() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pid_of(conn) != old
+    st = pool.stats()
+    assert st["validations_failed"] == 1
+    assert st["connections_lost"] >= 1
+
+
+@pytest.mark.timing
+def test_bulk_recovery_after_all_backends_terminated(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = make_pool(min_size=8, max_size=8, timeout=30.0)
+    assert backend_count(admin_dsn, app_name) == 8
+    terminate_backends(admin_dsn, application_name=app_name)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backends terminated")
+    t0 = time.monotonic()
+    with pool.connection() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # psycopg_pool with check= tests the 8 stale connections one by one with backoff
+    # and times out here; poolkit drops them all at the first failure.
+    assert time.monotonic() - t0 < 2.0
+    conns = [pool.getconn(timeout=10) for _ in range(8)]
+    try:
+        for conn in conns:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for conn in conns:
+            pool.putconn(conn)
+
+
+def test_recovers_after_server_restart(make_pool: MakePool, pg_control: Any) -> None:
+    pool = make_pool(min_size=4, max_size=4, timeout=30.0)
+    pg_control.stop()
+    pg_control.start()
+    for _ in range(6):
+        with pool.connection(timeout=30) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert pool.stats()["connections_lost"] >= 1
+
+
+def test_max_lifetime_enforced_at_borrow(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=1, max_size=1, max_lifetime=0.3)
+    with pool.connection() as conn:
+        first = pid_of(conn)
+    # Returned well before it expired; psycopg_pool would lend it again.
+    time.sleep(0.5)
+    with pool.connection() as conn:
+        assert pid_of(conn) != first
+
+
+def test_max_idle_enforced_at_borrow_even_at_min_size(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=1, max_size=1, max_idle=0.3)
+    with pool.connection() as conn:
+        first = pid_of(conn)
+    time.sleep(0.5)
+    with pool.connection() as conn:
+        assert pid_of(conn) != first
+
+
+def test_leak_warning_names_borrow_site_and_return(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(leak_threshold=0.2)
+    caplog.set_level(logging.INFO, logger="poolkit.leak")
+    conn = pool.getconn()
+    warned = wait_until(
+        lambda: [r for r in caplog.records if r.levelno == logging.WARNING],
+        what="leak warning",
+    )
+    text = warned[0].getMessage()
+    assert "test_leak_warning_names_borrow_site_and_return" in text
+    assert "test_pool.py" in text
+    assert "leak_threshold" in text
+    assert len(warned) == 1  # once per borrow
+    pool.putconn(conn)
+    assert any(r.levelno == logging.INFO and "came back" in r.getMessage() for r in caplog.records)
+    assert pool.stats()["leaks_detected"] == 1
+
+
+def test_garbage_collected_borrow_gets_slot_back(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    conn = pool.getconn()
+    conn.execute("SELECT 1")
+    del conn
+    gc.collect()
+    wait_until(lambda: pool.stats()["leaks_reclaimed"] == 1, what="slot reclaimed")
+    # With psycopg_pool the only slot would be lost forever: this would time out.
+    with pool.connection(timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert pool.stats()["in_use"] == 0
+    assert any("garbage-collected" in r.getMessage() for r in caplog.records)
+
+
+def _read_child(fd: int, pid: int) -> str:
+    ready, _, _ = select.select([fd], [], [], 30)
+    data = os.read(fd, 4096).decode() if ready else "TIMEOUT"
+    os.waitpid(pid, 0)
+    return data
+
+
+def test_fork_child_builds_its_own_connections(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    conns = [pool.getconn(), pool.getconn()]
+    parent_pids = {pid_of(c) for c in conns}
+    for c in conns:
+        pool.putconn(c)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the backend it gets, never return into pytest
+        code = 1
+        try:
+            with pool.connection(timeout=10) as conn:
+                os.write(wfd, str(pid_of(conn)).encode())
+            code = 0
+        except BaseException as ex:
+            os.write(wfd, f"ERR {ex!r}".encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        child = _read_child(rfd, pid)
+    finally:
+        os.close(rfd)
+    assert child.isdigit(), child
+    assert int(child) not in parent_pids
+    # The parent's connections were not disturbed by the child.
+    conns = [pool.getconn(), pool.getconn()]
+    try:
+        assert {pid_of(c) for c in conns} == parent_pids
+        for c in conns:
+            assert c.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for c in conns:
+            pool.putconn(c)
+    assert pool.stats()["connections_lost"] == 0
+
+
+@pytest.mark.parametrize("reset", ["auto", "reset_all", "discard_all"])
+def test_session_state_is_reset_between_borrows(make_pool: MakePool, reset: str) -> None:
+    pool = make_pool(min_size=1, max_size=1, reset=reset)
+    with pool.connection() as conn:
+        default_path = conn.execute("SHOW search_path").fetchone()
+        conn.execute("SET statement_timeout = '4s'")
+        conn.execute("SET search_path = pg_catalog")
+        conn.commit()
+        conn.autocommit = True
+    with pool.connection() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert conn.execute("SHOW search_path").fetchone() == default_path
+        assert conn.autocommit is False
+    assert pool.stats()["resets"] >= 1
+
+
+def test_session_state_leaks_with_reset_none(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=1, max_size=1, reset="none")
+    with pool.connection() as conn:
+        conn.execute("SET statement_timeout = '4s'")
+    with pool.connection() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("4s",)
+
+
+@pytest.mark.timing
+def test_reset_runs_off_the_borrowers_path(make_pool: MakePool, proxy: TcpProxy, dsn: str) -> None:
+    pool = make_pool(proxy.dsn_for(dsn), min_size=1, max_size=1)
+    conn = pool.getconn()
+    conn.execute("SET statement_timeout = '4s'")
+    conn.commit()
+    proxy.delay(1.0)
+    t0 = time.monotonic()
+    pool.putconn(conn)
+    # The reset is sent, not awaited: a 1 s network delay does not reach putconn.
+    assert time.monotonic() - t0 < 0.5
+    proxy.delay(0.0)
+    with pool.connection(timeout=10) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+
+
+def test_timeout_message_describes_pool_and_longest_borrow(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=1, max_size=1, name="tm-pool")
+    held = pool.getconn()
+    try:
+        with pytest.raises(PoolTimeout) as ei:
+            pool.getconn(timeout=0.2)
+    finally:
+        pool.putconn(held)
+    msg = str(ei.value)
+    for part in ("'tm-pool'", "after 0.2", "size=1", "idle=0", "in_use=1", "waiting="):
+        assert part in msg, (part, msg)
+    assert "test_pool.py" in msg
+    assert "test_timeout_message_describes_pool_and_longest_borrow" in msg
+    assert pool.stats()["timeouts"] == 1
+
+
+def test_max_waiting_rejects(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=1, max_size=1, max_waiting=1)
+    held = pool.getconn()
+    started = threading.Event()
+
+    def wait_in_line() -> None:
+        started.set()
+        with pytest.raises(PoolTimeout):
+            pool.getconn(timeout=2)
+
+    t = threading.Thread(target=wait_in_line)
+    t.start()
+    started.wait(5)
+    wait_until(lambda: pool.stats()["waiting"] == 1, what="one waiter")
+    with pytest.raises(TooManyRequests):
+        pool.getconn(timeout=1)
+    t.join(10)
+    pool.putconn(held)
+    assert pool.stats()["rejected"] == 1
+
+
+def test_graceful_drain_waits_for_borrowers(
+    make_pool: MakePool, admin_conn: Any, admin_dsn: str, app_name: str
+) -> None:
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_drain_sync (v int)")
+    admin_conn.execute("TRUNCATE pk_drain_sync")
+    pool = make_pool(min_size=2, max_size=2)
+    borrowed, release = threading.Event(), threading.Event()
+
+    def borrower() -> None:
+        with pool.connection() as conn:
+            borrowed.set()
+            release.wait(20)
+            conn.execute("INSERT INTO pk_drain_sync VALUES (1)")
+
+    t = threading.Thread(target=borrower)
+    t.start()
+    assert borrowed.wait(10)
+    closer = threading.Thread(target=pool.close, kwargs={"timeout": 20})
+    closer.start()
+    wait_until(lambda: pool._pk_draining, what="draining")
+    with pytest.raises(PoolClosed, match="closing"):
+        pool.getconn(timeout=1)
+    assert closer.is_alive()  # still waiting for the borrower
+    release.set()
+    t.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert pool.closed
+    assert admin_conn.execute("SELECT count(*) FROM pk_drain_sync").fetchone() == (1,)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="all closed")
+
+
+def test_drain_gives_up_after_timeout(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool()
+    conn = pool.getconn()
+    pool.close(timeout=0.2)
+    assert pool.closed
+    assert any("still borrowed" in r.getMessage() for r in caplog.records)
+    pool.putconn(conn)  # a late return is closed, not lost
+    assert conn.closed
+
+
+@pytest.mark.timing
+def test_black_holed_network_never_hangs_past_timeout(
+    make_pool: MakePool, proxy: TcpProxy, dsn: str
+) -> None:
+    pool = make_pool(proxy.dsn_for(dsn), min_size=1, max_size=1, validation_bypass=0.0)
+    with pool.connection() as conn:
+        conn.execute("SELECT 1")
+    proxy.deaf(True)
+    t0 = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=1.0)
+    assert time.monotonic() - t0 < 5.0
+    proxy.deaf(False)
+
+    def works() -> bool:
+        try:
+            with pool.connection(timeout=2) as conn:
+                return conn.execute("SELECT 1").fetchone() == (1,)
+        except PoolTimeout:
+            return False
+
+    wait_until(works, timeout=60, interval=0.2, what="pool recovered after the black hole")
+
+
+def test_stats_snapshot_counts(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=2, max_size=3)
+    with pool.connection() as conn:
+        conn.execute("SELECT 1")
+        st = pool.stats()
+        assert (st["in_use"], st["idle"], st["size"]) == (1, 1, 2)
+    st = pool.stats()
+    assert st["borrows"] == 1
+    assert st["hold_time"]["count"] == 1
+    assert st["wait_time"]["count"] == 1
+    assert st["connect_time"]["count"] == 2
+    assert st["connections_created"] == 2
+    assert (st["min_size"], st["max_size"], st["overflow"]) == (2, 3, 0)
+    legacy = pool.get_stats()
+    assert legacy["pool_size"] == 2
+    assert legacy["requests_num"] == 1
+
+
+def test_overflow_and_hand_off_to_waiters(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = make_pool(min_size=1, max_size=3)
+    held = [pool.getconn(timeout=10) for _ in range(3)]
+    assert pool.stats()["overflow"] == 2
+    assert backend_pids(admin_dsn, app_name)
+    got: list[int] = []
+
+    def waiter() -> None:
+        with pool.connection(timeout=10) as conn:
+            got.append(pid_of(conn))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
+    pool.putconn(held.pop())
+    t.join(10)
+    assert len(got) == 1
+    for c in held:
+        pool.putconn(c)
+    assert pool.stats()["in_use"] == 0

@@ -1,0 +1,451 @@
+"""AsyncPool against a real server: the same behaviours and test names as test_pool.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import select
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from poolkit import AsyncPool, PoolClosed, PoolTimeout, TooManyRequests
+from tests._helpers import backend_count, backend_pids, terminate_backends, wait_until
+from tests._proxy import TcpProxy
+
+pytestmark = pytest.mark.asyncio
+MakePool = Callable[..., Awaitable[AsyncPool[Any]]]
+
+
+@pytest_asyncio.fixture
+async def make_pool(app_dsn: str) -> AsyncIterator[MakePool]:
+    pools: list[AsyncPool[Any]] = []
+
+    async def make(
+        conninfo: str | None = None, *, housekeeping: float = 0.05, **kw: Any
+    ) -> AsyncPool[Any]:
+        kw.setdefault("min_size", 1)
+        pool: AsyncPool[Any] = AsyncPool(conninfo or app_dsn, open=False, **kw)
+        pool.housekeeping_interval = housekeeping
+        pools.append(pool)
+        await pool.open(wait=True, timeout=30)
+        return pool
+
+    yield make
+    for pool in pools:
+        await pool.close(timeout=0)
+
+
+def pid_of(conn: psycopg.AsyncConnection[Any]) -> int:
+    return conn.info.backend_pid
+
+
+async def one(conn: psycopg.AsyncConnection[Any], sql: str) -> Any:
+    cur = await conn.execute(sql)  # type: ignore[arg-type]
+    return await cur.fetchone()
+
+
+async def await_until(pred: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or pred}")
+        await asyncio.sleep(0.01)
+
+
+async def test_borrow_commits_and_rolls_back(make_pool: MakePool, admin_conn: Any) -> None:
+    pool = await make_pool()
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_async_t (v int)")
+    admin_conn.execute("TRUNCATE pk_async_t")
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO pk_async_t VALUES (1)")
+    with pytest.raises(RuntimeError):
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO pk_async_t VALUES (2)")
+            raise RuntimeError("boom")
+    rows = admin_conn.execute("SELECT v FROM pk_async_t ORDER BY v").fetchall()
+    assert rows == [(1,)]
+    assert pool.stats()["in_use"] == 0
+
+
+async def test_bypass_window_lends_recent_connections_without_round_trip(
+    make_pool: MakePool,
+) -> None:
+    pool = await make_pool(validation_bypass=60.0)
+    for _ in range(3):
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+    st = pool.stats()
+    assert st["validations_run"] == 0
+    assert st["validations_skipped"] == 3
+
+
+async def test_validation_outside_bypass_window(make_pool: MakePool) -> None:
+    pool = await make_pool(validation_bypass=0.05)
+    async with pool.connection():
+        pass
+    await asyncio.sleep(0.1)
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+    assert pool.stats()["validations_run"] == 1
+
+
+async def test_failed_validation_replaces_connection_transparently(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = await make_pool(validation_bypass=60.0)
+    async with pool.connection() as conn:
+        old = pid_of(conn)
+    terminate_backends(admin_dsn, application_name=app_name)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backend terminated")
+    async with pool.connection() as conn:
+        assert await one(conn, "SELECT 1") == (1,)
+        assert pid_of(conn) != old
+    st = pool.stats()
+    assert st["validations_failed"] == 1
+    assert st["connections_lost"] >= 1
+
+
+@pytest.mark.timing
+async def test_bulk_recovery_after_all_backends_terminated(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = await make_pool(min_size=8, max_size=8, timeout=30.0)
+    assert backend_count(admin_dsn, app_name) == 8
+    terminate_backends(admin_dsn, application_name=app_name)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backends terminated")
+    t0 = time.monotonic()
+    async with pool.connection() as conn:
+        assert await one(conn, "SELECT 1") == (1,)
+    # psycopg_pool with check= tests the 8 stale connections one by one with backoff
+    # and times out here; poolkit drops them all at the first failure.
+    assert time.monotonic() - t0 < 2.0
+    conns = [await pool.getconn(timeout=10) for _ in range(8)]
+    try:
+        for conn in conns:
+            assert await one(conn, "SELECT 1") == (1,)
+    finally:
+        for conn in conns:
+            await pool.putconn(conn)
+
+
+async def test_recovers_after_server_restart(make_pool: MakePool, pg_control: Any) -> None:
+    pool = await make_pool(min_size=4, max_size=4, timeout=30.0)
+    await asyncio.to_thread(pg_control.stop)
+    await asyncio.to_thread(pg_control.start)
+    for _ in range(6):
+        async with pool.connection(timeout=30) as conn:
+            assert await one(conn, "SELECT 1") == (1,)
+    assert pool.stats()["connections_lost"] >= 1
+
+
+async def test_max_lifetime_enforced_at_borrow(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, max_lifetime=0.3)
+    async with pool.connection() as conn:
+        first = pid_of(conn)
+    # Returned well before it expired; psycopg_pool would lend it again.
+    await asyncio.sleep(0.5)
+    async with pool.connection() as conn:
+        assert pid_of(conn) != first
+
+
+async def test_max_idle_enforced_at_borrow_even_at_min_size(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, max_idle=0.3)
+    async with pool.connection() as conn:
+        first = pid_of(conn)
+    await asyncio.sleep(0.5)
+    async with pool.connection() as conn:
+        assert pid_of(conn) != first
+
+
+async def test_leak_warning_names_borrow_site_and_return(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await make_pool(leak_threshold=0.2)
+    caplog.set_level(logging.INFO, logger="poolkit.leak")
+    conn = await pool.getconn()
+    warned = await await_until(
+        lambda: [r for r in caplog.records if r.levelno == logging.WARNING],
+        what="leak warning",
+    )
+    text = warned[0].getMessage()
+    assert "test_leak_warning_names_borrow_site_and_return" in text
+    assert "test_pool_async.py" in text
+    assert "leak_threshold" in text
+    assert len(warned) == 1  # once per borrow
+    await pool.putconn(conn)
+    assert any(r.levelno == logging.INFO and "came back" in r.getMessage() for r in caplog.records)
+    assert pool.stats()["leaks_detected"] == 1
+
+
+async def test_garbage_collected_borrow_gets_slot_back(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    conn = await pool.getconn()
+    await conn.execute("SELECT 1")
+    del conn
+    gc.collect()
+    await await_until(lambda: pool.stats()["leaks_reclaimed"] == 1, what="slot reclaimed")
+    # With psycopg_pool the only slot would be lost forever: this would time out.
+    async with pool.connection(timeout=10) as conn:
+        assert await one(conn, "SELECT 1") == (1,)
+    assert pool.stats()["in_use"] == 0
+    assert any("garbage-collected" in r.getMessage() for r in caplog.records)
+
+
+def _read_child(fd: int, pid: int) -> str:
+    ready, _, _ = select.select([fd], [], [], 30)
+    data = os.read(fd, 4096).decode() if ready else "TIMEOUT"
+    os.waitpid(pid, 0)
+    return data
+
+
+async def _child_borrow(pool: AsyncPool[Any]) -> int:
+    async with pool.connection(timeout=10) as conn:
+        return pid_of(conn)
+
+
+async def test_fork_child_builds_its_own_connections(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=2, max_size=2)
+    conns = [await pool.getconn(), await pool.getconn()]
+    parent_pids = {pid_of(c) for c in conns}
+    for c in conns:
+        await pool.putconn(c)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report the backend it gets, never return into pytest
+        code = 1
+        try:
+            # The child inherits "a loop is running" from the parent's thread state;
+            # a forked worker (gunicorn, multiprocessing) starts a fresh loop, as here.
+            asyncio.events._set_running_loop(None)
+            loop = asyncio.new_event_loop()
+            child_pid = loop.run_until_complete(_child_borrow(pool))
+            os.write(wfd, str(child_pid).encode())
+            code = 0
+        except BaseException as ex:
+            os.write(wfd, f"ERR {ex!r}".encode())
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        child = await asyncio.to_thread(_read_child, rfd, pid)
+    finally:
+        os.close(rfd)
+    assert child.isdigit(), child
+    assert int(child) not in parent_pids
+    # The parent's connections were not disturbed by the child.
+    conns = [await pool.getconn(), await pool.getconn()]
+    try:
+        assert {pid_of(c) for c in conns} == parent_pids
+        for c in conns:
+            assert await one(c, "SELECT 1") == (1,)
+    finally:
+        for c in conns:
+            await pool.putconn(c)
+    assert pool.stats()["connections_lost"] == 0
+
+
+@pytest.mark.parametrize("reset", ["auto", "reset_all", "discard_all"])
+async def test_session_state_is_reset_between_borrows(make_pool: MakePool, reset: str) -> None:
+    pool = await make_pool(min_size=1, max_size=1, reset=reset)
+    async with pool.connection() as conn:
+        default_path = await one(conn, "SHOW search_path")
+        await conn.execute("SET statement_timeout = '4s'")
+        await conn.execute("SET search_path = pg_catalog")
+        await conn.commit()
+        await conn.set_autocommit(True)
+    async with pool.connection() as conn:
+        assert await one(conn, "SHOW statement_timeout") == ("0",)
+        assert await one(conn, "SHOW search_path") == default_path
+        assert conn.autocommit is False
+    assert pool.stats()["resets"] >= 1
+
+
+async def test_session_state_leaks_with_reset_none(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, reset="none")
+    async with pool.connection() as conn:
+        await conn.execute("SET statement_timeout = '4s'")
+    async with pool.connection() as conn:
+        assert await one(conn, "SHOW statement_timeout") == ("4s",)
+
+
+@pytest.mark.timing
+async def test_reset_runs_off_the_borrowers_path(
+    make_pool: MakePool, proxy: TcpProxy, dsn: str
+) -> None:
+    pool = await make_pool(proxy.dsn_for(dsn), min_size=1, max_size=1)
+    conn = await pool.getconn()
+    await conn.execute("SET statement_timeout = '4s'")
+    await conn.commit()
+    proxy.delay(1.0)
+    t0 = time.monotonic()
+    await pool.putconn(conn)
+    # The reset is sent, not awaited: a 1 s network delay does not reach putconn.
+    assert time.monotonic() - t0 < 0.5
+    proxy.delay(0.0)
+    async with pool.connection(timeout=10) as conn:
+        assert await one(conn, "SHOW statement_timeout") == ("0",)
+
+
+async def test_timeout_message_describes_pool_and_longest_borrow(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, name="tm-pool")
+    held = await pool.getconn()
+    try:
+        with pytest.raises(PoolTimeout) as ei:
+            await pool.getconn(timeout=0.2)
+    finally:
+        await pool.putconn(held)
+    msg = str(ei.value)
+    for part in ("'tm-pool'", "after 0.2", "size=1", "idle=0", "in_use=1", "waiting="):
+        assert part in msg, (part, msg)
+    assert "test_pool_async.py" in msg
+    assert "test_timeout_message_describes_pool_and_longest_borrow" in msg
+    assert pool.stats()["timeouts"] == 1
+
+
+async def test_max_waiting_rejects(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, max_waiting=1)
+    held = await pool.getconn()
+
+    async def wait_in_line() -> None:
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(timeout=2)
+
+    task = asyncio.create_task(wait_in_line())
+    await await_until(lambda: pool.stats()["waiting"] == 1, what="one waiter")
+    with pytest.raises(TooManyRequests):
+        await pool.getconn(timeout=1)
+    await task
+    await pool.putconn(held)
+    assert pool.stats()["rejected"] == 1
+
+
+async def test_graceful_drain_waits_for_borrowers(
+    make_pool: MakePool, admin_conn: Any, admin_dsn: str, app_name: str
+) -> None:
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_drain_async (v int)")
+    admin_conn.execute("TRUNCATE pk_drain_async")
+    pool = await make_pool(min_size=2, max_size=2)
+    borrowed, release = asyncio.Event(), asyncio.Event()
+
+    async def borrower() -> None:
+        async with pool.connection() as conn:
+            borrowed.set()
+            await asyncio.wait_for(release.wait(), 20)
+            await conn.execute("INSERT INTO pk_drain_async VALUES (1)")
+
+    task = asyncio.create_task(borrower())
+    await asyncio.wait_for(borrowed.wait(), 10)
+    closer = asyncio.create_task(pool.close(timeout=20))
+    await await_until(lambda: pool._pk_draining, what="draining")
+    with pytest.raises(PoolClosed, match="closing"):
+        await pool.getconn(timeout=1)
+    assert not closer.done()  # still waiting for the borrower
+    release.set()
+    await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(closer, 10)
+    assert pool.closed
+    assert admin_conn.execute("SELECT count(*) FROM pk_drain_async").fetchone() == (1,)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="all closed")
+
+
+async def test_drain_gives_up_after_timeout(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await make_pool()
+    conn = await pool.getconn()
+    await pool.close(timeout=0.2)
+    assert pool.closed
+    assert any("still borrowed" in r.getMessage() for r in caplog.records)
+    await pool.putconn(conn)  # a late return is closed, not lost
+    assert conn.closed
+
+
+@pytest.mark.timing
+async def test_black_holed_network_never_hangs_past_timeout(
+    make_pool: MakePool, proxy: TcpProxy, dsn: str
+) -> None:
+    pool = await make_pool(proxy.dsn_for(dsn), min_size=1, max_size=1, validation_bypass=0.0)
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+    proxy.deaf(True)
+    t0 = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        await pool.getconn(timeout=1.0)
+    assert time.monotonic() - t0 < 5.0
+    proxy.deaf(False)
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with pool.connection(timeout=2) as conn:
+                assert await one(conn, "SELECT 1") == (1,)
+                break
+        except PoolTimeout:
+            assert time.monotonic() < deadline, "pool did not recover after the black hole"
+
+
+async def test_stats_snapshot_counts(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=2, max_size=3)
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+        st = pool.stats()
+        assert (st["in_use"], st["idle"], st["size"]) == (1, 1, 2)
+    st = pool.stats()
+    assert st["borrows"] == 1
+    assert st["hold_time"]["count"] == 1
+    assert st["wait_time"]["count"] == 1
+    assert st["connect_time"]["count"] == 2
+    assert st["connections_created"] == 2
+    assert (st["min_size"], st["max_size"], st["overflow"]) == (2, 3, 0)
+    legacy = pool.get_stats()
+    assert legacy["pool_size"] == 2
+    assert legacy["requests_num"] == 1
+
+
+async def test_overflow_and_hand_off_to_waiters(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = await make_pool(min_size=1, max_size=3)
+    held = [await pool.getconn(timeout=10) for _ in range(3)]
+    assert pool.stats()["overflow"] == 2
+    assert backend_pids(admin_dsn, app_name)
+    got: list[int] = []
+
+    async def waiter() -> None:
+        async with pool.connection(timeout=10) as conn:
+            got.append(pid_of(conn))
+
+    task = asyncio.create_task(waiter())
+    await await_until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
+    await pool.putconn(held.pop())
+    await asyncio.wait_for(task, 10)
+    assert len(got) == 1
+    for c in held:
+        await pool.putconn(c)
+    assert pool.stats()["in_use"] == 0
+
+
+async def test_cancelled_waiter_loses_no_connection(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    held = await pool.getconn()
+    task = asyncio.create_task(pool.getconn(timeout=10))
+    await await_until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
+    await pool.putconn(held)  # handed to the waiter...
+    task.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with pool.connection(timeout=5) as conn:
+        assert await one(conn, "SELECT 1") == (1,)
+    assert pool.stats()["in_use"] == 0

@@ -183,7 +183,6 @@ class Pool(PoolCore, ConnectionPool[CT]):
             conn._pk_pending is None
             and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
             and now < conn._expire_at
-            and conn._created_at > self._pk_invalid_before
             and (
                 # The peek is a syscall; a connection back for under a millisecond
                 # has had no time to be dropped.
@@ -301,7 +300,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                 return False
             conn._pk_pending = None
             conn._pk_dirty = False
-        if now >= conn._expire_at or conn._created_at <= self._pk_invalid_before:
+        if now >= conn._expire_at:
             self._pk_replace(conn)
             return False
         idle_for = now - conn._pk_returned_at
@@ -517,9 +516,19 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     self._pool.remove(conn)
                 except ValueError:
                     continue  # borrowed meanwhile
-            if self._pk_ready(conn, now, now + self.timeout):
-                conn._pk_returned_at = monotonic()
-                self._add_to_pool(conn)
+            if conn._pk_pending is None:
+                self._n_valid_run += 1
+                try:
+                    check_result(conn.wait(ping_gen(conn.pgconn), timeout=self.timeout))
+                except Exception:
+                    self._n_valid_fail += 1
+                    self._pk_lost(conn, monotonic(), bulk=True)
+                    continue
+                conn._pk_dirty = False
+            elif not self._pk_ready(conn, now, now + self.timeout):
+                continue
+            conn._pk_returned_at = monotonic()
+            self._add_to_pool(conn)
 
     def check(self) -> None:
         """Validate every idle connection now; replace the broken ones."""

@@ -106,6 +106,8 @@ def test_bulk_recovery_after_all_backends_terminated(
     # psycopg_pool with check= tests the 8 stale connections one by one with backoff
     # and times out here; poolkit drops them all at the first failure.
     assert time.monotonic() - t0 < 2.0
+    # One dead connection was examined; the seven older idle ones went with it, unexamined.
+    assert pool.stats()["validations_failed"] == 1
     conns = [pool.getconn(timeout=10) for _ in range(8)]
     try:
         for conn in conns:
@@ -409,3 +411,23 @@ def test_overflow_and_hand_off_to_waiters(
     for c in held:
         pool.putconn(c)
     assert pool.stats()["in_use"] == 0
+
+
+def test_keepalive_pings_idle_connections(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=2, max_size=2, keepalive_interval=0.1)
+    wait_until(lambda: pool.stats()["validations_run"] >= 2, what="keepalive pings")
+    assert pool.stats()["borrows"] == 0
+    assert pool.stats()["idle"] == 2
+
+
+def test_check_replaces_broken_idle_connections(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    terminate_backends(admin_dsn, application_name=app_name)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backends terminated")
+    pool.check()
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 2, what="replacements")
+    with pool.connection() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert pool.stats()["connections_lost"] >= 1

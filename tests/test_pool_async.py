@@ -129,6 +129,8 @@ async def test_bulk_recovery_after_all_backends_terminated(
     # psycopg_pool with check= tests the 8 stale connections one by one with backoff
     # and times out here; poolkit drops them all at the first failure.
     assert time.monotonic() - t0 < 2.0
+    # One dead connection was examined; the seven older idle ones went with it, unexamined.
+    assert pool.stats()["validations_failed"] == 1
     conns = [await pool.getconn(timeout=10) for _ in range(8)]
     try:
         for conn in conns:
@@ -449,3 +451,23 @@ async def test_cancelled_waiter_loses_no_connection(make_pool: MakePool) -> None
     async with pool.connection(timeout=5) as conn:
         assert await one(conn, "SELECT 1") == (1,)
     assert pool.stats()["in_use"] == 0
+
+
+async def test_keepalive_pings_idle_connections(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=2, max_size=2, keepalive_interval=0.1)
+    await await_until(lambda: pool.stats()["validations_run"] >= 2, what="keepalive pings")
+    assert pool.stats()["borrows"] == 0
+    assert pool.stats()["idle"] == 2
+
+
+async def test_check_replaces_broken_idle_connections(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    pool = await make_pool(min_size=2, max_size=2)
+    terminate_backends(admin_dsn, application_name=app_name)
+    wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backends terminated")
+    await pool.check()
+    await await_until(lambda: backend_count(admin_dsn, app_name) == 2, what="replacements")
+    async with pool.connection() as conn:
+        assert await one(conn, "SELECT 1") == (1,)
+    assert pool.stats()["connections_lost"] >= 1

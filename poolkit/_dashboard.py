@@ -1,0 +1,279 @@
+"""The live pool dashboard: its HTML page, the JSON snapshot it polls and a rolling history."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from ._config import mask_conninfo
+from ._metrics import POOL_BUCKET_STEP, cumulative
+from ._stats import Histogram
+
+__all__ = ["DashboardHistory", "dashboard_html", "dashboard_snapshot"]
+
+SNAPSHOT_VERSION = 1
+TOP_TAGS = 10
+MAX_BORROWS = 25
+MAX_EVENTS = 50
+# Configuration shown on the page; never conninfo or kwargs (they may carry secrets).
+_CONFIG_FIELDS = (
+    "min_size",
+    "max_size",
+    "timeout",
+    "max_waiting",
+    "max_lifetime",
+    "max_idle",
+    "validate",
+    "validation_bypass",
+    "leak_threshold",
+    "reset",
+    "pgbouncer",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    t: float  # monotonic
+    size: int
+    in_use: int
+    idle: int
+    waiting: int
+    borrows: int
+    timeouts: int
+
+
+class DashboardHistory:
+    """A rolling record of each pool's size/in_use/idle/waiting, for the dashboard's chart.
+
+    The integration owns one per process: `start()` samples every `interval` seconds in a
+    daemon thread (sampling reads counters only, no I/O), or call `sample()` yourself.
+    `dashboard_snapshot()` also samples when a sample is due, so the chart fills while the
+    page is open even without the thread. Start it in the serving process (after a fork,
+    the thread does not exist in the child).
+    """
+
+    def __init__(
+        self, pools: Mapping[str, Any], *, interval: float = 1.0, window: float = 300.0
+    ) -> None:
+        if interval <= 0 or window < interval:
+            raise ValueError(
+                f"interval={interval!r}, window={window!r}: use interval > 0 and window >= interval"
+            )
+        self.pools = pools
+        self.interval = interval
+        self.window = window
+        self._samples: dict[str, deque[_Sample]] = {}
+        self._lock = threading.Lock()
+        self._last = -float("inf")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self, now: float | None = None) -> None:
+        """Record one sample of every pool now."""
+        if now is None:
+            now = time.monotonic()
+        keep = int(self.window / self.interval) + 1
+        with self._lock:
+            self._last = now
+            for key, pool in list(self.pools.items()):
+                st = pool.stats()
+                series = self._samples.get(str(key))
+                if series is None:
+                    series = self._samples[str(key)] = deque(maxlen=keep)
+                series.append(
+                    _Sample(
+                        now,
+                        st["size"],
+                        st["in_use"],
+                        st["idle"],
+                        st["waiting"],
+                        st["borrows"],
+                        st["timeouts"],
+                    )
+                )
+            for key in set(self._samples) - {str(k) for k in self.pools}:
+                del self._samples[key]  # a pool that went away
+
+    def sample_if_due(self) -> None:
+        """Sample unless the last sample is younger than `interval`."""
+        now = time.monotonic()
+        if now - self._last >= self.interval * 0.9:
+            self.sample(now)
+
+    def series(self, key: str, now: float | None = None) -> dict[str, list[float]]:
+        """One pool's samples as columns; `t` is seconds relative to now (negative)."""
+        if now is None:
+            now = time.monotonic()
+        with self._lock:
+            samples = list(self._samples.get(key, ()))
+        samples = [s for s in samples if now - s.t <= self.window]
+        return {
+            "t": [round(s.t - now, 3) for s in samples],
+            "size": [s.size for s in samples],
+            "in_use": [s.in_use for s in samples],
+            "idle": [s.idle for s in samples],
+            "waiting": [s.waiting for s in samples],
+            "borrows": [s.borrows for s in samples],
+            "timeouts": [s.timeouts for s in samples],
+        }
+
+    def start(self) -> None:
+        """Sample every `interval` seconds in a daemon thread until `stop()`."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="poolkit-dashboard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(5.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # a pool closing under us must not end the sampling
+                pass
+            self._stop.wait(self.interval)
+
+
+def dashboard_html(data_url: str | None = None) -> str:
+    """The dashboard page: one self-contained HTML document (no CDN, works offline).
+
+    Serve it at ``{prefix}/``; it polls ``{prefix}/data`` (relative to its own URL) for
+    `dashboard_snapshot()`, or `data_url` when given. Put both routes behind the same
+    authentication as the rest of the app's operator pages.
+    """
+    html = (resources.files("poolkit") / "dashboard.html").read_text(encoding="utf-8")
+    if data_url is not None:
+        html = html.replace(
+            '<meta name="poolkit-data-url" content="">',
+            f'<meta name="poolkit-data-url" content="{_attr(data_url)}">',
+        )
+    return html
+
+
+def _attr(value: str) -> str:
+    return (
+        value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    )
+
+
+def dashboard_snapshot(
+    pools: Mapping[str, Any], history: DashboardHistory | None = None
+) -> dict[str, Any]:
+    """Everything the dashboard shows, as a JSON-able dict, passwords masked everywhere.
+
+    Per pool: stats(), wait/hold/connect histograms, the routes holding connections
+    longest, current borrows (longest first, with their borrow site), recent events and,
+    with a `history`, the last minutes of size/in_use/idle/waiting.
+    """
+    if history is not None:
+        history.sample_if_due()
+    now_mono = time.monotonic()
+    now_wall = time.time()
+    out_pools = []
+    for key, pool in list(pools.items()):
+        name = str(key)
+        stats = dict(pool.stats())
+        hists = pool.histograms()
+        config = getattr(pool, "config", None)
+        item: dict[str, Any] = {
+            "key": name,
+            "name": stats.get("name", name),
+            "conninfo": config.masked_conninfo if config is not None else "",
+            "config": {f: _jsonable(getattr(config, f, None)) for f in _CONFIG_FIELDS},
+            "stats": stats,
+            "histograms": {k: _hist(h) for k, h in hists.items()},
+            "top_tags": _top_tags(pool.hold_time_by_tag()),
+            "borrowed": [
+                {
+                    "held_for": round(b.held_for, 3),
+                    "site": b.site,
+                    "owner": b.owner,
+                    "tag": b.tag,
+                    "leak_suspect": b.leak_suspect,
+                }
+                for b in pool.borrowed()[:MAX_BORROWS]
+            ],
+            "borrowed_total": stats.get("in_use", 0),
+            "events": [
+                {
+                    "ago": round(now_mono - t, 3),
+                    "at": now_wall - (now_mono - t),
+                    "kind": kind,
+                    "detail": detail,
+                }
+                for t, kind, detail in reversed(pool.events()[-MAX_EVENTS:])
+            ],
+            "history": history.series(name, now_mono) if history is not None else None,
+        }
+        out_pools.append(item)
+    snapshot = {
+        "version": SNAPSHOT_VERSION,
+        "generated_at": now_wall,
+        "history_interval": history.interval if history is not None else None,
+        "history_window": history.window if history is not None else None,
+        "pools": out_pools,
+    }
+    return _masked(snapshot)
+
+
+def _hist(h: Histogram) -> dict[str, Any]:
+    pairs = cumulative(h, POOL_BUCKET_STEP)
+    return {
+        # cumulative counts at each upper bound (seconds); the last bound (null) is +inf
+        "buckets": [[None if b == float("inf") else b, n] for b, n in pairs],
+        "count": pairs[-1][1],
+        "sum": h.sum,
+        "max": h.max,
+        "p50": h.quantile(0.5),
+        "p99": h.quantile(0.99),
+    }
+
+
+def _top_tags(tags: Mapping[str, Histogram]) -> list[dict[str, Any]]:
+    rows = sorted(tags.items(), key=lambda kv: kv[1].sum, reverse=True)[:TOP_TAGS]
+    return [
+        {
+            "tag": tag,
+            "count": h.count,
+            "sum": h.sum,
+            "mean": h.sum / h.count if h.count else 0.0,
+            "p50": h.quantile(0.5),
+            "p99": h.quantile(0.99),
+            "max": h.max,
+        }
+        for tag, h in rows
+    ]
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return getattr(value, "__qualname__", None) or type(value).__name__  # a reset callable
+
+
+def _masked(value: Any) -> Any:
+    """`value` with every string passed through mask_conninfo (sites, details, tags...)."""
+    if isinstance(value, str):
+        return mask_conninfo(value)
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
+
+def snapshot_json(pools: Mapping[str, Any], history: DashboardHistory | None = None) -> bytes:
+    """`dashboard_snapshot()` encoded as JSON bytes (no NaN/Infinity: strict JSON)."""
+    return json.dumps(dashboard_snapshot(pools, history), allow_nan=False).encode()

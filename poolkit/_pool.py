@@ -324,7 +324,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     self._pk_lost(conn, now, bulk=True)
                     return False
                 conn._pk_dirty = False
-            elif self._pk_socket_broken(conn):
+            elif idle_for >= PEEK_AFTER and self._pk_socket_broken(conn):
                 self._n_valid_fail += 1
                 self._pk_lost(conn, now, bulk=True)
                 return False

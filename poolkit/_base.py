@@ -38,10 +38,10 @@ PEEK_AFTER = 0.001
 _MAX_TAGS = 100
 _OTHER_TAG = "(other)"
 
-# Reset statements by policy name; "auto" runs RESET ALL only after a borrow that ran
-# anything on the connection.
+# Reset statements by policy name; "auto" resets only after a borrow that ran a command
+# leaving session state behind (see _conn.tracking_cursor).
 RESET_SQL: dict[str, bytes] = {
-    "auto": b"RESET ALL",
+    "auto": b"RESET ALL; RESET ROLE",
     "reset_all": b"RESET ALL",
     "discard_all": b"DISCARD ALL",
 }
@@ -177,6 +177,9 @@ class PoolCore:
         self._pk_reset_callable: Callable[..., Any] | None = reset if callable(reset) else None
         self._pk_reset_sql: bytes | None = RESET_SQL.get(reset) if isinstance(reset, str) else None
         self._pk_reset_auto = reset == "auto"
+        self._pk_restore_always = not self._pk_reset_auto and (
+            self._pk_reset_sql is not None or self._pk_reset_callable is not None
+        )
         self._pk_leak_threshold = config.leak_threshold or 0.0
         # A connection attempt into a black hole must end: unless the user set one,
         # background connects give up after this and are retried with backoff.
@@ -222,7 +225,8 @@ class PoolCore:
     def _pk_new_conn(self, conn: Any, connect_seconds: float) -> None:
         """Attach poolkit's per-connection fields to a fresh connection."""
         conn._pk_returned_at = monotonic()
-        conn._pk_dirty = False
+        conn._pk_touched = False
+        conn._pk_dirty = None  # the reset statement a borrow made necessary, if any
         conn._pk_pending = None
         conn._pk_wr = None
         poller: Any = _NoPoll

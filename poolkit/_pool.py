@@ -25,6 +25,7 @@ from ._conn import (
     build_config,
     check_result,
     drain_gen,
+    install_tracking_cursors,
     ping_gen,
     remember_attrs,
     restore_attrs,
@@ -299,7 +300,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                 self._pk_lost(conn, now, bulk=True)
                 return False
             conn._pk_pending = None
-            conn._pk_dirty = False
+            conn._pk_touched = False
         if now >= conn._expire_at:
             self._pk_replace(conn)
             return False
@@ -323,7 +324,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     self._n_valid_fail += 1
                     self._pk_lost(conn, now, bulk=True)
                     return False
-                conn._pk_dirty = False
+                conn._pk_touched = False
             elif idle_for >= PEEK_AFTER and self._pk_socket_broken(conn):
                 self._n_valid_fail += 1
                 self._pk_lost(conn, now, bulk=True)
@@ -345,7 +346,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
         rec = self._pk_borrowed.pop(conn._pk_wr, None)
         if (
             self._pk_plain_return
-            and not conn._pk_dirty
+            and not conn._pk_touched
             and conn.pgconn.transaction_status == _IDLE
             and now < conn._expire_at
             and conn._created_at > self._drained_at
@@ -398,13 +399,13 @@ class Pool(PoolCore, ConnectionPool[CT]):
         if conn._created_at <= self._drained_at or now >= conn._expire_at:
             self._pk_replace(conn)
             return
-        if self._pk_reset_sql is not None or self._pk_reset_callable is not None:
+        if conn._pk_touched or self._pk_restore_always:
             restore_attrs(conn)
         if self._pk_reset_callable is not None:
             self.run_task(_ResetTask(self, conn))
             return
-        sql = self._pk_reset_sql
-        if sql is not None and (conn._pk_dirty or not self._pk_reset_auto):
+        sql = conn._pk_dirty if self._pk_reset_auto else self._pk_reset_sql
+        if sql is not None:
             # Pipelined: the reset travels now and its answer is read by the next
             # borrower, so nobody waits a round trip for it.
             try:
@@ -415,7 +416,8 @@ class Pool(PoolCore, ConnectionPool[CT]):
                 return
             conn._pk_pending = sql
             self._n_resets += 1
-        conn._pk_dirty = False
+        conn._pk_touched = False
+        conn._pk_dirty = None
         conn._pk_returned_at = now
         self._add_to_pool(conn)
 
@@ -478,6 +480,8 @@ class Pool(PoolCore, ConnectionPool[CT]):
             self._n_failed += 1
             raise
         self._pk_new_conn(conn, monotonic() - t0)
+        if self._pk_reset_auto:
+            install_tracking_cursors(conn)
         remember_attrs(conn)
         if self._pk_events and self._pk_events[-1][1] == "connection-lost":
             self._pk_event("recovered", "new connection established")
@@ -524,7 +528,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     self._n_valid_fail += 1
                     self._pk_lost(conn, monotonic(), bulk=True)
                     continue
-                conn._pk_dirty = False
+                conn._pk_touched = False
             elif not self._pk_ready(conn, now, now + self.timeout):
                 continue
             conn._pk_returned_at = monotonic()
@@ -637,6 +641,6 @@ class _ResetTask(MaintenanceTask):
             pool._pk_replace(conn)
             return
         pool._n_resets += 1
-        conn._pk_dirty = False
+        conn._pk_touched = False
         conn._pk_returned_at = monotonic()
         pool._add_to_pool(conn)

@@ -25,6 +25,7 @@ from ._conn import (
     build_config,
     check_result,
     drain_gen,
+    install_tracking_cursors,
     ping_gen,
     remember_attrs,
     restore_attrs,
@@ -287,7 +288,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                 await self._pk_lost(conn, now, bulk=True)
                 return False
             conn._pk_pending = None
-            conn._pk_dirty = False
+            conn._pk_touched = False
         if now >= conn._expire_at:
             await self._pk_replace(conn)
             return False
@@ -313,7 +314,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                     self._n_valid_fail += 1
                     await self._pk_lost(conn, now, bulk=True)
                     return False
-                conn._pk_dirty = False
+                conn._pk_touched = False
             elif idle_for >= PEEK_AFTER and self._pk_socket_broken(conn):
                 self._n_valid_fail += 1
                 await self._pk_lost(conn, now, bulk=True)
@@ -339,7 +340,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             self._pk_drained.set()
         if (
             self._pk_plain_return
-            and not conn._pk_dirty
+            and not conn._pk_touched
             and conn.pgconn.transaction_status == _IDLE
             and now < conn._expire_at
             and conn._created_at > self._drained_at
@@ -381,13 +382,13 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         if conn._created_at <= self._drained_at or now >= conn._expire_at:
             await self._pk_replace(conn)
             return
-        if self._pk_reset_sql is not None or self._pk_reset_callable is not None:
+        if conn._pk_touched or self._pk_restore_always:
             restore_attrs(conn)
         if self._pk_reset_callable is not None:
             self.run_task(_ResetTask(self, conn))
             return
-        sql = self._pk_reset_sql
-        if sql is not None and (conn._pk_dirty or not self._pk_reset_auto):
+        sql = conn._pk_dirty if self._pk_reset_auto else self._pk_reset_sql
+        if sql is not None:
             # Pipelined: the reset travels now and its answer is read by the next
             # borrower, so nobody waits a round trip for it.
             try:
@@ -398,7 +399,8 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                 return
             conn._pk_pending = sql
             self._n_resets += 1
-        conn._pk_dirty = False
+        conn._pk_touched = False
+        conn._pk_dirty = None
         conn._pk_returned_at = now
         await self._add_to_pool(conn)
 
@@ -458,6 +460,8 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             self._n_failed += 1
             raise
         self._pk_new_conn(conn, monotonic() - t0)
+        if self._pk_reset_auto:
+            install_tracking_cursors(conn)
         remember_attrs(conn)
         if self._pk_events and self._pk_events[-1][1] == "connection-lost":
             self._pk_event("recovered", "new connection established")
@@ -500,7 +504,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                     self._n_valid_fail += 1
                     await self._pk_lost(conn, monotonic(), bulk=True)
                     continue
-                conn._pk_dirty = False
+                conn._pk_touched = False
             elif not await self._pk_ready(conn, now, now + self.timeout):
                 continue
             conn._pk_returned_at = monotonic()
@@ -611,6 +615,6 @@ class _ResetTask(MaintenanceTask):
             await pool._pk_replace(conn)
             return
         pool._n_resets += 1
-        conn._pk_dirty = False
+        conn._pk_touched = False
         conn._pk_returned_at = monotonic()
         await pool._add_to_pool(conn)

@@ -431,3 +431,18 @@ def test_check_replaces_broken_idle_connections(
     with pool.connection() as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert pool.stats()["connections_lost"] >= 1
+
+
+def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    with pool.connection() as conn:
+        conn.execute("SELECT 1")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_scratch (v int)")
+    assert pool.stats()["resets"] == 0  # nothing session-level was SET: no round trip
+    with pool.connection() as conn:
+        conn.execute("LISTEN pk_channel")
+        conn.execute("SET application_name = 'changed'")
+    with pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
+        assert conn.execute("SHOW application_name").fetchone() != ("changed",)
+    assert pool.stats()["resets"] == 1

@@ -471,3 +471,18 @@ async def test_check_replaces_broken_idle_connections(
     async with pool.connection() as conn:
         assert await one(conn, "SELECT 1") == (1,)
     assert pool.stats()["connections_lost"] >= 1
+
+
+async def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_scratch (v int)")
+    assert pool.stats()["resets"] == 0  # nothing session-level was SET: no round trip
+    async with pool.connection() as conn:
+        await conn.execute("LISTEN pk_channel")
+        await conn.execute("SET application_name = 'changed'")
+    async with pool.connection() as conn:
+        assert await one(conn, "SELECT count(*) FROM pg_listening_channels()") == (0,)
+        assert await one(conn, "SHOW application_name") != ("changed",)
+    assert pool.stats()["resets"] == 1

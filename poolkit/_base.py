@@ -200,8 +200,13 @@ class PoolCore:
         self._pk_tag_hold: dict[str, Histogram] = {}
         self._pk_wait_hist = Histogram()
         self._pk_hold_hist = Histogram()
+        # Samples are queued on the hot path (deque.append is atomic and cheap) and
+        # folded into the histograms by readers and housekeeping, outside any lock.
+        self._pk_wait_q: deque[float] = deque()
+        self._pk_hold_q: deque[float] = deque()
+        self._pk_tag_q: deque[tuple[str, float]] = deque()
+        self._pk_fold_lock = threading.Lock()
         self._pk_connect_hist = Histogram()
-        self._n_borrows = 0
         self._n_fast = 0  # borrows served from idle without any check beyond the peek
         self._pk_plain_return = self._pk_reset_callable is None and (
             self._pk_reset_sql is None or self._pk_reset_auto
@@ -249,20 +254,40 @@ class PoolCore:
         )
 
     def _pk_account(self, rec: list[Any], now: float) -> None:
-        """Record a finished borrow's hold time (caller holds the pool lock)."""
+        """Record a finished borrow's hold time; needs no lock."""
         held = now - rec[T0]
-        self._pk_hold_hist.add(held)
-        if rec[TAG] is not None or rec[WARNED]:
-            self._pk_unregister_rare(rec, held)
+        self._pk_hold_q.append(held)
+        if rec[TAG] is not None:
+            self._pk_tag_q.append((rec[TAG], held))
+        if rec[WARNED]:
+            self._pk_returned_late(rec, held)
 
-    def _pk_unregister_rare(self, rec: list[Any], held: float) -> None:
-        tag = rec[TAG]
-        if tag is not None:
-            h = self._pk_tag_hold.get(tag)
-            if h is None:
-                key = tag if len(self._pk_tag_hold) < _MAX_TAGS else _OTHER_TAG
-                h = self._pk_tag_hold.setdefault(key, Histogram())
-            h.add(held)
+    def _pk_fold(self) -> None:
+        """Move queued samples into the histograms (any thread; one folder at a time)."""
+        with self._pk_fold_lock:
+            self._pk_fold_locked()
+
+    def _pk_fold_locked(self) -> None:
+        for q, h in ((self._pk_wait_q, self._pk_wait_hist), (self._pk_hold_q, self._pk_hold_hist)):
+            add = h.add
+            try:
+                while True:
+                    add(q.popleft())
+            except IndexError:
+                pass
+        tags = self._pk_tag_hold
+        try:
+            while True:
+                tag, held = self._pk_tag_q.popleft()
+                th = tags.get(tag)
+                if th is None:
+                    key = tag if len(tags) < _MAX_TAGS else _OTHER_TAG
+                    th = tags.setdefault(key, Histogram())
+                th.add(held)
+        except IndexError:
+            pass
+
+    def _pk_returned_late(self, rec: list[Any], held: float) -> None:
         if rec[WARNED]:
             r = BorrowRecord(rec)
             leak_logger.info(
@@ -419,6 +444,7 @@ class PoolCore:
 
     def histograms(self) -> dict[str, Histogram]:
         """Wait/hold/connect histograms (seconds) for metric exporters; wait_time is a copy."""
+        self._pk_fold()
         wait = Histogram()
         src = self._pk_wait_hist
         wait.counts = list(src.counts)
@@ -433,10 +459,12 @@ class PoolCore:
 
     def hold_time_by_tag(self) -> dict[str, Histogram]:
         """Hold-time histograms per borrow tag (route/view), at most 100 tags plus '(other)'."""
+        self._pk_fold()
         return dict(self._pk_tag_hold)
 
     def stats(self) -> PoolStats:
         """A typed snapshot of the pool: gauges, counters and time summaries."""
+        self._pk_fold()
         size = self._nconns
         return {
             "name": self.name,
@@ -447,7 +475,7 @@ class PoolCore:
             "min_size": self._min_size,
             "max_size": self._max_size,
             "overflow": max(0, size - self._min_size),
-            "borrows": self._n_borrows + self._n_fast,
+            "borrows": self._pk_wait_hist.count + self._n_fast,
             "timeouts": self._n_timeouts,
             "rejected": self._n_rejected,
             "connections_created": self._n_created,
@@ -467,6 +495,7 @@ class PoolCore:
 
     def get_stats(self) -> dict[str, int]:
         """psycopg_pool-compatible counters (see psycopg_pool's docs for the keys)."""
+        self._pk_fold()
         w, h, c = self._pk_wait_hist, self._pk_hold_hist, self._pk_connect_hist
         return {
             "pool_min": self._min_size,
@@ -474,7 +503,7 @@ class PoolCore:
             "pool_size": self._nconns,
             "pool_available": len(self._pool),
             "requests_waiting": len(self._waiting),
-            "requests_num": self._n_borrows + self._n_fast + self._n_timeouts + self._n_rejected,
+            "requests_num": w.count + self._n_fast + self._n_timeouts + self._n_rejected,
             "requests_queued": w.count - w.counts[0],
             "requests_wait_ms": int(w.sum * 1000),
             "requests_errors": self._n_timeouts + self._n_rejected,

@@ -49,9 +49,10 @@ class _Waiter(Generic[CT]):
     pool lock, so a hand-off and a timeout cannot both win.
     """
 
-    __slots__ = ("conn", "error", "sem")
+    __slots__ = ("conn", "error", "sem", "t0")
 
-    def __init__(self) -> None:
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
         self.conn: CT | None = None
         self.error: Any = None
         self.sem = threading.Lock()
@@ -169,18 +170,27 @@ class Pool(PoolCore, ConnectionPool[CT]):
     def _pk_borrow(self, timeout: float | None, tag: str | None, f: FrameType) -> CT:
         if self._pk_forked:
             self._pk_rebuild_after_fork()
+        if self._pk_reclaim:
+            self._pk_give_back_reclaimed()
         now = monotonic()
         conn: CT | None = None
+        waiter: _Waiter[CT] | None = None
         with self._lock:
             if self._closed or self._pk_draining:
                 self._pk_raise_closed()
             idle = self._pool
-            if idle and not self._pk_reclaim:
+            if idle:
                 conn = idle.pop()
                 if len(idle) < self._nconns_min:
                     self._nconns_min = len(idle)
                 self._n_fast += 1
-        if conn is not None and not (
+            else:
+                # Queue up in the same critical section that found nothing idle.
+                waiter = self._pk_enqueue(now)
+        if waiter is not None:
+            return self._pk_getconn_wait(now, timeout, tag, f, waiter)
+        assert conn is not None
+        if not (
             conn._pk_pending is None
             and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
             and now < conn._expire_at
@@ -198,11 +208,9 @@ class Pool(PoolCore, ConnectionPool[CT]):
             if not self._pk_ready(conn, now, now + (timeout or self.timeout)):
                 conn = None
             else:
-                with self._lock:
-                    self._n_borrows += 1
-                self._pk_wait_hist.add_zero()
+                self._pk_wait_q.append(0.0)
         if conn is None:
-            return self._pk_getconn_wait(now, timeout, tag, f)
+            return self._pk_getconn_wait(now, timeout, tag, f, None)
         # Registering needs no lock: a dict store is atomic, readers copy the dict first.
         if f.f_code.co_filename.startswith(SKIP_PREFIXES):
             f = borrow_frame(f)
@@ -214,43 +222,59 @@ class Pool(PoolCore, ConnectionPool[CT]):
         conn._pool = self
         return conn
 
+    def _pk_hand_off(self, conn: CT) -> bool:
+        """Give conn to the longest waiter still waiting (caller holds the lock)."""
+        waiting = self._waiting
+        while waiting:
+            w = waiting.popleft()
+            if w.set(conn):
+                return True
+        return False
+
+    def _pk_enqueue(self, t0: float) -> _Waiter[CT]:
+        """Put a borrower in line (caller holds the lock), or refuse it past max_waiting."""
+        if self.max_waiting and len(self._waiting) >= self.max_waiting:
+            self._n_rejected += 1
+            raise TooManyRequests(
+                f"the pool {self.name!r} has already {len(self._waiting)} requests "
+                f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
+            )
+        waiter: _Waiter[CT] = _Waiter(t0)
+        self._waiting.append(waiter)
+        self._maybe_grow_pool()
+        return waiter
+
     def _pk_getconn_wait(
-        self, t0: float, timeout: float | None, tag: str | None, f: FrameType
+        self,
+        t0: float,
+        timeout: float | None,
+        tag: str | None,
+        f: FrameType,
+        waiter: _Waiter[CT] | None,
     ) -> CT:
-        if timeout is None:
-            timeout = self.timeout
-        deadline = t0 + timeout
+        deadline = t0 + (self.timeout if timeout is None else timeout)
         while True:
-            if self._pk_reclaim:
-                self._pk_give_back_reclaimed()
-            if self._closed or self._pk_draining:
-                self._pk_raise_closed()
             conn: CT | None = None
-            waiter: _Waiter[CT] | None = None
-            with self._lock:
-                if self._pool:
-                    conn = self._pool.pop()
-                    if len(self._pool) < self._nconns_min:
-                        self._nconns_min = len(self._pool)
-                else:
-                    if self.max_waiting and len(self._waiting) >= self.max_waiting:
-                        self._n_rejected += 1
-                        raise TooManyRequests(
-                            f"the pool {self.name!r} has already {len(self._waiting)} requests "
-                            f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
-                        )
-                    waiter = _Waiter()
-                    self._waiting.append(waiter)
-                    self._maybe_grow_pool()
+            if waiter is None:
+                if self._pk_reclaim:
+                    self._pk_give_back_reclaimed()
+                with self._lock:
+                    if self._closed or self._pk_draining:
+                        self._pk_raise_closed()
+                    if self._pool:
+                        conn = self._pool.pop()
+                        if len(self._pool) < self._nconns_min:
+                            self._nconns_min = len(self._pool)
+                    else:
+                        waiter = self._pk_enqueue(t0)
             if waiter is not None:
                 conn = self._pk_wait_in_line(waiter, t0, deadline)
+                waiter = None
             assert conn is not None
             now = monotonic()
             if self._pk_ready(conn, now, deadline):
-                with self._lock:
-                    self._n_borrows += 1
-                    self._pk_wait_hist.add(now - t0)
-                    self._pk_register(conn, now, tag, None, f)
+                self._pk_wait_q.append(now - t0)
+                self._pk_register(conn, now, tag, None, f)
                 conn._pool = self
                 return conn
             if now >= deadline:
@@ -268,12 +292,15 @@ class Pool(PoolCore, ConnectionPool[CT]):
             if waiter.conn is not None:
                 self._pk_give_back(waiter.conn)
             raise
-        with self._lock:
-            # Resolve a timeout against a hand-off that may have just happened.
-            waiter.fail_now(_TIMED_OUT)
-            if waiter.conn is not None:
-                return waiter.conn
-            self._pk_forget_waiter(waiter)
+        if waiter.conn is not None:  # set before the release that woke us
+            return waiter.conn
+        if waiter.error is None:
+            with self._lock:
+                # Timed out: settle it against a hand-off that may be happening now.
+                waiter.fail_now(_TIMED_OUT)
+                if waiter.conn is not None:
+                    return waiter.conn
+                self._pk_forget_waiter(waiter)
         if waiter.error is _TIMED_OUT:
             self._n_timeouts += 1
             self._pk_event("timeout", self._pk_state_line())
@@ -353,22 +380,17 @@ class Pool(PoolCore, ConnectionPool[CT]):
         ):
             conn._pk_returned_at = now
             conn._pool = None
+            if rec is not None:
+                self._pk_account(rec, now)
             with self._lock:
-                if rec is not None:
-                    self._pk_account(rec, now)
                 if not self._closed:
-                    waiting = self._waiting
-                    while waiting:
-                        if waiting.popleft().set(conn):
-                            break
-                    else:
+                    if not self._pk_hand_off(conn):
                         self._pool.append(conn)
                     if self._pk_draining and not self._pk_borrowed:
                         self._pk_drained.set()
                     return
         elif rec is not None:
-            with self._lock:
-                self._pk_account(rec, now)
+            self._pk_account(rec, now)
         if self._pk_draining and not self._pk_borrowed:
             self._pk_drained.set()
         if self._closed:
@@ -430,10 +452,8 @@ class Pool(PoolCore, ConnectionPool[CT]):
         conn._pool = None
         with self._lock:
             if not self._closed:
-                waiting = self._waiting
-                while waiting:
-                    if waiting.popleft().set(conn):
-                        return
+                if self._pk_hand_off(conn):
+                    return
                 self._pool.append(conn)
                 if self._pool_full_event and len(self._pool) >= self._min_size:
                     self._pool_full_event.set()
@@ -505,6 +525,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
     def _pk_housekeep(self) -> None:
         if self._pk_reclaim:
             self._pk_give_back_reclaimed()
+        self._pk_fold()
         self._pk_leak_scan(monotonic())
         interval = self.config.keepalive_interval
         if interval:

@@ -163,17 +163,22 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
     async def _pk_borrow(self, timeout: float | None, tag: str | None, f: FrameType) -> ACT:
         if self._pk_forked:
             await self._pk_rebuild_after_fork()
+        if self._pk_reclaim:
+            self._pk_give_back_reclaimed()
         now = monotonic()
         conn: ACT | None = None
         if self._closed or self._pk_draining:
             self._pk_raise_closed()
         idle = self._pool
-        if idle and not self._pk_reclaim:
+        if idle:
             conn = idle.pop()
             if len(idle) < self._nconns_min:
                 self._nconns_min = len(idle)
             self._n_fast += 1
-        if conn is not None and not (
+        else:
+            return await self._pk_getconn_wait(now, timeout, tag, f, self._pk_enqueue())
+        assert conn is not None
+        if not (
             conn._pk_pending is None
             and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
             and now < conn._expire_at
@@ -190,10 +195,9 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             if not await self._pk_ready(conn, now, now + (timeout or self.timeout)):
                 conn = None
             else:
-                self._n_borrows += 1
-                self._pk_wait_hist.add_zero()
+                self._pk_wait_q.append(0.0)
         if conn is None:
-            return await self._pk_getconn_wait(now, timeout, tag, f)
+            return await self._pk_getconn_wait(now, timeout, tag, f, None)
         if f.f_code.co_filename.startswith(SKIP_PREFIXES):
             f = borrow_frame(f)
         conn._pk_wr = wr = _ref(conn, self._pk_gc_cb)
@@ -204,34 +208,48 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         conn._pool = self
         return conn
 
+    def _pk_enqueue(self) -> _Waiter[ACT]:
+        """Put a borrower in line, or refuse it past max_waiting."""
+        if self.max_waiting and len(self._waiting) >= self.max_waiting:
+            self._n_rejected += 1
+            raise TooManyRequests(
+                f"the pool {self.name!r} has already {len(self._waiting)} requests "
+                f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
+            )
+        waiter: _Waiter[ACT] = _Waiter()
+        self._waiting.append(waiter)
+        self._maybe_grow_pool()
+        return waiter
+
     async def _pk_getconn_wait(
-        self, t0: float, timeout: float | None, tag: str | None, f: FrameType
+        self,
+        t0: float,
+        timeout: float | None,
+        tag: str | None,
+        f: FrameType,
+        waiter: _Waiter[ACT] | None,
     ) -> ACT:
-        if timeout is None:
-            timeout = self.timeout
-        deadline = t0 + timeout
+        deadline = t0 + (self.timeout if timeout is None else timeout)
         while True:
-            if self._pk_reclaim:
-                self._pk_give_back_reclaimed()
-            if self._closed or self._pk_draining:
-                self._pk_raise_closed()
             conn: ACT | None = None
-            if self._pool:
-                conn = self._pool.pop()
-                if len(self._pool) < self._nconns_min:
-                    self._nconns_min = len(self._pool)
-            else:
-                if self.max_waiting and len(self._waiting) >= self.max_waiting:
-                    self._n_rejected += 1
-                    raise TooManyRequests(
-                        f"the pool {self.name!r} has already {len(self._waiting)} requests "
-                        f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
-                    )
-                conn = await self._pk_wait_in_line(t0, deadline)
+            if waiter is None:
+                if self._pk_reclaim:
+                    self._pk_give_back_reclaimed()
+                if self._closed or self._pk_draining:
+                    self._pk_raise_closed()
+                if self._pool:
+                    conn = self._pool.pop()
+                    if len(self._pool) < self._nconns_min:
+                        self._nconns_min = len(self._pool)
+                else:
+                    waiter = self._pk_enqueue()
+            if waiter is not None:
+                conn = await self._pk_wait_in_line(waiter, t0, deadline)
+                waiter = None
+            assert conn is not None
             now = monotonic()
             if await self._pk_ready(conn, now, deadline):
-                self._n_borrows += 1
-                self._pk_wait_hist.add(now - t0)
+                self._pk_wait_q.append(now - t0)
                 conn._pool = self
                 self._pk_register(conn, now, tag, asyncio.current_task(), f)
                 return conn
@@ -239,10 +257,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                 self._n_timeouts += 1
                 raise PoolTimeout(self._pk_timeout_message(now - t0))
 
-    async def _pk_wait_in_line(self, t0: float, deadline: float) -> ACT:
-        waiter: _Waiter[ACT] = _Waiter()
-        self._waiting.append(waiter)
-        self._maybe_grow_pool()
+    async def _pk_wait_in_line(self, waiter: _Waiter[ACT], t0: float, deadline: float) -> ACT:
         loop = asyncio.get_running_loop()
         handle = loop.call_at(
             loop.time() + max(0.0, deadline - monotonic()), waiter.fail_now, _TIMED_OUT
@@ -483,6 +498,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
     async def _pk_housekeep(self) -> None:
         if self._pk_reclaim:
             self._pk_give_back_reclaimed()
+        self._pk_fold()
         self._pk_leak_scan(monotonic())
         interval = self.config.keepalive_interval
         if interval:

@@ -1,7 +1,9 @@
 """PostgreSQL connection pools for psycopg 3, with FastAPI and Django integrations."""
 
 from ._config import PoolConfig, mask_conninfo
+from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
 from ._errors import ConfigError, PoolClosed, PoolkitError, PoolTimeout, TooManyRequests
+from ._metrics import instrument_otel, render_prometheus
 from ._pool import Pool
 from ._pool_async import AsyncPool
 from ._stats import PoolStats
@@ -9,6 +11,7 @@ from ._stats import PoolStats
 __all__ = [
     "AsyncPool",
     "ConfigError",
+    "DashboardHistory",
     "Pool",
     "PoolClosed",
     "PoolConfig",
@@ -16,5 +19,9 @@ __all__ = [
     "PoolTimeout",
     "PoolkitError",
     "TooManyRequests",
+    "dashboard_html",
+    "dashboard_snapshot",
+    "instrument_otel",
     "mask_conninfo",
+    "render_prometheus",
 ]

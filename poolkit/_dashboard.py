@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -15,8 +16,9 @@ from ._config import mask_conninfo
 from ._metrics import POOL_BUCKET_STEP, cumulative
 from ._stats import Histogram
 
-__all__ = ["DashboardHistory", "dashboard_html", "dashboard_snapshot"]
+__all__ = ["DashboardHistory", "dashboard_html", "dashboard_snapshot", "snapshot_json"]
 
+PoolsSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 SNAPSHOT_VERSION = 1
 TOP_TAGS = 10
 MAX_BORROWS = 25
@@ -51,15 +53,16 @@ class _Sample:
 class DashboardHistory:
     """A rolling record of each pool's size/in_use/idle/waiting, for the dashboard's chart.
 
-    The integration owns one per process: `start()` samples every `interval` seconds in a
-    daemon thread (sampling reads counters only, no I/O), or call `sample()` yourself.
-    `dashboard_snapshot()` also samples when a sample is due, so the chart fills while the
-    page is open even without the thread. Start it in the serving process (after a fork,
-    the thread does not exist in the child).
+    The integration owns one per process. `pools` is a mapping of pools or a callable
+    returning one (such as ``poolkit_django.pools``), read at every sample. `start()`
+    samples every `interval` seconds in a daemon thread (sampling reads counters only, no
+    I/O), or call `sample()` yourself. `dashboard_snapshot()` also samples when a sample is
+    due, so the chart fills while the page is open even without the thread. Start it in
+    the serving process: after a fork, the thread does not exist in the child.
     """
 
     def __init__(
-        self, pools: Mapping[str, Any], *, interval: float = 1.0, window: float = 300.0
+        self, pools: PoolsSource | None = None, *, interval: float = 1.0, window: float = 300.0
     ) -> None:
         if interval <= 0 or window < interval:
             raise ValueError(
@@ -74,14 +77,23 @@ class DashboardHistory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def sample(self, now: float | None = None) -> None:
-        """Record one sample of every pool now."""
+    def _current(self, pools: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        source = self.pools if pools is None else pools
+        if source is None:
+            return {}
+        return source() if callable(source) else source
+
+    def sample(self, pools: Mapping[str, Any] | None = None, now: float | None = None) -> None:
+        """Record one sample of every pool now (of `pools`, or of the ones given at init)."""
         if now is None:
             now = time.monotonic()
+        if pools is None and self.pools is None:
+            return  # nothing to sample yet: keep what snapshots recorded
+        current = self._current(pools)
         keep = int(self.window / self.interval) + 1
         with self._lock:
             self._last = now
-            for key, pool in list(self.pools.items()):
+            for key, pool in list(current.items()):
                 st = pool.stats()
                 series = self._samples.get(str(key))
                 if series is None:
@@ -97,14 +109,14 @@ class DashboardHistory:
                         st["timeouts"],
                     )
                 )
-            for key in set(self._samples) - {str(k) for k in self.pools}:
+            for key in set(self._samples) - {str(k) for k in current}:
                 del self._samples[key]  # a pool that went away
 
-    def sample_if_due(self) -> None:
+    def sample_if_due(self, pools: Mapping[str, Any] | None = None) -> None:
         """Sample unless the last sample is younger than `interval`."""
         now = time.monotonic()
         if now - self._last >= self.interval * 0.9:
-            self.sample(now)
+            self.sample(pools, now)
 
     def series(self, key: str, now: float | None = None) -> dict[str, list[float]]:
         """One pool's samples as columns; `t` is seconds relative to now (negative)."""
@@ -139,10 +151,9 @@ class DashboardHistory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            # A pool closing under us must not end the sampling.
+            with contextlib.suppress(Exception):
                 self.sample()
-            except Exception:  # a pool closing under us must not end the sampling
-                pass
             self._stop.wait(self.interval)
 
 
@@ -178,7 +189,7 @@ def dashboard_snapshot(
     with a `history`, the last minutes of size/in_use/idle/waiting.
     """
     if history is not None:
-        history.sample_if_due()
+        history.sample_if_due(pools)
     now_mono = time.monotonic()
     now_wall = time.time()
     out_pools = []
@@ -225,7 +236,8 @@ def dashboard_snapshot(
         "history_window": history.window if history is not None else None,
         "pools": out_pools,
     }
-    return _masked(snapshot)
+    masked: dict[str, Any] = _masked(snapshot)
+    return masked
 
 
 def _hist(h: Histogram) -> dict[str, Any]:

@@ -175,6 +175,7 @@ class Pool(PoolCore, ConnectionPool[CT]):
         now = monotonic()
         conn: CT | None = None
         waiter: _Waiter[CT] | None = None
+        fast = False
         with self._lock:
             if self._closed or self._pk_draining:
                 self._pk_raise_closed()
@@ -183,32 +184,33 @@ class Pool(PoolCore, ConnectionPool[CT]):
                 conn = idle.pop()
                 if len(idle) < self._nconns_min:
                     self._nconns_min = len(idle)
-                self._n_fast += 1
+                # Checked inside the lock so the counter only ever goes up.
+                if (
+                    conn._pk_pending is None
+                    and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
+                    and now < conn._expire_at
+                    and (
+                        # The peek is a syscall; a connection back for under a
+                        # millisecond has had no time to be dropped.
+                        idle_for < PEEK_AFTER
+                        or not self._pk_validate
+                        or not conn._pk_poll.poll(0)
+                        or not self._pk_socket_broken(conn)
+                    )
+                ):
+                    self._n_fast += 1
+                    fast = True
             else:
                 # Queue up in the same critical section that found nothing idle.
                 waiter = self._pk_enqueue(now)
         if waiter is not None:
             return self._pk_getconn_wait(now, timeout, tag, f, waiter)
         assert conn is not None
-        if not (
-            conn._pk_pending is None
-            and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
-            and now < conn._expire_at
-            and (
-                # The peek is a syscall; a connection back for under a millisecond
-                # has had no time to be dropped.
-                idle_for < PEEK_AFTER
-                or not self._pk_validate
-                or not conn._pk_poll.poll(0)
-                or not self._pk_socket_broken(conn)
-            )
-        ):
-            with self._lock:
-                self._n_fast -= 1
-            if not self._pk_ready(conn, now, now + (timeout or self.timeout)):
-                conn = None
+        if not fast:
+            if self._pk_ready(conn, now, now + (timeout or self.timeout)):
+                self._pk_wait_q.append(monotonic() - now)
             else:
-                self._pk_wait_q.append(0.0)
+                conn = None
         if conn is None:
             return self._pk_getconn_wait(now, timeout, tag, f, None)
         # Registering needs no lock: a dict store is atomic, readers copy the dict first.
@@ -278,7 +280,9 @@ class Pool(PoolCore, ConnectionPool[CT]):
                 conn._pool = self
                 return conn
             if now >= deadline:
-                self._n_timeouts += 1
+                with self._lock:
+                    self._n_timeouts += 1
+                self._pk_event("timeout", self._pk_state_line())
                 raise PoolTimeout(self._pk_timeout_message(now - t0))
 
     def _pk_wait_in_line(self, waiter: _Waiter[CT], t0: float, deadline: float) -> CT:
@@ -302,7 +306,8 @@ class Pool(PoolCore, ConnectionPool[CT]):
                     return waiter.conn
                 self._pk_forget_waiter(waiter)
         if waiter.error is _TIMED_OUT:
-            self._n_timeouts += 1
+            with self._lock:
+                self._n_timeouts += 1
             self._pk_event("timeout", self._pk_state_line())
             raise PoolTimeout(self._pk_timeout_message(monotonic() - t0))
         raise waiter.error

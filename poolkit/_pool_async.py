@@ -174,28 +174,27 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
             conn = idle.pop()
             if len(idle) < self._nconns_min:
                 self._nconns_min = len(idle)
-            self._n_fast += 1
         else:
             return await self._pk_getconn_wait(now, timeout, tag, f, self._pk_enqueue())
         assert conn is not None
-        if not (
+        if (
             conn._pk_pending is None
             and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
             and now < conn._expire_at
             and (
-                # The peek is a syscall; a connection back for under a millisecond
-                # has had no time to be dropped.
+                # The peek is a syscall; a connection back for under a
+                # millisecond has had no time to be dropped.
                 idle_for < PEEK_AFTER
                 or not self._pk_validate
                 or not conn._pk_poll.poll(0)
                 or not self._pk_socket_broken(conn)
             )
         ):
-            self._n_fast -= 1
-            if not await self._pk_ready(conn, now, now + (timeout or self.timeout)):
-                conn = None
-            else:
-                self._pk_wait_q.append(0.0)
+            self._n_fast += 1
+        elif await self._pk_ready(conn, now, now + (timeout or self.timeout)):
+            self._pk_wait_q.append(monotonic() - now)
+        else:
+            conn = None
         if conn is None:
             return await self._pk_getconn_wait(now, timeout, tag, f, None)
         if f.f_code.co_filename.startswith(SKIP_PREFIXES):
@@ -255,6 +254,7 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
                 return conn
             if now >= deadline:
                 self._n_timeouts += 1
+                self._pk_event("timeout", self._pk_state_line())
                 raise PoolTimeout(self._pk_timeout_message(now - t0))
 
     async def _pk_wait_in_line(self, waiter: _Waiter[ACT], t0: float, deadline: float) -> ACT:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a poolkit development environment from a clean clone; safe to run again.
 # Usage: bash scripts/setup.sh [--system]
-#   --system  when root and apt-get exists, also install the Debian packages pgbouncer and chromium
+#   --system  when root and apt-get exists, also install Debian's pgbouncer, chromium, chromium-driver
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,7 +55,7 @@ fi
 
 # -- 3. Debian packages (--system only) ------------------------------------------------------------
 if [ "$system" = 1 ]; then
-  packages=(pgbouncer chromium)
+  packages=(pgbouncer chromium chromium-driver)
   if [ "$(id -u)" != 0 ]; then
     warn "--system needs root: not installing ${packages[*]}"
   elif ! command -v apt-get >/dev/null 2>&1; then

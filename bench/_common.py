@@ -44,7 +44,7 @@ class Server:
 
 @contextlib.contextmanager
 def bench_server() -> Iterator[Server]:
-    """$POOLKIT_BENCH_DSN when set, else an embedded PostgreSQL on 127.0.0.1 (stopped at the end)."""
+    """$POOLKIT_BENCH_DSN when set, else an embedded PostgreSQL on 127.0.0.1, stopped after."""
     external = os.environ.get(DSN_ENV)
     if external:
         from poolkit import mask_conninfo
@@ -167,20 +167,20 @@ def fmt(x: float, digits: int | None = None) -> str:
 
 
 def fmt_spread(values: Sequence[float], digits: int | None = None) -> str:
-    """`median (min–max)` of per-round figures."""
+    """`median (min-max)` of per-round figures."""
     if not values:
         return "n/a"
-    return f"{fmt(median(values), digits)} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
+    return f"{fmt(median(values), digits)} ({fmt(min(values), digits)}-{fmt(max(values), digits)})"
 
 
-def fmt_ratio(values: Sequence[float], base: Sequence[float]) -> str:
-    """Median of paired per-round ratios, `×`-suffixed; the range when it is wide."""
+def fmt_ratio(values: Sequence[float], base: Sequence[float], *, brief: bool = False) -> str:
+    """Median of paired per-round ratios, `x`-suffixed; the range too when it is wide."""
     ratios = paired_ratios(values, base)
     if not ratios:
         return "n/a"
     m, lo, hi = median(ratios), min(ratios), max(ratios)
-    text = f"{m:.2f}×"
-    return text if hi - lo < 0.1 * m else f"{text} ({lo:.2f}–{hi:.2f})"
+    text = f"{m:.2f}x"
+    return text if brief or hi - lo < 0.1 * m else f"{text} ({lo:.2f}-{hi:.2f})"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -272,7 +272,7 @@ class FloorPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-            slot = [None, threading.Lock()]
+            slot: list[Any] = [None, threading.Lock()]
             slot[1].acquire()
             self._waiters.append(slot)
         if not slot[1].acquire(timeout=timeout):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeAlias
@@ -59,6 +58,7 @@ class WiringError(PoolkitError, RuntimeError):
 class Pools:
     """The open pools of one application, by name; reach them with `get_pools(request)`."""
 
+    __module__ = "poolkit_fastapi"
     __slots__ = ("_async", "_sync", "retry_after")
 
     def __init__(
@@ -133,6 +133,8 @@ class PoolLifespan:
     `retry_after` is the Retry-After header (seconds) of 503 answers on exhaustion.
     """
 
+    __module__ = "poolkit_fastapi"
+
     def __init__(
         self,
         pools: PoolSource | Mapping[str, PoolSource] | None = None,
@@ -186,9 +188,7 @@ class PoolLifespan:
             await self._close_all([*async_pools.values(), *sync_pools.values()])
 
     async def _open_all(self, pools: list[AsyncPool[Any] | Pool[Any]]) -> None:
-        results = await asyncio.gather(
-            *(self._open(p) for p in pools), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self._open(p) for p in pools), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for extra in errors[1:]:
             logger.error("%s", extra)
@@ -240,7 +240,10 @@ def _named(
         for key in sources:
             if not isinstance(key, str) or not key:
                 raise ConfigError(
-                    f"{setting}[{key!r}]", key, "pool names must be non-empty str", "use e.g. 'replica'"
+                    f"{setting}[{key!r}]",
+                    key,
+                    "pool names must be non-empty str",
+                    "use e.g. 'replica'",
                 )
         return dict(sources)
     return {DEFAULT: sources}
@@ -248,39 +251,35 @@ def _named(
 
 def _build(source: PoolSource, key: str, kind: type[Any], default_name: str) -> Any:
     """An unopened pool of `kind` (AsyncPool or Pool) for one configured source."""
+    where = f"{'pools' if kind is AsyncPool else 'sync_pools'}[{key!r}]"
     if isinstance(source, str):
         source = PoolConfig.from_url(source)
-    if source is _FROM_ENV:
+    elif source is _FROM_ENV:
         source = PoolConfig.from_env()
     if isinstance(source, PoolConfig):
         if source.name is None:
             source = source.replace(name=default_name)
         return kind(config=source, open=False)
-    if callable(source):
-        pool = source()
-        if not isinstance(pool, kind):
-            expected = "an AsyncPool" if kind is AsyncPool else "a Pool"
-            where = "pools" if kind is AsyncPool else "sync_pools"
-            raise ConfigError(
-                f"{where}[{key!r}]",
-                source,
-                f"the factory returned {type(pool).__name__}, not {expected}",
-                f"return {expected}(..., open=False) from it",
-            )
-        if not pool.closed:
-            raise ConfigError(
-                f"pools[{key!r}]",
-                source,
-                "the factory returned an open pool",
-                "create it with open=False: the lifespan opens it on the serving loop",
-            )
-        return pool
-    raise ConfigError(
-        f"pools[{key!r}]",
-        source,
-        f"is a {type(source).__name__}",
-        "use a PoolConfig, a postgresql:// URL or a function returning an unopened pool",
-    )
+    if not callable(source):
+        raise ConfigError(
+            where,
+            source,
+            f"is a {type(source).__name__}",
+            "use a PoolConfig, a postgresql:// URL or a function returning an unopened pool",
+        )
+    pool = source()
+    expected = "an AsyncPool" if kind is AsyncPool else "a Pool"
+    if not isinstance(pool, kind):
+        problem = f"the factory returned {type(pool).__name__}, not {expected}"
+        raise ConfigError(where, source, problem, f"return {expected}(..., open=False) from it")
+    if not pool.closed:
+        raise ConfigError(
+            where,
+            source,
+            "the factory returned an open pool",
+            "create it with open=False: the lifespan opens it on the serving loop",
+        )
+    return pool
 
 
 def _check_unique(pools: list[AsyncPool[Any] | Pool[Any]]) -> None:
@@ -311,7 +310,7 @@ async def _diagnose(pool: AsyncPool[Any] | Pool[Any]) -> str:
     """What one direct connection attempt says, since the pool only reports a timeout."""
     if not isinstance(pool.conninfo, str):
         return ""
-    kwargs = dict(pool.kwargs)
+    kwargs = pool.config.connect_kwargs()
     kwargs.setdefault("connect_timeout", _DIAGNOSE_TIMEOUT)
     kwargs.pop("autocommit", None)
     kwargs.pop("prepare_threshold", None)
@@ -331,9 +330,8 @@ def _startup_message(
     limit = "" if timeout is None else f" within {timeout:g} s"
     need = max(pool.min_size, 1)
     msg = f"could not open pool {pool.name!r}{limit} ({need} connection(s) to {where})"
-    msg += f": {cause or mask_conninfo(str(exc))}."
-    if timeout is not None and not math.isinf(timeout):
-        msg += " Is the server running and reachable from here, and the URL right?"
-        msg += " If it is only slow to start, raise open_timeout (POOLKIT_OPEN_TIMEOUT)."
-    return msg
-
+    cause = (cause or mask_conninfo(" ".join(str(exc).split()))).rstrip(". ")
+    msg += f": {cause}" + ("" if cause.endswith("?") else ".")
+    if "Is the server running" not in cause:  # libpq's own hint says it already
+        msg += " Is the server running and reachable from here, and is the URL right?"
+    return msg + " If the server is only slow to start, raise open_timeout (POOLKIT_OPEN_TIMEOUT)."

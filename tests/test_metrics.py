@@ -97,14 +97,32 @@ def assert_matches_stats(s: Scrape, pool: Any, label: str) -> None:
     assert s.value("poolkit_pool_size", pool_name=label) == st["size"]
     assert s.value("db_client_connection_timeouts_total", pool_name=label) == st["timeouts"]
     for metric, key in POOLKIT_COUNTERS.items():
-        assert s.value(metric + "_total", pool_name=label) == st[key], metric  # type: ignore[literal-required]
+        assert s.value(metric + "_total", pool_name=label) == st[key], metric
     for metric, key in (
         ("db_client_connection_create_time_seconds", "connect_time"),
         ("db_client_connection_wait_time_seconds", "wait_time"),
         ("db_client_connection_use_time_seconds", "hold_time"),
     ):
-        summary = st[key]  # type: ignore[literal-required]
+        summary = st[key]
         check_histogram(s, metric, summary["count"], summary["sum"], pool_name=label)
+
+
+def settled(pool: Any) -> bool:
+    st = pool.stats()
+    return bool(st["connections_created"] - st["connections_closed"] == st["size"] == st["idle"])
+
+
+def settle(pool: Any) -> None:
+    """Wait until every connection being opened is open and idle, so stats() stands still."""
+    wait_until(lambda: settled(pool), what="the pool to settle")
+
+
+async def asettle(pool: Any) -> None:
+    for _ in range(1000):
+        if settled(pool):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the pool did not settle: {pool.stats()}")
 
 
 @pytest.fixture
@@ -149,6 +167,7 @@ def test_values_match_stats_with_borrows_and_a_waiter(pool: Pool[Any]) -> None:
             pool.putconn(conn)
         waiter.join(10)
     pool.putconn(got[0])
+    settle(pool)
     s = scrape({"main": pool})
     assert_matches_stats(s, pool, "main")
     st = pool.stats()
@@ -205,6 +224,8 @@ def test_two_pools_and_no_secret_in_output(pool: Pool[Any], app_dsn: str, dsn: s
     with Pool(app_dsn, min_size=1, max_size=1, name="other") as other:
         with other.connection() as conn:
             conn.execute("SELECT 1")
+        settle(pool)
+        settle(other)
         s = scrape({"main": pool, "replica": other})
         assert_matches_stats(s, pool, "main")
         assert_matches_stats(s, other, "replica")
@@ -222,6 +243,7 @@ async def test_async_pool(app_dsn: str) -> None:
                 await conn.execute("SELECT pg_sleep(0.01)")
 
         await asyncio.gather(*(work(i) for i in range(10)))
+        await asettle(apool)
         s = scrape({"async": apool})
         assert_matches_stats(s, apool, "async")
         assert s.value("poolkit_borrows_total", pool_name="async") == 10

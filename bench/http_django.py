@@ -1,0 +1,280 @@
+"""Django end to end: poolkit_django vs Django's native pool vs CONN_MAX_AGE=0 vs CONN_MAX_AGE=600.
+
+Run: `.venv/bin/python -m bench.http_django` (about 3 minutes). Each configuration is a
+gunicorn process (one gthread worker with 8 threads, pinned to CPU 0) serving the same two
+views: `SELECT 1`, and a small insert. wrk (or a bounded httpx client) pinned to CPU 1
+drives each view with 16 keep-alive connections. Rounds interleave the configurations so
+drift hits them alike; the table shows medians over the rounds and ratios to Django's
+native pool in the same rounds. Uses $POOLKIT_BENCH_DSN, else an embedded server in
+.poolkit/bench-pgdata.
+
+This module is also the Django project gunicorn serves: $BENCH_DJANGO_APP picks the
+configuration when gunicorn imports `bench.http_django:application`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench._http import (
+    SERVER_CPU,
+    Result,
+    fmt_ms,
+    free_port,
+    load,
+    load_tool,
+    machine,
+    paired_ratio,
+    pinning,
+    spread,
+    summarize,
+    versions,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 8
+POOL_SIZE = 8
+CONNS = 16
+TABLE = "bench_http_django"
+DSN_VAR = "BENCH_HTTP_DSN"
+APP_VAR = "BENCH_DJANGO_APP"
+_POOL = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+# name: (ENGINE, OPTIONS["pool"] or None, CONN_MAX_AGE, middleware)
+APPS: dict[str, tuple[str, dict[str, int] | None, int, list[str]]] = {
+    "poolkit_django": ("poolkit_django", _POOL, 0, ["poolkit_django.PoolkitMiddleware"]),
+    "native pool": ("django.db.backends.postgresql", _POOL, 0, []),
+    "CONN_MAX_AGE=0": ("django.db.backends.postgresql", None, 0, []),
+    "CONN_MAX_AGE=600": ("django.db.backends.postgresql", None, 600, []),
+}
+BASELINE = "native pool"
+VIEWS = {"SELECT 1": "/select", "small insert": "/insert"}
+PACKAGES = ("django", "gunicorn", "psycopg", "psycopg-pool")
+
+
+# -- the Django project gunicorn serves --------------------------------------------------------
+
+
+def select_view(request: Any) -> Any:
+    from django.db import connection
+    from django.http import HttpResponse
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")
+        cur.fetchone()
+    return HttpResponse(b"ok")
+
+
+def insert_view(request: Any) -> Any:
+    from django.db import connection
+    from django.http import HttpResponse
+
+    with connection.cursor() as cur:
+        cur.execute(f"INSERT INTO {TABLE} (app) VALUES (%s)", [os.environ[APP_VAR]])
+    return HttpResponse(b"ok")
+
+
+def ping_view(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse(b"ok")
+
+
+def _configure() -> Any:
+    """Settings for $BENCH_DJANGO_APP; returns Django's WSGI handler."""
+    import django
+    from django.conf import settings
+    from django.core.handlers.wsgi import WSGIHandler
+    from psycopg.conninfo import conninfo_to_dict
+
+    engine, pool, max_age, middleware = APPS[os.environ[APP_VAR]]
+    params = conninfo_to_dict(os.environ[DSN_VAR])
+    db: dict[str, Any] = {
+        "ENGINE": engine,
+        "NAME": params.get("dbname", ""),
+        "USER": params.get("user", ""),
+        "PASSWORD": params.get("password", ""),
+        "HOST": params.get("host", ""),
+        "PORT": params.get("port", ""),
+        "CONN_MAX_AGE": max_age,
+        "OPTIONS": {"pool": dict(pool) if pool else False},
+    }
+    if engine != "poolkit_django" and not pool:
+        db["OPTIONS"] = {}
+    settings.configure(
+        DEBUG=False,
+        ALLOWED_HOSTS=["*"],
+        SECRET_KEY="bench-not-secret",
+        USE_TZ=True,
+        DATABASES={"default": db},
+        INSTALLED_APPS=[],
+        MIDDLEWARE=middleware,
+        ROOT_URLCONF=__name__,
+    )
+    django.setup()
+    return WSGIHandler()
+
+
+def __getattr__(name: str) -> Any:
+    # gunicorn imports `bench.http_django:application`; the runner imports this module too
+    # and must not configure Django.
+    if name == "application":
+        app = _configure()
+        globals()["application"] = app
+        return app
+    if name == "urlpatterns":
+        from django.urls import path
+
+        patterns = [path("ping", ping_view), path("select", select_view), path("insert", insert_view)]
+        globals()["urlpatterns"] = patterns
+        return patterns
+    raise AttributeError(name)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gunicorn_server(app: str, dsn: str) -> Iterator[str]:
+    """One gthread worker with THREADS threads (pinned to CPU 0); yields its base URL."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    port = free_port()
+    argv = [sys.executable, "-m", "gunicorn", "bench.http_django:application",
+            "--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "gthread",
+            "--threads", str(THREADS), "--log-level", "warning"]  # fmt: skip
+    if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
+        argv.append("--no-control-socket")  # a fixed path shared by every gunicorn
+    if pinning():
+        argv = ["taskset", "-c", SERVER_CPU, *argv]
+    env = {**os.environ, DSN_VAR: dsn, APP_VAR: app, "PYTHONPATH": str(ROOT)}
+    log = tempfile.TemporaryFile()  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url + "/ping", proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Any, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{url}: gunicorn exited:\n{log.read().decode(errors='replace')}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout:g} s")
+
+
+def _server_dsn() -> str:
+    dsn = os.environ.get("POOLKIT_BENCH_DSN")
+    if dsn:
+        return dsn
+    from example_apps._embedded_pg import ensure_server
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return ensure_server(Path(".poolkit/bench-pgdata"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import psycopg
+
+    parser = argparse.ArgumentParser(prog="python -m bench.http_django", description=__doc__)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds before each one")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median shown)")
+    args = parser.parse_args(argv)
+    budget = len(APPS) * len(VIEWS) * args.rounds * (args.duration + args.warmup + 0.5)
+    print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
+
+    dsn = _server_dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id bigserial PRIMARY KEY, app text)")
+        conn.execute(f"TRUNCATE {TABLE}")
+    results: dict[tuple[str, str], list[Result]] = {}
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(gunicorn_server(name, dsn)) for name in APPS}
+        names = list(APPS)
+        for round_no in range(args.rounds):
+            for view, path in VIEWS.items():
+                # Rotate the order every round so no configuration always runs first.
+                shift = round_no % len(names)
+                for name in names[shift:] + names[:shift]:
+                    url = urls[name] + path
+                    load(url, CONNS, args.warmup, method="GET")
+                    result = load(url, CONNS, args.duration, method="GET")
+                    results.setdefault((name, view), []).append(result)
+                    print(
+                        f"# round {round_no + 1} {name} {view}: {result.rps:.0f} req/s, "
+                        f"p50 {fmt_ms(result.p50)} ms, p99 {fmt_ms(result.p99)} ms, "
+                        f"{result.errors} errors",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    time.sleep(0.2)
+    print(report(results, args, dsn))
+    return 0
+
+
+def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespace, dsn: str) -> str:
+    from poolkit import mask_conninfo
+
+    pin = pinning()
+    lines = [
+        f"Django over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; gunicorn 1 "
+        f"gthread worker x {THREADS} threads{' on CPU 0' if pin else ''}, {load_tool()} 1 thread"
+        f"{' on CPU 1' if pin else ''}, {CONNS} connections; pools of {POOL_SIZE}; "
+        f"{args.rounds} interleaved rounds of {args.duration} s. req/s, p50 and p99 are medians "
+        "over the rounds; ratios are medians of per-round ratios to Django's native pool.",
+        "",
+        "| view | configuration | req/s | p50 ms | p99 ms | errors | req/s vs native pool "
+        "| p99 vs native pool | req/s range |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for view in VIEWS:
+        base = results[(BASELINE, view)]
+        for name in APPS:
+            runs = results[(name, view)]
+            r = summarize(runs)
+            lines.append(
+                f"| {view} | {name} | {r.rps:.0f} | {fmt_ms(r.p50)} | {fmt_ms(r.p99)} | "
+                f"{r.errors} | {paired_ratio(runs, base)} | {paired_ratio(runs, base, 'p99')} | "
+                f"{spread(runs)} |"
+            )
+    lines.append("")
+    for view in VIEWS:
+        pk = results[("poolkit_django", view)]
+        lines.append(
+            f"- {view}: poolkit_django vs CONN_MAX_AGE=600 "
+            f"{paired_ratio(pk, results[('CONN_MAX_AGE=600', view)])}, vs CONN_MAX_AGE=0 "
+            f"{paired_ratio(pk, results[('CONN_MAX_AGE=0', view)])}"
+        )
+    lines += ["", f"{versions(*PACKAGES)}; server {mask_conninfo(dsn)}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""JSON views: product list/detail/create, and placing an order (several writes, one transaction)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_http_methods
+
+from .models import Order, OrderLine, Product
+
+
+class Rejected(Exception):
+    """The request cannot be served as asked; rolls back the transaction it is raised in."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        data = json.loads(request.body or b"{}")
+    except ValueError:
+        raise Rejected("the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise Rejected("the body must be a JSON object")
+    return data
+
+
+def _rejected(exc: Rejected) -> JsonResponse:
+    return JsonResponse({"error": str(exc)}, status=exc.status)
+
+
+@require_GET
+def index(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(
+        {
+            "products": "/products/",
+            "orders": "/orders/ (POST)",
+            "health": "/poolkit/health",
+            "metrics": "/poolkit/metrics",
+        }
+    )
+
+
+@csrf_exempt
+@require_http_methods(["GET", "POST"])
+def products(request: HttpRequest) -> JsonResponse:
+    if request.method == "GET":
+        return JsonResponse({"products": [p.as_dict() for p in Product.objects.all()]})
+    try:
+        data = _body(request)
+        try:
+            price = Decimal(str(data["price"]))
+            product = Product.objects.create(
+                name=str(data["name"]), price=price, stock=int(data.get("stock", 0))
+            )
+        except (KeyError, ValueError, InvalidOperation):
+            raise Rejected("give name, price and (optionally) stock") from None
+        except IntegrityError:
+            raise Rejected(f"a product named {data['name']!r} exists", 409) from None
+    except Rejected as exc:
+        return _rejected(exc)
+    return JsonResponse(product.as_dict(), status=201)
+
+
+@require_GET
+def product(request: HttpRequest, pk: int) -> JsonResponse:
+    found = Product.objects.filter(pk=pk).first()
+    if found is None:
+        return JsonResponse({"error": "no such product"}, status=404)
+    return JsonResponse(found.as_dict())
+
+
+@csrf_exempt
+@require_http_methods(["POST"])
+def place_order(request: HttpRequest) -> JsonResponse:
+    """Create the order, its lines and take the stock, all or nothing."""
+    try:
+        data = _body(request)
+        lines = data.get("lines")
+        if not isinstance(lines, list) or not lines:
+            raise Rejected("give lines: [{product, quantity}, ...]")
+        with transaction.atomic():
+            order = Order.objects.create(customer=str(data.get("customer", "anonymous")))
+            for line in lines:
+                try:
+                    pk, quantity = int(line["product"]), int(line["quantity"])
+                except (KeyError, TypeError, ValueError):
+                    raise Rejected("each line needs product and quantity") from None
+                item = Product.objects.select_for_update().filter(pk=pk).first()
+                if item is None:
+                    raise Rejected(f"no product {pk}", 404)
+                if quantity < 1 or item.stock < quantity:
+                    raise Rejected(f"only {item.stock} of {item.name!r} left", 409)
+                item.stock -= quantity
+                item.save(update_fields=["stock"])
+                OrderLine.objects.create(order=order, product=item, quantity=quantity, price=item.price)
+    except Rejected as exc:
+        return _rejected(exc)
+    return JsonResponse(order.as_dict(), status=201)
+
+
+@require_GET
+def order(request: HttpRequest, pk: int) -> JsonResponse:
+    found = Order.objects.filter(pk=pk).prefetch_related("lines").first()
+    if found is None:
+        return JsonResponse({"error": "no such order"}, status=404)
+    return JsonResponse(found.as_dict())

@@ -1,0 +1,92 @@
+"""DATABASES[alias] → PoolConfig: OPTIONS["pool"] validated once, errors as ImproperlyConfigured."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, Final
+
+from django.core.exceptions import ImproperlyConfigured
+
+from poolkit import ConfigError, PoolConfig
+
+ENGINE: Final = "poolkit_django"
+
+# Pool settings Django owns: each maps to where the value belongs instead.
+_DJANGO_OWNED: Final = {
+    "conninfo": "set NAME, USER, PASSWORD, HOST and PORT in DATABASES[{alias!r}]",
+    "kwargs": "put connection arguments in DATABASES[{alias!r}]['OPTIONS']",
+    "autocommit": "Django manages autocommit: use DATABASES[{alias!r}]['AUTOCOMMIT']",
+}
+
+_cache: dict[str, tuple[Any, Any, PoolConfig | None]] = {}
+_cache_lock = threading.Lock()
+
+
+def pool_source(alias: str) -> str:
+    return f"DATABASES[{alias!r}]['OPTIONS']['pool']"
+
+
+def pool_config(alias: str, settings_dict: Mapping[str, Any]) -> PoolConfig | None:
+    """The pool settings of one DATABASES entry, or None when pooling is off.
+
+    A missing ``OPTIONS["pool"]`` means pooling on with the defaults (the point of the
+    engine); ``False`` turns it off and the backend behaves as Django's own.
+    """
+    options = settings_dict.get("OPTIONS") or {}
+    raw = options.get("pool", True)
+    health = settings_dict.get("CONN_HEALTH_CHECKS", False)
+    cached = _cache.get(alias)
+    if cached is not None and cached[0] == raw and cached[1] == health:
+        return cached[2]
+    config = _build(alias, raw, bool(health))
+    with _cache_lock:
+        _cache[alias] = (dict(raw) if isinstance(raw, Mapping) else raw, health, config)
+    return config
+
+
+def _build(alias: str, raw: Any, health: bool) -> PoolConfig | None:
+    source = pool_source(alias)
+    if raw is False or raw is None:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ImproperlyConfigured(
+            f"{source}={raw!r}: must be True, False or a dict of pool settings; use e.g."
+            " {'min_size': 2, 'max_size': 10} (see poolkit's settings table)"
+        )
+    for key, fix in _DJANGO_OWNED.items():
+        if key in raw:
+            raise ImproperlyConfigured(
+                f"{source}[{key!r}]: is not a pool setting under Django; {fix.format(alias=alias)}"
+            )
+    try:
+        config = PoolConfig.from_dict(raw, source=source)
+    except ConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
+    if health:
+        explicit = "validate" in raw or "check" in raw
+        if explicit and not config.validate:
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['CONN_HEALTH_CHECKS']=True conflicts with "
+                f"{source}['validate']=False; keep only one of them"
+            )
+        config = config.replace(validate=True)
+    if config.name is None:
+        config = config.replace(name=alias)
+    return config
+
+
+def rename_kwargs_error(alias: str, exc: ConfigError) -> ImproperlyConfigured:
+    """A ConfigError about a connection argument, reported under DATABASES[alias]['OPTIONS']."""
+    setting = exc.setting
+    if setting.startswith("kwargs["):
+        setting = f"DATABASES[{alias!r}]['OPTIONS']" + setting.removeprefix("kwargs")
+    elif not setting.startswith("DATABASES"):
+        setting = f"{pool_source(alias)}[{setting!r}]"
+    return ImproperlyConfigured(str(exc._renamed(setting)))
+
+
+def is_ours(settings_dict: Mapping[str, Any]) -> bool:
+    return settings_dict.get("ENGINE") == ENGINE

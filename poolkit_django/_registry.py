@@ -1,0 +1,366 @@
+"""The pools of this process, one per DATABASES alias: built, rebuilt when settings change, retired."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import site
+import sys
+import sysconfig
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+import asgiref
+import django
+from django.core.exceptions import ImproperlyConfigured
+
+import poolkit
+from poolkit import ConfigError, Pool, PoolConfig
+
+from ._options import rename_kwargs_error
+
+if TYPE_CHECKING:
+    from .base import DatabaseWrapper
+
+logger = logging.getLogger("poolkit.django")
+_leak_logger = logging.getLogger("poolkit.leak")
+
+# The view being served, set by PoolkitMiddleware: borrows are tagged with it so the pool
+# keeps hold times per view.
+current_tag: ContextVar[str | None] = ContextVar("poolkit_django_tag", default=None)
+
+
+class Entry:
+    """One alias's pool and the connection settings it was built for."""
+
+    __slots__ = ("__weakref__", "alias", "extra", "opened", "params", "pid", "pool")
+
+    def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool):
+        self.alias = alias
+        self.params = params
+        self.extra = extra
+        self.pool = pool
+        self.opened = False
+        self.pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<Entry {self.alias!r} dbname={self.params.get('dbname')!r} pool={self.pool.name!r}>"
+
+
+_entries: dict[str, Entry] = {}
+_lock = threading.RLock()
+
+
+def entry_for(
+    wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: PoolConfig
+) -> Entry:
+    """The pool for `wrapper`'s alias, rebuilt if NAME, credentials, OPTIONS or time zone changed.
+
+    Called at every connect: Django's test runner renames the database (create, clone,
+    destroy) and override_settings changes the time zone, and a pool must never keep
+    lending connections to the database it was built for before that.
+    """
+    alias = wrapper.alias
+    extra = (config, wrapper.timezone_name, wrapper.settings_dict["OPTIONS"].get("assume_role"))
+    entry = _entries.get(alias)
+    if entry is not None and entry.params == conn_params and entry.extra == extra:
+        return entry
+    with _lock:
+        old = _entries.get(alias)
+        if old is not None and old.params == conn_params and old.extra == extra:
+            return old
+        entry = _build(wrapper, conn_params, config, extra)
+        _entries[alias] = entry
+    if old is not None:
+        logger.info(
+            "pool %r: connection settings changed (database %r → %r): pool rebuilt",
+            old.pool.name,
+            old.params.get("dbname"),
+            conn_params.get("dbname"),
+        )
+        _retire(old)
+    return entry
+
+
+def _build(
+    wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: PoolConfig, extra: Any
+) -> Entry:
+    kwargs = dict(conn_params)
+    # Connections start in autocommit; Django sets its own mode after each borrow.
+    kwargs["autocommit"] = True
+    tz = wrapper.timezone_name
+    if tz and not config.pgbouncer:
+        # The time zone travels in the startup packet, so the RESET ALL done when a
+        # connection comes back keeps it and no SET TIME ZONE is needed after a reset.
+        option = "-c TimeZone=" + tz.replace("\\", "\\\\").replace(" ", "\\ ")
+        kwargs["options"] = f"{kwargs['options']} {option}" if kwargs.get("options") else option
+    try:
+        config = config.replace(kwargs=kwargs)
+    except ConfigError as exc:
+        raise rename_kwargs_error(wrapper.alias, exc) from None
+    pool: Pool = Pool(config=config, open=False, configure=wrapper._configure_connection)
+    return Entry(wrapper.alias, dict(conn_params), extra, pool)
+
+
+def open_entry(entry: Entry) -> Pool:
+    if not entry.opened:
+        with _lock:
+            if not entry.opened:
+                entry.pool.open()
+                entry.opened = True
+    return entry.pool
+
+
+# -- lending -------------------------------------------------------------------------
+
+
+def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
+    """Borrow a connection for `wrapper` and remember it, so a dying thread gives it back."""
+    pool = open_entry(entry)
+    # _pk_borrow instead of getconn(): getconn() records its caller, Django's connect(),
+    # as the borrow site; the leak tracker must name the application code instead.
+    conn = pool._pk_borrow(None, current_tag.get(), _user_frame(frame))
+    wrapper._pk_lease = entry
+    if not wrapper._pk_guarded:
+        # Once per wrapper (wrappers live in one thread): the thread's guard watches it.
+        guard = getattr(_local, "guard", None)
+        if guard is None:
+            guard = _local.guard = _ThreadGuard()
+        guard.wrappers.add(wrapper)
+        wrapper._pk_guarded = True
+    return conn
+
+
+def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
+    entry = wrapper._pk_lease
+    assert entry is not None
+    wrapper._pk_lease = None
+    entry.pool.putconn(conn)
+
+
+_local = threading.local()
+_guards: weakref.WeakSet[_ThreadGuard] = weakref.WeakSet()
+
+
+class _ThreadGuard:
+    """Lives in a thread-local, so it is freed when its thread ends: then it returns the
+    connections that the thread's DatabaseWrappers still hold (Django closes connections
+    at the end of a request, but nothing closes those of a helper thread)."""
+
+    __slots__ = ("__weakref__", "pid", "thread", "wrappers")
+
+    def __init__(self) -> None:
+        self.wrappers: weakref.WeakSet[DatabaseWrapper] = weakref.WeakSet()
+        self.thread = threading.current_thread().name
+        self.pid = os.getpid()
+        _guards.add(self)
+
+    def __del__(self) -> None:
+        # In a forked child the parent's threads are cleared too: their connections
+        # belong to the parent and must not be touched here.
+        if self.pid != os.getpid():
+            return
+        for wrapper in list(self.wrappers):
+            _return_at_thread_exit(wrapper, self.thread)
+
+
+def _return_at_thread_exit(wrapper: DatabaseWrapper, thread: str) -> None:
+    try:
+        entry, conn = wrapper._pk_lease, wrapper.connection
+        if entry is None or conn is None or wrapper.allow_thread_sharing:
+            return  # a shared wrapper is closed by the thread it was shared with
+        wrapper._pk_lease = None
+        wrapper.connection = None
+        entry.pool.putconn(conn)
+        _leak_logger.info(
+            "pool %r: thread %r ended without closing its Django connection (alias %r); "
+            "the connection went back to the pool. Call django.db.connection.close() "
+            "when a thread is done with the database.",
+            entry.pool.name,
+            thread,
+            wrapper.alias,
+        )
+    except Exception:  # thread teardown: never raise
+        logger.debug("could not return a connection at thread exit", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    # poolkit has already pointed the parent's sockets at /dev/null; here the wrappers of
+    # the forking thread forget them, so the child's first query borrows its own.
+    for guard in list(_guards):
+        for wrapper in list(guard.wrappers):
+            if wrapper._pk_lease is not None:
+                wrapper._pk_lease = None
+                wrapper.connection = None
+        guard.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- retiring ------------------------------------------------------------------------
+
+_quiet = threading.local()
+
+
+class _QuietRetire(logging.Filter):
+    """Drops poolkit's "closing with N connection(s) still borrowed" warning while a pool is
+    retired because its settings changed: the borrowers are live code (a TestCase
+    transaction, the request that changed a setting) and their connections are closed
+    when they come back."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "on", False)
+
+
+_leak_logger.addFilter(_QuietRetire())
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = False
+
+
+def _retire(entry: Entry) -> None:
+    """Close a pool that is no longer current: idle connections now, lent ones on return."""
+    if entry.pid != os.getpid():
+        return  # inherited through fork: poolkit detached it; closing would wait for the parent's borrowers
+    with _quietly():
+        entry.pool.close(timeout=0)
+
+
+def retire_alias(alias: str) -> None:
+    """Django's close_pool(): the next connect builds a new pool."""
+    with _lock:
+        entry = _entries.pop(alias, None)
+    if entry is not None:
+        _retire(entry)
+
+
+def close_pools_for(dbname: str) -> None:
+    """Close every connection this process holds to `dbname`, lent ones included.
+
+    For the test runner, before it clones or drops a database: PostgreSQL refuses while
+    any session uses it ("being accessed by other users").
+    """
+    with _lock:
+        victims = [e for e in _entries.values() if e.params.get("dbname") == dbname]
+        for entry in victims:
+            del _entries[entry.alias]
+    me = threading.get_ident()
+    for guard in list(_guards):
+        for wrapper in list(guard.wrappers):
+            entry = wrapper._pk_lease
+            if entry is None or entry.params.get("dbname") != dbname:
+                continue
+            if wrapper._thread_ident == me:
+                wrapper.close()
+                continue
+            logger.warning(
+                "pool %r: closing a connection to %r still held by thread %r (alias %r) "
+                "because the database is being cloned or dropped",
+                entry.pool.name,
+                dbname,
+                guard.thread,
+                wrapper.alias,
+            )
+            with contextlib.suppress(Exception):
+                wrapper.connection.close()
+    for entry in victims:
+        _retire(entry)
+
+
+# -- access --------------------------------------------------------------------------
+
+
+def pools() -> dict[str, Pool]:
+    """The pools this process has built so far, by alias (none is created here)."""
+    return {alias: e.pool for alias, e in list(_entries.items())}
+
+
+def get_pool(alias: str = "default") -> Pool:
+    """The open pool behind ``DATABASES[alias]``, built if needed (health checks, tools)."""
+    from django.db import connections
+
+    from .base import DatabaseWrapper
+
+    wrapper = connections[alias]
+    if not isinstance(wrapper, DatabaseWrapper):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}] does not use a poolkit pool: set its ENGINE to "
+            "'poolkit_django' (and leave OPTIONS['pool'] unset, True or a dict)"
+        )
+    found = wrapper._pk_entry()
+    if found is None:
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['pool'] is False: pooling is off for this alias"
+        )
+    return open_entry(found)
+
+
+# -- borrow site ---------------------------------------------------------------------
+
+
+def _dir(module: Any) -> str:
+    return os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+
+
+_SKIPPED = (_dir(django), _dir(asgiref), _dir(poolkit), os.path.dirname(_dir(sys.modules[__name__])))
+_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_SITE = tuple(os.path.abspath(p) + os.sep for p in (*site.getsitepackages(), site.getusersitepackages()))
+_skip_cache: dict[CodeType, bool] = {}
+
+
+def _is_framework(filename: str) -> bool:
+    return (
+        filename.startswith("<")
+        or filename.startswith(_SKIPPED)
+        or (filename.startswith(_STDLIB) and not filename.startswith(_SITE))
+    )
+
+
+def _user_frame(frame: FrameType) -> FrameType:
+    """The innermost frame outside Django, asgiref, poolkit and the stdlib: the view,
+    command or thread function that made the query (or `frame` if there is none)."""
+    cache = _skip_cache
+    f: FrameType | None = frame
+    for _ in range(64):
+        if f is None:
+            break
+        code = f.f_code
+        skip = cache.get(code)
+        if skip is None:
+            skip = cache[code] = _is_framework(code.co_filename)
+        if not skip:
+            return f
+        f = f.f_back
+    return frame
+
+
+def config_mapping(config: PoolConfig) -> Mapping[str, Any]:
+    """The settings of a pool as shown by the status command (connection kwargs left out)."""
+    return {
+        name: getattr(config, name)
+        for name in (
+            "min_size",
+            "max_size",
+            "timeout",
+            "max_waiting",
+            "max_lifetime",
+            "max_idle",
+            "validate",
+            "validation_bypass",
+            "leak_threshold",
+            "reset",
+            "pgbouncer",
+        )
+    }

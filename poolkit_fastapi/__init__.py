@@ -1,0 +1,30 @@
+"""FastAPI integration: a lifespan opening poolkit pools and per-request connection dependencies."""
+
+from ._deps import (
+    Conn,
+    StreamConn,
+    SyncConn,
+    conn_dependency,
+    get_conn,
+    get_stream_conn,
+    get_sync_conn,
+)
+from ._lifespan import PoolLifespan, Pools, PoolSource, PoolStartupError, WiringError, get_pools
+from ._router import pool_router
+
+__all__ = [
+    "Conn",
+    "PoolLifespan",
+    "PoolSource",
+    "PoolStartupError",
+    "Pools",
+    "StreamConn",
+    "SyncConn",
+    "WiringError",
+    "conn_dependency",
+    "get_conn",
+    "get_pools",
+    "get_stream_conn",
+    "get_sync_conn",
+    "pool_router",
+]

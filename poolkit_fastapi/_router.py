@@ -1,0 +1,118 @@
+"""pool_router(): a readiness check and a Prometheus metrics endpoint for the app's pools."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+
+from poolkit import AsyncPool, Pool, mask_conninfo
+
+from ._deps import _tag
+from ._lifespan import get_pools
+
+__all__ = ["pool_router"]
+
+
+def pool_router(
+    *,
+    prefix: str = "",
+    ready_path: str = "/ready",
+    metrics_path: str = "/metrics",
+    ready_timeout: float = 2.0,
+    include_in_schema: bool = False,
+    tags: Sequence[str | Enum] | None = None,
+) -> APIRouter:
+    """Routes for operators: `GET {prefix}/ready` and `GET {prefix}/metrics`.
+
+    Readiness answers 200 when every pool is open and lends a connection that answers
+    `SELECT 1` within `ready_timeout` seconds, else 503 with the failing pools. The
+    metrics endpoint serves the Prometheus text format (OpenTelemetry
+    `db.client.connection.*` names, hold time per route); it needs prometheus-client.
+    """
+    router = APIRouter(prefix=prefix, tags=list(tags or []), include_in_schema=include_in_schema)
+
+    async def ready(request: Request) -> JSONResponse:
+        pools = get_pools(request)
+        tag = _tag(request)
+        names = [name for name, _ in pools.items()]
+        checks = await asyncio.gather(
+            *(_check(pool, ready_timeout, tag) for _, pool in pools.items())
+        )
+        report: dict[str, Any] = {}
+        ok = True
+        for (name, pool), error in zip(pools.items(), checks, strict=True):
+            stats = pool.stats()
+            entry: dict[str, Any] = {"ok": error is None, "name": pool.name}
+            entry.update({k: stats[k] for k in ("size", "idle", "in_use", "waiting")})
+            if error is not None:
+                entry["error"] = error
+                ok = False
+            report[name if names.count(name) == 1 else pool.name] = entry
+        body = {"status": "ready" if ok else "unavailable", "pools": report}
+        headers = None if ok else {"Retry-After": str(pools.retry_after)}
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
+
+    async def metrics(request: Request) -> Response:
+        pools = get_pools(request)
+        try:
+            # Imported on first scrape: prometheus-client is an optional extra.
+            from poolkit._metrics import render_prometheus
+        except ImportError as exc:
+            raise HTTPException(501, detail=f"metrics are not available: {exc}") from None
+        try:
+            body, content_type = render_prometheus(pools.by_name())
+        except ImportError as exc:
+            raise HTTPException(501, detail=str(exc)) from None
+        return Response(body, media_type=content_type)
+
+    router.add_api_route(ready_path, ready, methods=["GET"], name="poolkit_ready")
+    router.add_api_route(metrics_path, metrics, methods=["GET"], name="poolkit_metrics")
+    return router
+
+
+# Checks still running after their answer was given up on; referenced until they end.
+_stragglers: set[asyncio.Task[None]] = set()
+
+
+async def _check(pool: AsyncPool[Any] | Pool[Any], timeout: float, tag: str) -> str | None:
+    """None if `pool` lends a connection that answers a ping, else why not."""
+    if pool.closed:
+        return "the pool is closed"
+    # Not cancelled on timeout: cancelling a query mid-flight on a dead network can hang
+    # the rollback that follows. The ping goes on in the background; the answer does not.
+    task = asyncio.ensure_future(_ping(pool, timeout, tag))
+    done, _ = await asyncio.wait({task}, timeout=2 * timeout)
+    if not done:
+        _stragglers.add(task)
+        task.add_done_callback(_forget)
+        return f"no answer to a ping within {2 * timeout:g} s"
+    exc = task.exception()
+    if exc is None:
+        return None
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return mask_conninfo(f"{type(exc).__name__}: {first_line}")
+
+
+def _forget(task: asyncio.Task[None]) -> None:
+    _stragglers.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: the answer already said the pool is not ready
+
+
+async def _ping(pool: AsyncPool[Any] | Pool[Any], timeout: float, tag: str) -> None:
+    if isinstance(pool, AsyncPool):
+        async with pool.connection(timeout=timeout, tag=tag) as conn:
+            await conn.execute("SELECT 1")
+    else:
+        await asyncio.to_thread(_ping_sync, pool, timeout, tag)
+
+
+def _ping_sync(pool: Pool[Any], timeout: float, tag: str) -> None:
+    with pool.connection(timeout=timeout, tag=tag) as conn:
+        conn.execute("SELECT 1")

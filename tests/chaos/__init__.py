@@ -1,0 +1,1 @@
+"""Chaos and soak suite: real app servers under load while the database and network fail."""

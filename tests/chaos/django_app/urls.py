@@ -1,0 +1,10 @@
+"""The example shop's URLs, plus the per-worker pool stats the suite polls."""
+
+from django.urls import include, path
+
+from . import views
+
+urlpatterns = [
+    path("chaos/pool", views.pool),
+    path("", include("example_apps.django_app.urls")),
+]

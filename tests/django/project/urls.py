@@ -1,0 +1,16 @@
+from django.urls import include, path
+
+from . import views
+
+urlpatterns = [
+    path("ping", views.ping),
+    path("pid", views.pid),
+    path("session/set", views.session_set),
+    path("session/show", views.session_show),
+    path("sleep", views.sleep),
+    path("notes", views.notes, name="notes"),
+    path("notes/atomic", views.notes_atomic),
+    path("anotes", views.anotes),
+    path("stats", views.stats),
+    path("poolkit/", include("poolkit_django.urls")),
+]

@@ -1,0 +1,100 @@
+"""Views the tests drive through Django's handlers and real servers."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from django.db import connections, transaction
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from poolkit_django import pools
+
+from .testapp.models import Note
+
+
+def _alias(request: HttpRequest) -> str:
+    return request.GET.get("db", "default")
+
+
+def ping(request: HttpRequest) -> JsonResponse:
+    """No database: for readiness polling."""
+    return JsonResponse({"pid": os.getpid()})
+
+
+def pid(request: HttpRequest) -> JsonResponse:
+    alias = _alias(request)
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT pg_backend_pid(), current_database()")
+        backend, db = cur.fetchone()
+    return JsonResponse({"pid": os.getpid(), "backend": backend, "db": db, "alias": alias})
+
+
+def session_set(request: HttpRequest) -> JsonResponse:
+    """Change session state the way application code does, then leave it behind."""
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute("SET search_path TO pg_catalog, public")
+        cur.execute("SET statement_timeout = '4321ms'")
+        cur.execute("SET TIME ZONE 'Asia/Tokyo'")
+        cur.execute("SELECT pg_backend_pid()")
+        (backend,) = cur.fetchone()
+    return JsonResponse({"backend": backend})
+
+
+def session_show(request: HttpRequest) -> JsonResponse:
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute(
+            "SELECT current_setting('search_path'), current_setting('statement_timeout'),"
+            " current_setting('TimeZone'), pg_backend_pid()"
+        )
+        search_path, statement_timeout, tz, backend = cur.fetchone()
+    return JsonResponse(
+        {
+            "search_path": search_path,
+            "statement_timeout": statement_timeout,
+            "TimeZone": tz,
+            "backend": backend,
+        }
+    )
+
+
+def sleep(request: HttpRequest) -> JsonResponse:
+    seconds = float(request.GET.get("s", "0.05"))
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute("SELECT pg_sleep(%s), pg_backend_pid()", [seconds])
+        _, backend = cur.fetchone()
+    return JsonResponse({"pid": os.getpid(), "backend": backend})
+
+
+@csrf_exempt
+def notes(request: HttpRequest) -> JsonResponse:
+    if request.method == "POST":
+        note = Note.objects.create(text=request.POST.get("text", "note"))
+        return JsonResponse({"id": note.id}, status=201)
+    return JsonResponse({"notes": list(Note.objects.values_list("text", flat=True))})
+
+
+@csrf_exempt
+def notes_atomic(request: HttpRequest) -> JsonResponse:
+    """Two writes in one transaction; ?fail=1 makes the second one fail."""
+    try:
+        with transaction.atomic():
+            Note.objects.create(text="first")
+            if request.GET.get("fail"):
+                raise ValueError("rollback")
+            Note.objects.create(text="second")
+    except ValueError:
+        return JsonResponse({"rolled_back": True}, status=409)
+    return JsonResponse({"count": Note.objects.count()})
+
+
+async def anotes(request: HttpRequest) -> JsonResponse:
+    """An async view using the ORM (sync_to_async under the hood)."""
+    await Note.objects.acreate(text=f"async {threading.get_ident()}")
+    count = await Note.objects.acount()
+    return JsonResponse({"count": count, "pid": os.getpid()})
+
+
+def stats(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({alias: pool.stats() for alias, pool in pools().items()})

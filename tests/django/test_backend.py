@@ -1,0 +1,304 @@
+"""poolkit_django in-process: settings, checks, a borrow per request, 503, views, command, test cases."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.apps import apps
+from django.core.checks import run_checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.db import connection, connections
+from django.test import TestCase, TransactionTestCase, override_settings
+
+from poolkit_django import get_pool, pools
+from tests._helpers import wait_until
+from tests.django._support import call_json, call_wsgi, extra_database, free_port, scratch_database
+from tests.django.project.testapp.models import Note
+
+
+@pytest.fixture
+def db_access(django_db_blocker: Any) -> Iterator[None]:
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture
+def scratch(db_access: None, admin_dsn: str, dsn: str) -> Iterator[str]:
+    with scratch_database(admin_dsn, dsn) as url:
+        yield url
+
+
+# -- settings ----------------------------------------------------------------------------
+
+BAD_POOLS = [
+    ({"max_sise": 5}, "DATABASES['bad']['OPTIONS']['pool']['max_sise']", "did you mean 'max_size'?"),
+    ({"min_size": 5, "max_size": 2}, "['pool']['min_size']=5", "raise max_size or lower min_size"),
+    ({"timeout": "30"}, "['pool']['timeout']='30'", "must be a number of seconds"),
+    ({"conninfo": "postgresql://x/y"}, "['pool']['conninfo']", "set NAME, USER, PASSWORD"),
+    ({"autocommit": False}, "['pool']['autocommit']", "DATABASES['bad']['AUTOCOMMIT']"),
+    ("yes", "DATABASES['bad']['OPTIONS']['pool']='yes'", "must be True, False or a dict"),
+]
+
+
+@pytest.mark.parametrize(("pool", "where", "fix"), BAD_POOLS)
+def test_bad_pool_options_name_the_databases_key(
+    dsn: str, pool: Any, where: str, fix: str
+) -> None:
+    with extra_database("bad", dsn, pool=pool):
+        with pytest.raises(ImproperlyConfigured) as info:
+            connections["bad"].pool  # noqa: B018
+        assert where in str(info.value)
+        assert fix in str(info.value)
+        # ...and at startup, when poolkit_django is in INSTALLED_APPS.
+        with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['bad'\]"):
+            apps.get_app_config("poolkit_django").ready()
+
+
+def test_bad_connection_option_names_the_options_key(dsn: str) -> None:
+    with extra_database("bad", dsn) as db:
+        db["OPTIONS"]["sslmod"] = "disable"
+        with pytest.raises(ImproperlyConfigured) as info:
+            connections["bad"].pool  # noqa: B018
+    message = str(info.value)
+    assert "DATABASES['bad']['OPTIONS']['sslmod']" in message
+    assert "did you mean 'sslmode'?" in message
+
+
+def test_health_checks_conflicting_with_validate_off(dsn: str) -> None:
+    with extra_database("bad", dsn, pool={"validate": False}, CONN_HEALTH_CHECKS=True):
+        with pytest.raises(ImproperlyConfigured, match=r"\['CONN_HEALTH_CHECKS'\]=True conflicts"):
+            connections["bad"].pool  # noqa: B018
+
+
+def test_conn_health_checks_turns_validation_on(dsn: str) -> None:
+    with extra_database("hc", dsn, pool={"min_size": 0, "max_size": 1}, CONN_HEALTH_CHECKS=True):
+        pool = connections["hc"].pool
+        assert pool is not None and pool.config.validate
+
+
+def test_pool_false_is_django_without_a_pool(scratch: str) -> None:
+    with extra_database("plain", scratch, pool=False):
+        wrapper = connections["plain"]
+        assert wrapper.pool is None
+        with wrapper.cursor() as cur:
+            cur.execute("SELECT 1")
+        raw = wrapper.connection
+        wrapper.close()
+        assert raw.closed
+        assert "plain" not in pools()
+
+
+def test_pooling_is_on_without_a_pool_option(scratch: str) -> None:
+    with extra_database("implicit", scratch) as db:
+        del db["OPTIONS"]["pool"]
+        with connections["implicit"].cursor() as cur:
+            cur.execute("SELECT 1")
+        assert pools()["implicit"].stats()["in_use"] == 1
+        connections["implicit"].close()
+        assert pools()["implicit"].stats()["in_use"] == 0
+
+
+# -- checks and CONN_MAX_AGE ---------------------------------------------------------------
+
+
+def test_no_check_message_with_the_defaults() -> None:
+    assert [m for m in run_checks() if m.id.startswith("poolkit_django")] == []
+
+
+def test_conn_max_age_warns_and_still_pools(scratch: str) -> None:
+    """Django's native pool raises ImproperlyConfigured ("Pooling doesn't support persistent
+    connections") when CONN_MAX_AGE is not 0; poolkit_django ignores it, says so in a
+    system check, and returns the connection at the end of every request."""
+    pool = {"min_size": 1, "max_size": 1}
+    with extra_database("native_age", scratch, engine="native", pool=pool, conn_max_age=600):
+        with pytest.raises(ImproperlyConfigured, match="doesn't support persistent"):
+            connections["native_age"].pool  # noqa: B018
+
+    with extra_database("aged", scratch, pool=pool, conn_max_age=600):
+        (warning,) = [m for m in run_checks() if m.id == "poolkit_django.W001"]
+        assert "DATABASES['aged']['CONN_MAX_AGE']=600 is ignored" in warning.msg
+        assert "Remove CONN_MAX_AGE" in (warning.hint or "")
+        backends = {call_json("/pid", db="aged")["backend"] for _ in range(3)}
+        stats = pools()["aged"].stats()
+        assert stats["in_use"] == 0
+        assert stats["borrows"] == 3
+        assert len(backends) == 1  # one pooled connection, reused
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_request_borrows_and_returns() -> None:
+    pool = get_pool("default")
+    before = pool.stats()["borrows"]
+
+    status, _, body = call_wsgi("/notes", method="POST")
+    assert status == 201
+    assert pool.stats()["in_use"] == 0
+    assert call_json("/notes") == {"notes": ["note"]}
+    assert call_json("/notes/atomic") == {"count": 3}
+    status, _, _ = call_wsgi("/notes/atomic", fail="1")
+    assert status == 409
+    assert Note.objects.count() == 3  # the failed transaction left nothing behind
+    connection.close()
+
+    stats = pool.stats()
+    assert stats["in_use"] == 0
+    assert stats["borrows"] >= before + 5
+    # PoolkitMiddleware tags each borrow with the view: hold time per view.
+    assert {"notes", "tests.django.project.views.notes_atomic"} <= set(pool.hold_time_by_tag())
+
+
+@pytest.mark.parametrize("limit", ["timeout", "max_waiting"])
+def test_exhaustion_gives_503_with_retry_after(scratch: str, limit: str) -> None:
+    pool = {"min_size": 1, "max_size": 1, "timeout": 0.5}
+    if limit == "max_waiting":
+        pool.update(timeout=5, max_waiting=1)
+    with extra_database("tiny", scratch, pool=pool):
+        holders = [threading.Thread(target=call_wsgi, args=("/sleep",), kwargs={"s": 1.5, "db": "tiny"})]
+        holders[0].start()
+        wait_until(lambda: "tiny" in pools() and pools()["tiny"].stats()["in_use"] == 1)
+        if limit == "max_waiting":  # a second request waits in line
+            holders.append(threading.Thread(target=call_wsgi, args=("/pid",), kwargs={"db": "tiny"}))
+            holders[1].start()
+            wait_until(lambda: pools()["tiny"].stats()["waiting"] == 1)
+        status, headers, body = call_wsgi("/pid", db="tiny")
+        for t in holders:
+            t.join()
+        assert status == 503
+        assert headers["Retry-After"] == "1"
+        assert b"retry shortly" in body
+        stats = pools()["tiny"].stats()
+        assert stats["timeouts" if limit == "timeout" else "rejected"] == 1
+        assert stats["in_use"] == 0
+
+
+# -- operations ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_health_and_metrics_views() -> None:
+    health = call_json("/poolkit/health")
+    assert health["status"] == "ok"
+    default = health["databases"]["default"]
+    assert default["status"] == "ok"
+    assert default["stats"]["in_use"] == 0
+    assert default["stats"]["name"] == "default"
+
+    call_json("/pid")
+    status, headers, body = call_wsgi("/poolkit/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    assert 'db_client_connection_count{pool_name="default",state="used"} 0.0' in text
+    assert 'route="tests.django.project.views.pid"' in text
+
+
+def test_health_reports_an_unreachable_database(db_access: None, dsn: str) -> None:
+    dead = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
+    pool = {"min_size": 1, "max_size": 1, "timeout": 0.3}
+    with extra_database("dead", dead, pool=pool), extra_database("ok", dsn):
+        status, _, body = call_wsgi("/poolkit/health")
+    report = json.loads(body)
+    assert status == 503
+    assert report["status"] == "unavailable"
+    assert report["databases"]["dead"]["status"] == "unavailable"
+    assert "couldn't get a connection" in report["databases"]["dead"]["error"]
+    assert report["databases"]["ok"]["status"] == "ok"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_status_command() -> None:
+    out = io.StringIO()
+    call_command("poolkit_status", stdout=out)
+    text = out.getvalue()
+    assert "default: ok" in text
+    assert "pool: size=" in text
+    assert "server: max_connections=" in text
+    assert "***" in text and "poolkit-secret" not in text
+
+    out = io.StringIO()
+    call_command("poolkit_status", "--json", database=["default"], stdout=out)
+    report = json.loads(out.getvalue())
+    assert report["default"]["status"] == "ok"
+    assert report["default"]["server"]["database"].startswith("test_")
+
+
+def test_get_pool_without_pooling(dsn: str) -> None:
+    with extra_database("plain", dsn, pool=False), pytest.raises(ImproperlyConfigured, match="False"):
+        get_pool("plain")
+
+
+def test_pool_is_rebuilt_when_the_time_zone_changes(scratch: str) -> None:
+    with extra_database("tz", scratch):
+        assert call_json("/session/show", db="tz")["TimeZone"] == "UTC"
+        first = pools()["tz"]
+        with override_settings(USE_TZ=False, TIME_ZONE="Asia/Tokyo"):
+            assert call_json("/session/show", db="tz")["TimeZone"] == "Asia/Tokyo"
+            assert pools()["tz"] is not first
+            assert first.closed
+        assert call_json("/session/show", db="tz")["TimeZone"] == "UTC"
+
+
+def test_migrations_forward_and_back(scratch: str) -> None:
+    with extra_database("mig", scratch):
+        call_command("migrate", database="mig", verbosity=0)
+        out = io.StringIO()
+        call_command("showmigrations", "testapp", database="mig", stdout=out)
+        assert "[X] 0001_initial" in out.getvalue()
+        call_command("migrate", "testapp", "zero", database="mig", verbosity=0)
+        with connections["mig"].cursor() as cur:
+            cur.execute("SELECT to_regclass('testapp_note')")
+            assert cur.fetchone() == (None,)
+        call_command("migrate", database="mig", verbosity=0)
+        assert Note.objects.using("mig").count() == 0
+        connections["mig"].close()
+        assert pools()["mig"].stats()["in_use"] == 0
+
+
+# -- Django's test cases -------------------------------------------------------------------
+
+
+class NoteTestCase(TestCase):
+    @classmethod
+    def setUpTestData(cls) -> None:
+        Note.objects.create(text="fixture")
+
+    def test_sees_class_data(self) -> None:
+        self.assertEqual(list(Note.objects.values_list("text", flat=True)), ["fixture"])
+
+    def test_changes_are_rolled_back(self) -> None:
+        Note.objects.create(text="x")
+        self.assertEqual(Note.objects.count(), 2)
+
+    def test_runs_on_a_pooled_connection_to_the_test_database(self) -> None:
+        self.assertIsNotNone(connection._pk_lease)
+        self.assertTrue(connection.in_atomic_block)
+        with connection.cursor() as cur:
+            cur.execute("SELECT current_database()")
+            self.assertTrue(cur.fetchone()[0].startswith("test_"))
+
+
+class NoteTransactionTestCase(TransactionTestCase):
+    def test_commit_is_visible_from_another_pooled_connection(self) -> None:
+        Note.objects.create(text="committed")
+        seen: list[int] = []
+
+        def other_thread() -> None:
+            try:
+                seen.append(Note.objects.count())
+            finally:
+                connection.close()
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        self.assertEqual(seen, [1])
+        self.assertEqual(get_pool("default").stats()["in_use"], 1)  # this thread's

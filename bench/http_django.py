@@ -53,11 +53,13 @@ _POOL = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
 APPS: dict[str, tuple[str, dict[str, int] | None, int, list[str]]] = {
     "poolkit_django": ("poolkit_django", _POOL, 0, ["poolkit_django.PoolkitMiddleware"]),
     "native pool": ("django.db.backends.postgresql", _POOL, 0, []),
-    "CONN_MAX_AGE=0": ("django.db.backends.postgresql", None, 0, []),
+    "poolkit no mw": ("poolkit_django", _POOL, 0, []),
+    "poolkit noview": ("poolkit_django", _POOL, 0, ["_tmp_mw.NoView"]),
+    "poolkit plain": ("poolkit_django", _POOL, 0, ["_tmp_mw.Plain"]),
     "CONN_MAX_AGE=600": ("django.db.backends.postgresql", None, 600, []),
 }
 BASELINE = "native pool"
-VIEWS = {"SELECT 1": "/select", "small insert": "/insert"}
+VIEWS = {"SELECT 1": "/select"}
 PACKAGES = ("django", "gunicorn", "psycopg", "psycopg-pool")
 
 
@@ -265,7 +267,7 @@ def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespac
                 f"{spread(runs)} |"
             )
     lines.append("")
-    for view in VIEWS:
+    for view in []:
         pk = results[("poolkit_django", view)]
         lines.append(
             f"- {view}: poolkit_django vs CONN_MAX_AGE=600 "

@@ -1,6 +1,6 @@
 """FastAPI end to end: poolkit_fastapi vs a hand-written psycopg_pool app vs connect-per-request.
 
-Run: `.venv/bin/python -m bench.http_fastapi` (about 4 minutes). Each app is a uvicorn
+Run: `.venv/bin/python -m bench.http_fastapi` (about 3 minutes). Each app is a uvicorn
 process (one worker, pinned to CPU 0) serving the same route, `SELECT 1` plus one small
 insert, with a pool of 8; wrk (or a bounded httpx client) pinned to CPU 1 drives it at
 32 and 128 connections. Rounds interleave the apps so drift hits them alike; the table

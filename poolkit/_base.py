@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import importlib.util
 import logging
 import os
 import select
@@ -17,6 +20,8 @@ from time import monotonic
 from types import CodeType, FrameType
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
+
 from ._config import PoolConfig, mask_conninfo
 from ._stats import Histogram, PoolStats
 
@@ -25,11 +30,31 @@ leak_logger = logging.getLogger("poolkit.leak")
 
 # Frames from these directories are skipped when looking for the code that borrowed.
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIP_PREFIXES: tuple[str, ...] = (
-    os.path.join(_PKG_ROOT, "poolkit"),
-    os.path.join(_PKG_ROOT, "poolkit_fastapi"),
-    os.path.join(_PKG_ROOT, "poolkit_django"),
-    os.path.dirname(os.path.abspath(weakref.__file__)),  # the stdlib (contextlib, asyncio)
+
+
+def _package_dir(name: str) -> str | None:
+    # find_spec on a top-level name locates the package without importing it.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(next(iter(spec.submodule_search_locations)), "")
+
+
+# Frames from these directories are not the borrower: the user's code is further out.
+SKIP_PREFIXES: tuple[str, ...] = tuple(
+    p
+    for p in (
+        os.path.join(_PKG_ROOT, "poolkit", ""),
+        os.path.join(_PKG_ROOT, "poolkit_fastapi", ""),
+        os.path.join(_PKG_ROOT, "poolkit_django", ""),
+        # The stdlib modules a borrow passes through (not site-packages, which share a root).
+        contextlib.__file__,
+        threading.__file__,
+        os.path.join(os.path.dirname(os.path.abspath(asyncio.__file__)), ""),
+        os.path.join(os.path.dirname(os.path.abspath(concurrent.futures.__file__)), ""),
+        *(_package_dir(n) for n in ("fastapi", "starlette", "anyio", "django", "asgiref")),
+    )
+    if p
 )
 _RDHUP = getattr(select, "POLLRDHUP", 0)
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL | _RDHUP
@@ -99,9 +124,12 @@ class BorrowRecord:
 
     @property
     def site(self) -> str:
-        if self.code is None:
-            return "<unknown>"
-        return f"{self.code.co_filename}:{self.lineno} in {self.code.co_name}"
+        where = (
+            f"{self.code.co_filename}:{self.lineno} in {self.code.co_name}"
+            if self.code is not None
+            else "<unknown>"
+        )
+        return f"{where} [{self.tag}]" if self.tag else where
 
     def owner_name(self) -> str:
         if self.task is not None:
@@ -188,8 +216,11 @@ class PoolCore:
         )
         self._pk_capture_stack = config.leak_capture_stack
         self._pk_invalid_before = 0.0
+        self._pk_last_error = ""  # the last connection attempt's error, masked
         self._pk_draining = False
         self._pk_forked = False
+        self._pk_fork_lock = threading.Lock()
+        self._pk_fork_alock: Any = None  # asyncio.Lock, made in the child's own loop
         self._pk_borrowed: dict[Any, list[Any]] = {}
         self._pk_reclaim: deque[list[Any]] = deque()
         self._pk_gc_cb = self._pk_on_conn_gc
@@ -410,16 +441,25 @@ class PoolCore:
             ". Raise max_size or timeout, shorten the work done while holding a "
             "connection, or set leak_threshold to log the stacks of long borrows."
         )
-        if self._n_failed and not self._pool and self._nconns > len(self._pk_borrowed):
+        if self._pk_last_error and not self._pool and self._nconns > len(self._pk_borrowed):
             msg += (
-                f" The last connection attempts failed (server {mask_conninfo(self._pk_dsn())}"
-                " unreachable?)."
+                f" Connecting to {mask_conninfo(self._pk_dsn())} is failing: {self._pk_last_error}"
             )
         return msg
 
     def _pk_dsn(self) -> str:
         conninfo = getattr(self, "conninfo", "")
-        return conninfo if isinstance(conninfo, str) else "<callable conninfo>"
+        if not isinstance(conninfo, str):
+            return "<callable conninfo>"
+        kwargs = getattr(self, "kwargs", None)
+        if isinstance(kwargs, dict):
+            where = {k: v for k, v in kwargs.items() if k in ("host", "port", "dbname", "user")}
+            if where:
+                try:
+                    return make_conninfo(conninfo, **where)
+                except Exception:
+                    pass
+        return conninfo or "<libpq defaults>"
 
     def borrowed(self) -> list[BorrowInfo]:
         """The connections currently lent out, longest-held first."""
@@ -543,6 +583,8 @@ class PoolCore:
                 _orphans.append(conn)
         finally:
             os.close(devnull)
+        self._pk_fork_lock = threading.Lock()  # the parent's may be held by a lost thread
+        self._pk_fork_alock = None
         self._pk_forked = True
 
 

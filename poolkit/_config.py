@@ -187,7 +187,8 @@ _SHARED_WITH_CONNECT: Final = ("autocommit", "application_name", "prepare_thresh
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # Variables under the prefix that are not settings (the test suite's database, for instance).
-_ENV_NOT_SETTINGS: Final = ("TEST_",)
+# POOLKIT_* variables of the test suite, benchmarks and tools: not pool settings.
+_ENV_NOT_SETTINGS: Final = ("TEST_", "PG_BINDIR", "BENCH_", "UPDATE_", "CHAOS_", "SOAK_")
 # psycopg_pool constructor arguments accepted by from_dict() that have no PoolConfig field.
 _POOL_ONLY: Final = {
     "open": "remove it: the integration opens the pool at startup (Django, FastAPI lifespan)",

@@ -15,12 +15,13 @@ from typing import Any, Generic, TypeVar, cast
 from weakref import ref as _ref
 
 from psycopg import Connection
+from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
 from ._base import PEEK_AFTER, SKIP_PREFIXES, PoolCore, borrow_frame, leak_logger, logger
-from ._config import PoolConfig
+from ._config import PoolConfig, mask_conninfo
 from ._conn import (
     build_config,
     check_result,
@@ -38,6 +39,13 @@ CT = TypeVar("CT", bound=Connection[Any])
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
 _ACTIVE = TransactionStatus.ACTIVE
+_INERROR = TransactionStatus.INERROR
+# psycopg's commit() of a failed transaction rolls back silently; a block that swallowed
+# a database error must not look committed.
+_FAILED_TX = (
+    "a statement failed inside this connection() block and its error was caught: "
+    "the transaction was rolled back, nothing was committed"
+)
 _TIMED_OUT = object()
 
 
@@ -100,6 +108,9 @@ class _Lease(Generic[CT]):
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
+                if exc_type is None and status == _INERROR:
+                    conn.rollback()
+                    raise InFailedSqlTransaction(_FAILED_TX)
                 if exc_type is None:
                     conn.commit()
                 else:
@@ -401,7 +412,14 @@ class Pool(PoolCore, ConnectionPool[CT]):
         if self._closed:
             self._close_connection(conn)
             return
-        self._pk_return(conn, now)
+        try:
+            self._pk_return(conn, now)
+        except BaseException:
+            # Interrupted mid-return (KeyboardInterrupt during a rollback): if the
+            # connection was not placed yet, drop it and refill.
+            if getattr(conn, "_pool", None) is self:
+                self._pk_abandon(conn)
+            raise
 
     def _pk_return(self, conn: CT, now: float) -> None:
         pgconn = conn.pgconn
@@ -468,12 +486,14 @@ class Pool(PoolCore, ConnectionPool[CT]):
     # -- disposal ----------------------------------------------------------------------
 
     def _pk_replace(self, conn: CT, shrink: bool = False) -> None:
-        self._close_connection(conn)
+        # Book the replacement before closing: an interruption during close must not
+        # cost the pool its slot.
         if shrink:
             with self._lock:
                 self._nconns -= 1
         else:
             self.run_task(AddConnection(self))
+        self._close_connection(conn)
 
     def _pk_lost(self, conn: CT, now: float, bulk: bool) -> None:
         """A connection is found broken; with bulk, so is every idle one older than now."""
@@ -489,6 +509,13 @@ class Pool(PoolCore, ConnectionPool[CT]):
         for c in (conn, *stale):
             self._pk_replace(c)
 
+    def _pk_abandon(self, conn: CT) -> None:
+        conn._pool = None
+        self._n_closed += 1
+        with contextlib.suppress(Exception):  # already gone
+            conn.pgconn.finish()
+        self.run_task(AddConnection(self))
+
     def _close_connection(self, conn: CT) -> None:
         self._n_closed += 1
         conn._pool = None
@@ -501,8 +528,9 @@ class Pool(PoolCore, ConnectionPool[CT]):
         t0 = monotonic()
         try:
             conn = super()._connect(timeout or self._pk_connect_timeout)
-        except BaseException:
+        except BaseException as ex:
             self._n_failed += 1
+            self._pk_last_error = mask_conninfo(f"{type(ex).__name__}: {ex}".strip())
             raise
         self._pk_new_conn(conn, monotonic() - t0)
         if self._pk_reset_auto:
@@ -585,6 +613,17 @@ class Pool(PoolCore, ConnectionPool[CT]):
         self._check_open_getconn()
         raise PoolClosed(f"the pool {self.name!r} is closed")
 
+    def wait(self, timeout: float = 30.0) -> None:
+        """Wait until min_size connections are open; on failure say why."""
+        try:
+            super().wait(timeout)
+        except PoolTimeout:
+            why = f": {self._pk_last_error}" if self._pk_last_error else ""
+            raise PoolTimeout(
+                f"pool {self.name!r} could not open {self._min_size} connection(s) to "
+                f"{mask_conninfo(self._pk_dsn())} within {timeout} s{why}"
+            ) from None
+
     def close(self, timeout: float | None = None) -> None:
         """Stop lending, wait up to `timeout` (default: drain_timeout) for borrowers, close."""
         if self._closed:
@@ -618,24 +657,29 @@ class Pool(PoolCore, ConnectionPool[CT]):
         self.close()
 
     def _pk_rebuild_after_fork(self) -> None:
-        self._pk_forked = False
-        was_open = not self._closed
-        # The parent's lock may have been held by a thread that does not exist here.
-        self._lock = threading.RLock()
-        self._pool = deque()
-        self._waiting = deque()
-        self._pk_borrowed = {}
-        self._pk_reclaim = deque()
-        self._pk_drained = threading.Event()
-        self._workers = []
-        self._sched_runner = None
-        self._pool_full_event = None
-        self._nconns = self._nconns_min = self._min_size
-        self._growing = False
-        self._closed, self._opened = True, False
-        logger.info("pool %r: rebuilt in a forked child process", self.name)
-        if was_open:
-            self.open()
+        # Several threads may reach a forked pool at once: one rebuilds, the others wait,
+        # and the flag drops only when the new state is complete.
+        with self._pk_fork_lock:
+            if not self._pk_forked:
+                return
+            was_open = not self._closed
+            # The parent's lock may have been held by a thread that does not exist here.
+            self._lock = threading.RLock()
+            self._pool = deque()
+            self._waiting = deque()
+            self._pk_borrowed = {}
+            self._pk_reclaim = deque()
+            self._pk_drained = threading.Event()
+            self._workers = []
+            self._sched_runner = None
+            self._pool_full_event = None
+            self._nconns = self._nconns_min = self._min_size
+            self._growing = False
+            self._closed, self._opened = True, False
+            logger.info("pool %r: rebuilt in a forked child process", self.name)
+            if was_open:
+                self.open()
+            self._pk_forked = False
 
 
 class _Housekeeping(MaintenanceTask):

@@ -15,12 +15,13 @@ from typing import Any, Generic, TypeVar, cast
 from weakref import ref as _ref
 
 from psycopg import AsyncConnection
+from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask, Schedule
 
 from ._base import PEEK_AFTER, SKIP_PREFIXES, PoolCore, borrow_frame, leak_logger, logger
-from ._config import PoolConfig
+from ._config import PoolConfig, mask_conninfo
 from ._conn import (
     build_config,
     check_result,
@@ -38,6 +39,13 @@ ACT = TypeVar("ACT", bound=AsyncConnection[Any])
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
 _ACTIVE = TransactionStatus.ACTIVE
+_INERROR = TransactionStatus.INERROR
+# psycopg's commit() of a failed transaction rolls back silently; a block that swallowed
+# a database error must not look committed.
+_FAILED_TX = (
+    "a statement failed inside this connection() block and its error was caught: "
+    "the transaction was rolled back, nothing was committed"
+)
 _TIMED_OUT = object()
 
 
@@ -93,6 +101,9 @@ class _Lease(Generic[ACT]):
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
+                if exc_type is None and status == _INERROR:
+                    await conn.rollback()
+                    raise InFailedSqlTransaction(_FAILED_TX)
                 if exc_type is None:
                     await conn.commit()
                 else:
@@ -372,7 +383,14 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         if self._closed:
             await self._close_connection(conn)
             return
-        await self._pk_return(conn, now)
+        try:
+            await self._pk_return(conn, now)
+        except BaseException:
+            # Cancelled mid-return (anyio cancel scopes cancel every await): if the
+            # connection was not placed yet, drop it without awaiting and refill.
+            if getattr(conn, "_pool", None) is self:
+                self._pk_abandon(conn)
+            raise
 
     async def _pk_return(self, conn: ACT, now: float) -> None:
         pgconn = conn.pgconn
@@ -440,11 +458,13 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
     # -- disposal ----------------------------------------------------------------------
 
     async def _pk_replace(self, conn: ACT, shrink: bool = False) -> None:
-        await self._close_connection(conn)
+        # Book the replacement before awaiting: a cancellation during close must not
+        # cost the pool its slot.
         if shrink:
             self._nconns -= 1
         else:
             self.run_task(AddConnection(self))
+        await self._close_connection(conn)
 
     async def _pk_lost(self, conn: ACT, now: float, bulk: bool) -> None:
         """A connection is found broken; with bulk, so is every idle one older than now."""
@@ -459,6 +479,13 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         for c in (conn, *stale):
             await self._pk_replace(c)
 
+    def _pk_abandon(self, conn: ACT) -> None:
+        conn._pool = None
+        self._n_closed += 1
+        with contextlib.suppress(Exception):  # already gone
+            conn.pgconn.finish()
+        self.run_task(AddConnection(self))
+
     async def _close_connection(self, conn: ACT) -> None:
         self._n_closed += 1
         conn._pool = None
@@ -471,8 +498,9 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         t0 = monotonic()
         try:
             conn = await super()._connect(timeout or self._pk_connect_timeout)
-        except BaseException:
+        except BaseException as ex:
             self._n_failed += 1
+            self._pk_last_error = mask_conninfo(f"{type(ex).__name__}: {ex}".strip())
             raise
         self._pk_new_conn(conn, monotonic() - t0)
         if self._pk_reset_auto:
@@ -550,6 +578,17 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         self._check_open_getconn()
         raise PoolClosed(f"the pool {self.name!r} is closed")
 
+    async def wait(self, timeout: float = 30.0) -> None:
+        """Wait until min_size connections are open; on failure say why."""
+        try:
+            await super().wait(timeout)
+        except PoolTimeout:
+            why = f": {self._pk_last_error}" if self._pk_last_error else ""
+            raise PoolTimeout(
+                f"pool {self.name!r} could not open {self._min_size} connection(s) to "
+                f"{mask_conninfo(self._pk_dsn())} within {timeout} s{why}"
+            ) from None
+
     async def close(self, timeout: float | None = None) -> None:
         """Stop lending, wait up to `timeout` (default: drain_timeout) for borrowers, close."""
         if self._closed:
@@ -583,23 +622,30 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         await self.close()
 
     async def _pk_rebuild_after_fork(self) -> None:
-        self._pk_forked = False
-        was_open = not self._closed
-        self.__dict__.pop("_lock", None)
-        self._pool = deque()
-        self._waiting = deque()
-        self._pk_borrowed = {}
-        self._pk_reclaim = deque()
-        self._pk_drained = asyncio.Event()
-        self._workers = []
-        self._sched_runner = None
-        self._pool_full_event = None
-        self._nconns = self._nconns_min = self._min_size
-        self._growing = False
-        self._closed, self._opened = True, False
-        logger.info("pool %r: rebuilt in a forked child process", self.name)
-        if was_open:
-            await self.open()
+        # Several tasks may reach a forked pool at once: one rebuilds, the others wait,
+        # and the flag drops only when the new state is complete.
+        if self._pk_fork_alock is None:
+            self._pk_fork_alock = asyncio.Lock()
+        async with self._pk_fork_alock:
+            if not self._pk_forked:
+                return
+            was_open = not self._closed
+            self.__dict__.pop("_lock", None)
+            self._pool = deque()
+            self._waiting = deque()
+            self._pk_borrowed = {}
+            self._pk_reclaim = deque()
+            self._pk_drained = asyncio.Event()
+            self._workers = []
+            self._sched_runner = None
+            self._pool_full_event = None
+            self._nconns = self._nconns_min = self._min_size
+            self._growing = False
+            self._closed, self._opened = True, False
+            logger.info("pool %r: rebuilt in a forked child process", self.name)
+            if was_open:
+                await self.open()
+            self._pk_forked = False
 
 
 class _Housekeeping(MaintenanceTask):

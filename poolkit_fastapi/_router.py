@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import Request
 
-from poolkit import AsyncPool, Pool, mask_conninfo
+from poolkit import AsyncPool, Pool, mask_conninfo, render_prometheus
 
 from ._deps import _tag
 from ._lifespan import get_pools
@@ -38,36 +38,27 @@ def pool_router(
     router = APIRouter(prefix=prefix, tags=list(tags or []), include_in_schema=include_in_schema)
 
     async def ready(request: Request) -> JSONResponse:
-        pools = get_pools(request)
+        pools = get_pools(request).by_name()
         tag = _tag(request)
-        names = [name for name, _ in pools.items()]
-        checks = await asyncio.gather(
-            *(_check(pool, ready_timeout, tag) for _, pool in pools.items())
-        )
+        checks = await asyncio.gather(*(_check(p, ready_timeout, tag) for p in pools.values()))
         report: dict[str, Any] = {}
-        ok = True
         for (name, pool), error in zip(pools.items(), checks, strict=True):
             stats = pool.stats()
-            entry: dict[str, Any] = {"ok": error is None, "name": pool.name}
+            entry: dict[str, Any] = {"ok": error is None}
             entry.update({k: stats[k] for k in ("size", "idle", "in_use", "waiting")})
             if error is not None:
                 entry["error"] = error
-                ok = False
-            report[name if names.count(name) == 1 else pool.name] = entry
+            report[name] = entry
+        ok = all(error is None for error in checks)
         body = {"status": "ready" if ok else "unavailable", "pools": report}
-        headers = None if ok else {"Retry-After": str(pools.retry_after)}
+        headers = None if ok else {"Retry-After": str(get_pools(request).retry_after)}
         return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
     async def metrics(request: Request) -> Response:
         pools = get_pools(request)
         try:
-            # Imported on first scrape: prometheus-client is an optional extra.
-            from poolkit._metrics import render_prometheus
-        except ImportError as exc:
-            raise HTTPException(501, detail=f"metrics are not available: {exc}") from None
-        try:
             body, content_type = render_prometheus(pools.by_name())
-        except ImportError as exc:
+        except ImportError as exc:  # prometheus-client is an optional extra
             raise HTTPException(501, detail=str(exc)) from None
         return Response(body, media_type=content_type)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import psycopg
@@ -109,8 +109,8 @@ def terminate_backends(
 class PgServer:
     """The server the session tests against: embedded, or external via POOLKIT_TEST_DSN."""
 
-    dsn: str
-    admin_dsn: str
+    dsn: str = field(repr=False)  # holds the password
+    admin_dsn: str = field(repr=False)
     embedded: EmbeddedPostgres | None = None
 
     @property

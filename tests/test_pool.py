@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -447,3 +449,69 @@ def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> None:
         assert conn.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
         assert conn.execute("SHOW application_name").fetchone() != ("changed",)
     assert pool.stats()["resets"] == 1
+
+
+def test_swallowed_error_is_not_reported_as_commit(make_pool: MakePool, admin_conn: Any) -> None:
+    pool = make_pool()
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_sync_fail (v int)")
+    admin_conn.execute("TRUNCATE pk_sync_fail")
+    with pytest.raises(psycopg.errors.InFailedSqlTransaction), pool.connection() as conn:
+        conn.execute("INSERT INTO pk_sync_fail VALUES (1)")
+        with contextlib.suppress(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+    assert admin_conn.execute("SELECT count(*) FROM pk_sync_fail").fetchone() == (0,)
+    assert pool.stats()["in_use"] == 0
+
+
+def test_open_timeout_names_the_connection_error(app_dsn: str) -> None:
+    bad = app_dsn.replace("poolkit-secret", "wrong-secret")
+    pool: Pool[Any] = Pool(bad, min_size=1, open=False)
+    pool.open()
+    try:
+        with pytest.raises(PoolTimeout) as ei:
+            pool.wait(timeout=3)
+    finally:
+        pool.close(timeout=0)
+    msg = str(ei.value)
+    assert "password authentication failed" in msg
+    assert "wrong-secret" not in msg
+
+
+def _child_many_first_borrows(pool: Pool[Any]) -> int:
+    sys.setswitchinterval(1e-6)  # widen any race window
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def work() -> None:
+        barrier.wait()
+        try:
+            for _ in range(5):
+                with pool.connection() as c:
+                    c.execute("SELECT 1")
+        except BaseException as ex:
+            errors.append(ex)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return 0 if not errors and pool.stats()["connections_lost"] == 0 else 1
+
+
+def test_fork_rebuild_is_safe_under_concurrent_first_borrows(make_pool: MakePool) -> None:
+    pool = make_pool(min_size=2, max_size=4, timeout=5.0)
+    with pool.connection() as conn:
+        conn.execute("SELECT 1")
+    bad = 0
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:  # child: 8 threads make the first borrows at once
+            code = 1
+            try:
+                code = _child_many_first_borrows(pool)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        bad += os.WEXITSTATUS(status) != 0
+    assert bad == 0

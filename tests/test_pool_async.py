@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -487,3 +488,62 @@ async def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> Non
         assert await one(conn, "SELECT count(*) FROM pg_listening_channels()") == (0,)
         assert await one(conn, "SHOW application_name") != ("changed",)
     assert pool.stats()["resets"] == 1
+
+
+async def test_swallowed_error_is_not_reported_as_commit(
+    make_pool: MakePool, admin_conn: Any
+) -> None:
+    pool = await make_pool()
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_async_fail (v int)")
+    admin_conn.execute("TRUNCATE pk_async_fail")
+    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+        async with pool.connection() as conn:
+            await conn.execute("INSERT INTO pk_async_fail VALUES (1)")
+            with contextlib.suppress(psycopg.errors.DivisionByZero):
+                await conn.execute("SELECT 1/0")
+    assert admin_conn.execute("SELECT count(*) FROM pk_async_fail").fetchone() == (0,)
+    assert pool.stats()["in_use"] == 0
+
+
+async def test_open_timeout_names_the_connection_error(app_dsn: str) -> None:
+    bad = app_dsn.replace("poolkit-secret", "wrong-secret")
+    pool: AsyncPool[Any] = AsyncPool(bad, min_size=1, open=False)
+    await pool.open()
+    try:
+        with pytest.raises(PoolTimeout) as ei:
+            await pool.wait(timeout=3)
+    finally:
+        await pool.close(timeout=0)
+    msg = str(ei.value)
+    assert "password authentication failed" in msg
+    assert "wrong-secret" not in msg
+
+
+async def _child_many_first_borrows(pool: AsyncPool[Any]) -> int:
+    async def work() -> None:
+        for _ in range(5):
+            async with pool.connection(timeout=5) as c:
+                await c.execute("SELECT 1")
+
+    results = await asyncio.gather(*(work() for _ in range(8)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    return 0 if not errors and pool.stats()["connections_lost"] == 0 else 1
+
+
+async def test_fork_rebuild_is_safe_under_concurrent_first_borrows(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=2, max_size=4, timeout=5.0)
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+    bad = 0
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:  # child: 8 tasks make the first borrows at once
+            code = 1
+            try:
+                asyncio.events._set_running_loop(None)
+                code = asyncio.new_event_loop().run_until_complete(_child_many_first_borrows(pool))
+            finally:
+                os._exit(code)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        bad += os.WEXITSTATUS(status) != 0
+    assert bad == 0

@@ -1,9 +1,11 @@
 """Django end to end: poolkit_django vs Django's native pool vs CONN_MAX_AGE=0 vs CONN_MAX_AGE=600.
 
-Run: `.venv/bin/python -m bench.http_django` (about 3 minutes). Each configuration is a
+Run: `.venv/bin/python -m bench.http_django` (about 4 minutes). Each configuration is a
 gunicorn process (one gthread worker with 8 threads, pinned to CPU 0) serving the same two
 views: `SELECT 1`, and a small insert. wrk (or a bounded httpx client) pinned to CPU 1
-drives each view with 16 keep-alive connections. Rounds interleave the configurations so
+drives each view with 16 keep-alive connections. poolkit_django runs as recommended
+(PoolkitMiddleware first in MIDDLEWARE: 503 on exhaustion, hold time per view) and
+without any middleware, like the other configurations. Rounds interleave the configurations so
 drift hits them alike; the table shows medians over the rounds and ratios to Django's
 native pool in the same rounds. Uses $POOLKIT_BENCH_DSN, else an embedded server in
 .poolkit/bench-pgdata.
@@ -52,14 +54,14 @@ _POOL = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
 # name: (ENGINE, OPTIONS["pool"] or None, CONN_MAX_AGE, middleware)
 APPS: dict[str, tuple[str, dict[str, int] | None, int, list[str]]] = {
     "poolkit_django": ("poolkit_django", _POOL, 0, ["poolkit_django.PoolkitMiddleware"]),
+    # The same middleware stack as the others (none): the backend alone.
+    "poolkit_django, no middleware": ("poolkit_django", _POOL, 0, []),
     "native pool": ("django.db.backends.postgresql", _POOL, 0, []),
-    "poolkit no mw": ("poolkit_django", _POOL, 0, []),
-    "poolkit noview": ("poolkit_django", _POOL, 0, ["_tmp_mw.NoView"]),
-    "poolkit plain": ("poolkit_django", _POOL, 0, ["_tmp_mw.Plain"]),
+    "CONN_MAX_AGE=0": ("django.db.backends.postgresql", None, 0, []),
     "CONN_MAX_AGE=600": ("django.db.backends.postgresql", None, 600, []),
 }
 BASELINE = "native pool"
-VIEWS = {"SELECT 1": "/select"}
+VIEWS = {"SELECT 1": "/select", "small insert": "/insert"}
 PACKAGES = ("django", "gunicorn", "psycopg", "psycopg-pool")
 
 
@@ -136,7 +138,11 @@ def __getattr__(name: str) -> Any:
     if name == "urlpatterns":
         from django.urls import path
 
-        patterns = [path("ping", ping_view), path("select", select_view), path("insert", insert_view)]
+        patterns = [
+            path("ping", ping_view),
+            path("select", select_view),
+            path("insert", insert_view),
+        ]
         globals()["urlpatterns"] = patterns
         return patterns
     raise AttributeError(name)
@@ -183,10 +189,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Any, timeout: floa
         if proc.poll() is not None:
             log.seek(0)
             raise RuntimeError(f"{url}: gunicorn exited:\n{log.read().decode(errors='replace')}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
         time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
@@ -205,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
 
     parser = argparse.ArgumentParser(prog="python -m bench.http_django", description=__doc__)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
+    parser.add_argument("--duration", type=int, default=4, help="seconds per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="seconds before each one")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median shown)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (median shown)")
     args = parser.parse_args(argv)
     budget = len(APPS) * len(VIEWS) * args.rounds * (args.duration + args.warmup + 0.5)
     print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
@@ -267,7 +272,7 @@ def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespac
                 f"{spread(runs)} |"
             )
     lines.append("")
-    for view in []:
+    for view in VIEWS:
         pk = results[("poolkit_django", view)]
         lines.append(
             f"- {view}: poolkit_django vs CONN_MAX_AGE=600 "

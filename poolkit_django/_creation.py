@@ -15,8 +15,8 @@ class DatabaseCreation(PgCreation):
         # pools of every alias pointing at it, not only this alias's.
         self.connection.close()
         _registry.close_pools_for(self.connection.settings_dict["NAME"])
-        super()._clone_test_db(suffix, verbosity, keepdb)
+        super()._clone_test_db(suffix, verbosity, keepdb)  # type: ignore[misc]
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
         _registry.close_pools_for(test_database_name)
-        super()._destroy_test_db(test_database_name, verbosity)
+        super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]

@@ -18,6 +18,8 @@ from ._registry import current_tag
 logger = logging.getLogger("poolkit.django")
 
 _EXHAUSTED = "_poolkit_exhausted"
+_set_tag = current_tag.set
+_reset_tag = current_tag.reset
 
 
 def exhaustion(exc: BaseException | None) -> BaseException | None:
@@ -67,20 +69,24 @@ class PoolkitMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self._async:
             return self.__acall__(request)
-        token = current_tag.set(None)
+        token = _set_tag(None)
         try:
             response = self.get_response(request)
         finally:
-            current_tag.reset(token)
-        return self._check(request, response)
+            _reset_tag(token)
+        if response.status_code == 500:
+            return self._check(request, response)
+        return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        token = current_tag.set(None)
+        token = _set_tag(None)
         try:
-            response = await self.get_response(request)
+            response: HttpResponseBase = await self.get_response(request)
         finally:
-            current_tag.reset(token)
-        return self._check(request, response)
+            _reset_tag(token)
+        if response.status_code == 500:
+            return self._check(request, response)
+        return response
 
     def process_view(
         self,
@@ -91,7 +97,7 @@ class PoolkitMiddleware:
     ) -> None:
         match = request.resolver_match
         if match is not None:
-            current_tag.set(match.view_name or match._func_path)
+            _set_tag(match.view_name or match._func_path)
 
     def process_exception(
         self, request: HttpRequest, exception: Exception
@@ -101,9 +107,7 @@ class PoolkitMiddleware:
 
     def _check(self, request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         found = getattr(request, _EXHAUSTED, None)
-        if found is not None and response.status_code == 500:
-            return self.unavailable(request, found)
-        return response
+        return response if found is None else self.unavailable(request, found)
 
     def unavailable(self, request: HttpRequest, exc: BaseException) -> HttpResponseBase:
         """The 503 response; override to render your own page."""
@@ -115,4 +119,3 @@ class PoolkitMiddleware:
         )
         response["Retry-After"] = str(self.retry_after)
         return response
-

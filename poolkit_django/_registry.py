@@ -1,4 +1,4 @@
-"""The pools of this process, one per DATABASES alias: built, rebuilt when settings change, retired."""
+"""The pools of this process, one per DATABASES alias: built, rebuilt when settings change."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Entry:
 
     __slots__ = ("__weakref__", "alias", "extra", "opened", "params", "pid", "pool")
 
-    def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool):
+    def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool[Any]):
         self.alias = alias
         self.params = params
         self.extra = extra
@@ -49,16 +49,16 @@ class Entry:
         self.pid = os.getpid()
 
     def __repr__(self) -> str:
-        return f"<Entry {self.alias!r} dbname={self.params.get('dbname')!r} pool={self.pool.name!r}>"
+        return (
+            f"<Entry {self.alias!r} dbname={self.params.get('dbname')!r} pool={self.pool.name!r}>"
+        )
 
 
 _entries: dict[str, Entry] = {}
 _lock = threading.RLock()
 
 
-def entry_for(
-    wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: PoolConfig
-) -> Entry:
+def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: PoolConfig) -> Entry:
     """The pool for `wrapper`'s alias, rebuilt if NAME, credentials, OPTIONS or time zone changed.
 
     Called at every connect: Django's test runner renames the database (create, clone,
@@ -103,11 +103,14 @@ def _build(
         config = config.replace(kwargs=kwargs)
     except ConfigError as exc:
         raise rename_kwargs_error(wrapper.alias, exc) from None
-    pool: Pool = Pool(config=config, open=False, configure=wrapper._configure_connection)
+    # Django's own code configures new connections (time zone, role), on a wrapper of its
+    # own: binding the caller's would keep that wrapper (and its connection) alive.
+    configurer = type(wrapper)(dict(wrapper.settings_dict), wrapper.alias)
+    pool: Pool[Any] = Pool(config=config, open=False, configure=configurer._configure_connection)
     return Entry(wrapper.alias, dict(conn_params), extra, pool)
 
 
-def open_entry(entry: Entry) -> Pool:
+def open_entry(entry: Entry) -> Pool[Any]:
     if not entry.opened:
         with _lock:
             if not entry.opened:
@@ -233,7 +236,9 @@ def _quietly() -> Iterator[None]:
 def _retire(entry: Entry) -> None:
     """Close a pool that is no longer current: idle connections now, lent ones on return."""
     if entry.pid != os.getpid():
-        return  # inherited through fork: poolkit detached it; closing would wait for the parent's borrowers
+        # Inherited through fork: poolkit detached it, and close() would wait for the
+        # parent's borrowers.
+        return
     with _quietly():
         entry.pool.close(timeout=0)
 
@@ -254,8 +259,8 @@ def close_pools_for(dbname: str) -> None:
     """
     with _lock:
         victims = [e for e in _entries.values() if e.params.get("dbname") == dbname]
-        for entry in victims:
-            del _entries[entry.alias]
+        for victim in victims:
+            del _entries[victim.alias]
     me = threading.get_ident()
     for guard in list(_guards):
         for wrapper in list(guard.wrappers):
@@ -275,19 +280,19 @@ def close_pools_for(dbname: str) -> None:
             )
             with contextlib.suppress(Exception):
                 wrapper.connection.close()
-    for entry in victims:
-        _retire(entry)
+    for victim in victims:
+        _retire(victim)
 
 
 # -- access --------------------------------------------------------------------------
 
 
-def pools() -> dict[str, Pool]:
+def pools() -> dict[str, Pool[Any]]:
     """The pools this process has built so far, by alias (none is created here)."""
     return {alias: e.pool for alias, e in list(_entries.items())}
 
 
-def get_pool(alias: str = "default") -> Pool:
+def get_pool(alias: str = "default") -> Pool[Any]:
     """The open pool behind ``DATABASES[alias]``, built if needed (health checks, tools)."""
     from django.db import connections
 
@@ -311,12 +316,14 @@ def get_pool(alias: str = "default") -> Pool:
 
 
 def _dir(module: Any) -> str:
-    return os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+    return os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
 
 
-_SKIPPED = (_dir(django), _dir(asgiref), _dir(poolkit), os.path.dirname(_dir(sys.modules[__name__])))
+_SKIPPED = (_dir(django), _dir(asgiref), _dir(poolkit), _dir(sys.modules[__name__]))
 _STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
-_SITE = tuple(os.path.abspath(p) + os.sep for p in (*site.getsitepackages(), site.getusersitepackages()))
+_SITE = tuple(
+    os.path.abspath(p) + os.sep for p in (*site.getsitepackages(), site.getusersitepackages())
+)
 _skip_cache: dict[CodeType, bool] = {}
 
 

@@ -1,15 +1,15 @@
-"""Django database backend ENGINE "poolkit_django": Django's PostgreSQL backend on a poolkit pool."""
+"""Database backend ENGINE "poolkit_django": Django's PostgreSQL backend on a poolkit pool."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg
 from django.utils.asyncio import async_unsafe
-from psycopg import sql
+from psycopg import IsolationLevel, sql
 
 from poolkit import Pool, PoolConfig
 
@@ -34,6 +34,11 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     _pk_lease: _registry.Entry | None = None  # the pool entry of the connection held
     _pk_guarded = False  # set once a thread's exit guard watches this wrapper
 
+    if TYPE_CHECKING:  # Django internals the stubs leave out
+        _thread_ident: int
+
+        def _configure_connection(self, connection: Any) -> bool: ...
+
     # -- pool ----------------------------------------------------------------------------
 
     def _pk_config(self) -> PoolConfig | None:
@@ -51,7 +56,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         return _registry.entry_for(self, conn_params, config)
 
     @property
-    def pool(self) -> Pool | None:  # type: ignore[override]
+    def pool(self) -> Pool[Any] | None:
         """The pool of this alias (not opened here, as in Django's own backend), or None."""
         entry = self._pk_entry()
         return None if entry is None else entry.pool
@@ -71,10 +76,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         try:
             isolation_level_value = self.settings_dict["OPTIONS"]["isolation_level"]
         except KeyError:
-            self.isolation_level = pg.IsolationLevel.READ_COMMITTED
+            self.isolation_level = IsolationLevel.READ_COMMITTED
         else:
             try:
-                self.isolation_level = pg.IsolationLevel(isolation_level_value)
+                self.isolation_level = IsolationLevel(isolation_level_value)
                 set_isolation_level = True
             except ValueError:
                 raise ImproperlyConfigured(
@@ -108,6 +113,12 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         finally:
             # Connection can no longer be used.
             self.connection = None
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # Every connect() sets Django's mode; the pool lends connections in autocommit
+        # (restored on return), so the usual call changes nothing and can be skipped.
+        if self._pk_lease is None or self.connection.autocommit != autocommit:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def close_if_unusable_or_obsolete(self) -> None:
         if self._pk_lease is not None and self.connection is not None:

@@ -44,36 +44,44 @@ def _password(dsn: str) -> str:
 
 
 def test_snapshot_contents_and_masking(app_dsn: str, dsn: str) -> None:
-    with Pool(app_dsn, min_size=1, max_size=2, name="snap", leak_threshold=60.0) as pool:
+    # min = max and wait(): no connection is added in the background between the two reads.
+    with Pool(app_dsn, min_size=2, max_size=2, name="snap", leak_threshold=60.0) as pool:
+        pool.wait()
         history = DashboardHistory({"main": pool}, interval=0.01, window=1.0)
         for i in range(5):
             with pool.connection(tag="/a" if i % 2 else "/b") as conn:
                 conn.execute("SELECT 1")
             history.sample()
         held = pool.getconn(tag="/held")
-        snap = dashboard_snapshot({"main": pool}, history)
-        encoded = json.dumps(snap, allow_nan=False)  # strict JSON: no Infinity
-        assert _password(dsn) not in encoded
-        assert _password(dsn) not in dashboard_html()
-        (item,) = snap["pools"]
-        assert item["key"] == "main" and item["name"] == "snap"
-        assert "***" in item["conninfo"]
-        st = pool.stats()
-        for key in ("size", "in_use", "idle", "waiting", "borrows", "timeouts"):
-            assert item["stats"][key] == st[key], key
-        assert item["stats"]["in_use"] == 1
-        assert item["histograms"]["hold_time"]["count"] == 5
-        assert item["histograms"]["wait_time"]["count"] == st["wait_time"]["count"] == 6
-        buckets = item["histograms"]["wait_time"]["buckets"]
-        assert buckets[-1][0] is None and buckets[-1][1] == 6
-        assert [t["tag"] for t in item["top_tags"]] == sorted(
-            ("/a", "/b"), key=lambda t: -pool.hold_time_by_tag()[t].sum
-        )
-        (borrow,) = item["borrowed"]
-        assert borrow["tag"] == "/held" and "test_dashboard_browser.py" in borrow["site"]
-        assert item["history"]["in_use"][-1] == 0 and len(item["history"]["t"]) == 5
-        assert all(t <= 0 for t in item["history"]["t"])
-        pool.putconn(held)
+        try:
+            _check_snapshot(pool, history, dsn)
+        finally:
+            pool.putconn(held)
+
+
+def _check_snapshot(pool: Pool[Any], history: DashboardHistory, dsn: str) -> None:
+    snap = dashboard_snapshot({"main": pool}, history)
+    encoded = json.dumps(snap, allow_nan=False)  # strict JSON: no Infinity
+    assert _password(dsn) not in encoded
+    assert _password(dsn) not in dashboard_html()
+    (item,) = snap["pools"]
+    assert item["key"] == "main" and item["name"] == "snap"
+    assert "***" in item["conninfo"]
+    st = pool.stats()
+    for key in ("size", "in_use", "idle", "waiting", "borrows", "timeouts"):
+        assert item["stats"][key] == st[key], key
+    assert item["stats"]["in_use"] == 1
+    assert item["histograms"]["hold_time"]["count"] == 5
+    assert item["histograms"]["wait_time"]["count"] == st["wait_time"]["count"] == 6
+    buckets = item["histograms"]["wait_time"]["buckets"]
+    assert buckets[-1][0] is None and buckets[-1][1] == 6
+    assert [t["tag"] for t in item["top_tags"]] == sorted(
+        ("/a", "/b"), key=lambda t: -pool.hold_time_by_tag()[t].sum
+    )
+    (borrow,) = item["borrowed"]
+    assert borrow["tag"] == "/held" and "test_dashboard_browser.py" in borrow["site"]
+    assert item["history"]["in_use"][-1] == 0 and len(item["history"]["t"]) == 5
+    assert all(t <= 0 for t in item["history"]["t"])
 
 
 def test_snapshot_masks_secrets_in_event_details(app_dsn: str, dsn: str) -> None:

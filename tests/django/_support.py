@@ -1,4 +1,4 @@
-"""Helpers for the Django tests: extra aliases, in-process WSGI calls, scratch databases, servers."""
+"""Django test helpers: extra aliases, in-process WSGI calls, scratch databases, servers."""
 
 from __future__ import annotations
 
@@ -130,14 +130,18 @@ def scratch_database(admin_dsn: str, dsn: str, prefix: str = "pk_dj") -> Iterato
 
 def drop_database(admin_dsn: str, name: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def dbname(dsn: str) -> str:
     return str(conninfo_to_dict(dsn)["dbname"])
 
 
-def run_manage(dsn: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+def run_manage(
+    dsn: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> str:
     """``django-admin <args>`` with the test project against `dsn`, in a subprocess."""
     proc = subprocess.run(
         [PYTHON, "-m", "django", *args],
@@ -147,7 +151,9 @@ def run_manage(dsn: str, *args: str, env: dict[str, str] | None = None, timeout:
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, f"django-admin {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"django-admin {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -257,8 +263,14 @@ def no_control_socket() -> list[str]:
 
 
 def gunicorn(
-    dsn: str, log: Path, *, workers: int = 1, threads: int = 1, worker_class: str = "sync",
-    app: str = "tests.django.project.wsgi:application", extra_args: list[str] | None = None,
+    dsn: str,
+    log: Path,
+    *,
+    workers: int = 1,
+    threads: int = 1,
+    worker_class: str = "sync",
+    app: str = "tests.django.project.wsgi:application",
+    extra_args: list[str] | None = None,
     **env: str,
 ) -> Server:
     port = free_port()
@@ -271,7 +283,9 @@ def gunicorn(
     return Server(argv, server_env(dsn, **env), log, port)
 
 
-def uvicorn(dsn: str, log: Path, *, app: str = "tests.django.project.asgi:application", **env: str) -> Server:
+def uvicorn(
+    dsn: str, log: Path, *, app: str = "tests.django.project.asgi:application", **env: str
+) -> Server:
     port = free_port()
     argv = [
         PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),

@@ -1,4 +1,4 @@
-"""Django for the tests in this directory: settings from tests/django/project, database from pg_server.
+"""Django for these tests: settings from tests/django/project, the database from pg_server.
 
 Django is configured when this file is imported (pytest-django needs settings before
 collecting test modules that import models); the session's server is only known once the
@@ -22,7 +22,11 @@ from tests.django.project import settings as project_settings
 
 if not settings.configured:
     settings.configure(
-        **{name: getattr(project_settings, name) for name in dir(project_settings) if name.isupper()}
+        **{
+            name: getattr(project_settings, name)
+            for name in dir(project_settings)
+            if name.isupper()
+        }
     )
     django.setup()
 
@@ -52,7 +56,9 @@ def django_db_modify_db_settings(
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _block_django_db(django_db_blocker: Any, django_server_settings: dict[str, Any]) -> Iterator[None]:
+def _block_django_db(
+    django_db_blocker: Any, django_server_settings: dict[str, Any]
+) -> Iterator[None]:
     # pytest-django blocks database access outside django_db tests only when Django was
     # set up before its own pytest_configure (running `pytest tests/django`); do it in
     # every case so the results do not depend on how the suite was invoked.

@@ -1,4 +1,4 @@
-"""poolkit_django in-process: settings, checks, a borrow per request, 503, views, command, test cases."""
+"""poolkit_django in-process: settings, checks, a borrow per request, 503, views, test cases."""
 
 from __future__ import annotations
 
@@ -37,7 +37,11 @@ def scratch(db_access: None, admin_dsn: str, dsn: str) -> Iterator[str]:
 # -- settings ----------------------------------------------------------------------------
 
 BAD_POOLS = [
-    ({"max_sise": 5}, "DATABASES['bad']['OPTIONS']['pool']['max_sise']", "did you mean 'max_size'?"),
+    (
+        {"max_sise": 5},
+        "DATABASES['bad']['OPTIONS']['pool']['max_sise']",
+        "did you mean 'max_size'?",
+    ),
     ({"min_size": 5, "max_size": 2}, "['pool']['min_size']=5", "raise max_size or lower min_size"),
     ({"timeout": "30"}, "['pool']['timeout']='30'", "must be a number of seconds"),
     ({"conninfo": "postgresql://x/y"}, "['pool']['conninfo']", "set NAME, USER, PASSWORD"),
@@ -47,9 +51,7 @@ BAD_POOLS = [
 
 
 @pytest.mark.parametrize(("pool", "where", "fix"), BAD_POOLS)
-def test_bad_pool_options_name_the_databases_key(
-    dsn: str, pool: Any, where: str, fix: str
-) -> None:
+def test_bad_pool_options_name_the_databases_key(dsn: str, pool: Any, where: str, fix: str) -> None:
     with extra_database("bad", dsn, pool=pool):
         with pytest.raises(ImproperlyConfigured) as info:
             connections["bad"].pool  # noqa: B018
@@ -71,9 +73,12 @@ def test_bad_connection_option_names_the_options_key(dsn: str) -> None:
 
 
 def test_health_checks_conflicting_with_validate_off(dsn: str) -> None:
-    with extra_database("bad", dsn, pool={"validate": False}, CONN_HEALTH_CHECKS=True):
-        with pytest.raises(ImproperlyConfigured, match=r"\['CONN_HEALTH_CHECKS'\]=True conflicts"):
-            connections["bad"].pool  # noqa: B018
+    conflict = r"\['CONN_HEALTH_CHECKS'\]=True conflicts"
+    with (
+        extra_database("bad", dsn, pool={"validate": False}, CONN_HEALTH_CHECKS=True),
+        pytest.raises(ImproperlyConfigured, match=conflict),
+    ):
+        connections["bad"].pool  # noqa: B018
 
 
 def test_conn_health_checks_turns_validation_on(dsn: str) -> None:
@@ -116,9 +121,11 @@ def test_conn_max_age_warns_and_still_pools(scratch: str) -> None:
     connections") when CONN_MAX_AGE is not 0; poolkit_django ignores it, says so in a
     system check, and returns the connection at the end of every request."""
     pool = {"min_size": 1, "max_size": 1}
-    with extra_database("native_age", scratch, engine="native", pool=pool, conn_max_age=600):
-        with pytest.raises(ImproperlyConfigured, match="doesn't support persistent"):
-            connections["native_age"].pool  # noqa: B018
+    with (
+        extra_database("native_age", scratch, engine="native", pool=pool, conn_max_age=600),
+        pytest.raises(ImproperlyConfigured, match="doesn't support persistent"),
+    ):
+        connections["native_age"].pool  # noqa: B018
 
     with extra_database("aged", scratch, pool=pool, conn_max_age=600):
         (warning,) = [m for m in run_checks() if m.id == "poolkit_django.W001"]
@@ -139,7 +146,7 @@ def test_each_request_borrows_and_returns() -> None:
     pool = get_pool("default")
     before = pool.stats()["borrows"]
 
-    status, _, body = call_wsgi("/notes", method="POST")
+    status, _, _ = call_wsgi("/notes", method="POST")
     assert status == 201
     assert pool.stats()["in_use"] == 0
     assert call_json("/notes") == {"notes": ["note"]}
@@ -162,11 +169,15 @@ def test_exhaustion_gives_503_with_retry_after(scratch: str, limit: str) -> None
     if limit == "max_waiting":
         pool.update(timeout=5, max_waiting=1)
     with extra_database("tiny", scratch, pool=pool):
-        holders = [threading.Thread(target=call_wsgi, args=("/sleep",), kwargs={"s": 1.5, "db": "tiny"})]
+        holders = [
+            threading.Thread(target=call_wsgi, args=("/sleep",), kwargs={"s": 1.5, "db": "tiny"})
+        ]
         holders[0].start()
         wait_until(lambda: "tiny" in pools() and pools()["tiny"].stats()["in_use"] == 1)
         if limit == "max_waiting":  # a second request waits in line
-            holders.append(threading.Thread(target=call_wsgi, args=("/pid",), kwargs={"db": "tiny"}))
+            holders.append(
+                threading.Thread(target=call_wsgi, args=("/pid",), kwargs={"db": "tiny"})
+            )
             holders[1].start()
             wait_until(lambda: pools()["tiny"].stats()["waiting"] == 1)
         status, headers, body = call_wsgi("/pid", db="tiny")
@@ -232,7 +243,10 @@ def test_status_command() -> None:
 
 
 def test_get_pool_without_pooling(dsn: str) -> None:
-    with extra_database("plain", dsn, pool=False), pytest.raises(ImproperlyConfigured, match="False"):
+    with (
+        extra_database("plain", dsn, pool=False),
+        pytest.raises(ImproperlyConfigured, match="False"),
+    ):
         get_pool("plain")
 
 

@@ -1,4 +1,4 @@
-"""poolkit_django behind real servers: gunicorn (sync, gthread) and uvicorn (ASGI), and the example app."""
+"""poolkit_django behind real servers: gunicorn (sync, gthread), uvicorn (ASGI), the example app."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ import pytest
 from django.core.management import call_command
 
 from tests._helpers import backend_count
-from tests.django._support import PYTHON, Server, free_port, gunicorn, run_manage, scratch_database, server_env, uvicorn
+from tests.django._support import (
+    PYTHON,
+    Server,
+    free_port,
+    gunicorn,
+    run_manage,
+    scratch_database,
+    server_env,
+    uvicorn,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +104,18 @@ def test_sync_workers_return_the_connection_after_each_request(
         assert backend_count(admin_dsn, app_name) <= 2
         # The status command can read a running server's pools through its health view.
         out = io.StringIO()
-        call_command("poolkit_status", url=f"http://127.0.0.1:{server.port}/poolkit/health", stdout=out)
+        call_command(
+            "poolkit_status", url=f"http://127.0.0.1:{server.port}/poolkit/health", stdout=out
+        )
         assert "default: ok" in out.getvalue()
         assert "in_use=0" in out.getvalue()
 
 
 def test_uvicorn_async_views(server_db: str, tmp_path: Path) -> None:
     """ASGI: async views reach the ORM through sync_to_async; every request gives back."""
-    server = uvicorn(server_db, tmp_path / "uvicorn.log", PK_POOL=json.dumps({"min_size": 1, "max_size": 4}))
+    server = uvicorn(
+        server_db, tmp_path / "uvicorn.log", PK_POOL=json.dumps({"min_size": 1, "max_size": 4})
+    )
     with server:
         before = server.json("/anotes")["count"]
         statuses = _burst(server, "/anotes", 40, 20)
@@ -131,8 +144,13 @@ def test_example_app_end_to_end(example_db: str, tmp_path: Path, mode: str) -> N
     env = server_env(example_db, DJANGO_SETTINGS_MODULE="example_apps.django_app.settings")
     with Server(argv, env, tmp_path / "example.log", port, ready_path="/") as app:
         assert app.json("/")["products"] == "/products/"
-        created = app.request_json("POST", "/products/", {"name": "tea", "price": "3.50", "stock": 5})
-        assert created == (201, {"id": created[1]["id"], "name": "tea", "price": "3.50", "stock": 5})
+        created = app.request_json(
+            "POST", "/products/", {"name": "tea", "price": "3.50", "stock": 5}
+        )
+        assert created == (
+            201,
+            {"id": created[1]["id"], "name": "tea", "price": "3.50", "stock": 5},
+        )
         tea = created[1]["id"]
         assert app.request_json("POST", "/products/", {"name": "tea", "price": "1"})[0] == 409
         assert app.json(f"/products/{tea}/")["stock"] == 5
@@ -146,10 +164,8 @@ def test_example_app_end_to_end(example_db: str, tmp_path: Path, mode: str) -> N
             {"product": tea, "quantity": 2, "price": "3.50"}
         ]
         # Too many: the order, its first line and the stock change are all rolled back.
-        status, refused = app.request_json(
-            "POST", "/orders/",
-            {"customer": "bob", "lines": [{"product": tea, "quantity": 1}, {"product": tea, "quantity": 9}]},
-        )  # fmt: skip
+        lines = [{"product": tea, "quantity": 1}, {"product": tea, "quantity": 9}]
+        status, refused = app.request_json("POST", "/orders/", {"customer": "bob", "lines": lines})
         assert status == 409 and "only 2" in refused["error"]
         assert app.json(f"/products/{tea}/")["stock"] == 3
         assert app.get(f"/orders/{placed['id'] + 1}/")[0] == 404

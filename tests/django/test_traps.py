@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -114,7 +113,12 @@ def test_trap1_connection_borrowed_in_a_helper_thread_comes_back(
     }
 
     caplog.set_level(logging.INFO, logger="poolkit")
-    with extra_database("trap1", scratch, engine=POOLKIT, pool={**pool, "leak_threshold": 0.2, "leak_capture_stack": True}):
+    with extra_database(
+        "trap1",
+        scratch,
+        engine=POOLKIT,
+        pool={**pool, "leak_threshold": 0.2, "leak_capture_stack": True},
+    ):
         ours = _helper_thread_scenario("trap1")
         assert ours == {
             "after_thread_exit": True,
@@ -129,7 +133,11 @@ def test_trap1_connection_borrowed_in_a_helper_thread_comes_back(
             executor.submit(_query_in_helper, "trap1").result()
             record = wait_until(
                 lambda: next(
-                    (r for r in caplog.records if "out for" in r.message and "'holder" in r.message),
+                    (
+                        r
+                        for r in caplog.records
+                        if "out for" in r.message and "'holder" in r.message
+                    ),
                     None,
                 ),
                 timeout=5,
@@ -145,6 +153,35 @@ def test_trap1_connection_borrowed_in_a_helper_thread_comes_back(
         returned = [r.message for r in caplog.records if "ended without closing" in r.message]
         assert returned and "alias 'trap1'" in returned[-1]
         assert pools()["trap1"].stats()["in_use"] == 0
+
+
+def test_trap1_garbage_collected_wrapper_gives_its_slot_back(
+    scratch: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DatabaseWrapper dropped without close() (a `connection.copy()`, a thread-local of a
+    thread gone without the exit hook): once it is garbage-collected the pool gets the slot
+    back and says where the connection was borrowed. The native pool loses the slot."""
+    pool = {"min_size": 0, "max_size": 1, "timeout": 1}
+    with extra_database("gc_native", scratch, engine=NATIVE, pool=pool):
+        _abandon_a_copy("gc_native")
+        assert not _can_borrow("gc_native")
+
+    with extra_database("gc", scratch, engine=POOLKIT, pool=pool):
+        _abandon_a_copy("gc")
+        wait_until(lambda: pools()["gc"].stats()["leaks_reclaimed"] == 1, timeout=5)
+        assert _can_borrow("gc")
+    (record,) = [r for r in caplog.records if "garbage-collected" in r.message]
+    assert "in _abandon_a_copy" in record.message
+
+
+def _abandon_a_copy(alias: str) -> None:
+    copy = connections[alias].copy()
+    with copy.cursor() as cur:
+        cur.execute("SELECT 1")
+    del copy, cur
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # psycopg: "deleted while still open"
+        gc.collect()
 
 
 # -- trap 2: the test database ---------------------------------------------------------
@@ -300,7 +337,9 @@ def _fork_scenario(url: str, engine: str, tmp_path: Path) -> list[str]:
     return problems
 
 
-def test_trap4_fork_gunicorn_preload(db_access: None, admin_dsn: str, dsn: str, tmp_path: Path) -> None:
+def test_trap4_fork_gunicorn_preload(
+    db_access: None, admin_dsn: str, dsn: str, tmp_path: Path
+) -> None:
     """gunicorn --preload with 2 workers, the master holding a connection at fork.
 
     Django's native pool is copied into each worker with the master's sockets: both

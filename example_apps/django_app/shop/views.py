@@ -1,4 +1,4 @@
-"""JSON views: product list/detail/create, and placing an order (several writes, one transaction)."""
+"""JSON views: product list/detail/create, and placing an order (writes in one transaction)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ def place_order(request: HttpRequest) -> JsonResponse:
                     raise Rejected(f"only {item.stock} of {item.name!r} left", 409)
                 item.stock -= quantity
                 item.save(update_fields=["stock"])
-                OrderLine.objects.create(order=order, product=item, quantity=quantity, price=item.price)
+                OrderLine.objects.create(
+                    order=order, product=item, quantity=quantity, price=item.price
+                )
     except Rejected as exc:
         return _rejected(exc)
     return JsonResponse(order.as_dict(), status=201)

@@ -188,7 +188,15 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 # Variables under the prefix that are not settings (the test suite's database, for instance).
 # POOLKIT_* variables of the test suite, benchmarks and tools: not pool settings.
-_ENV_NOT_SETTINGS: Final = ("TEST_", "PG_BINDIR", "BENCH_", "UPDATE_", "CHAOS_", "SOAK_")
+_ENV_NOT_SETTINGS: Final = (
+    "TEST_",
+    "PG_BINDIR",
+    "BENCH_",
+    "UPDATE_",
+    "CHAOS_",
+    "SOAK_",
+    "DASHBOARD",
+)
 # psycopg_pool constructor arguments accepted by from_dict() that have no PoolConfig field.
 _POOL_ONLY: Final = {
     "open": "remove it: the integration opens the pool at startup (Django, FastAPI lifespan)",

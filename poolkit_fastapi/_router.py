@@ -1,4 +1,4 @@
-"""pool_router(): a readiness check and a Prometheus metrics endpoint for the app's pools."""
+"""pool_router(): readiness, Prometheus metrics and, when enabled, the live dashboard."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ from enum import Enum
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.requests import Request
 
-from poolkit import AsyncPool, Pool, mask_conninfo, render_prometheus
+from poolkit import (
+    AsyncPool,
+    DashboardHistory,
+    Pool,
+    dashboard_html,
+    dashboard_snapshot,
+    mask_conninfo,
+    render_prometheus,
+)
 
 from ._deps import _tag
 from ._lifespan import get_pools
@@ -27,6 +35,9 @@ def pool_router(
     ready_timeout: float = 2.0,
     include_in_schema: bool = False,
     tags: Sequence[str | Enum] | None = None,
+    dashboard: bool = False,
+    dashboard_prefix: str = "/_poolkit",
+    dashboard_dependencies: Sequence[Any] = (),
 ) -> APIRouter:
     """Routes for operators: `GET {prefix}/ready` and `GET {prefix}/metrics`.
 
@@ -34,6 +45,11 @@ def pool_router(
     `SELECT 1` within `ready_timeout` seconds, else 503 with the failing pools. The
     metrics endpoint serves the Prometheus text format (OpenTelemetry
     `db.client.connection.*` names, hold time per route); it needs prometheus-client.
+
+    With `dashboard=True`, also the live dashboard: the page at `GET {dashboard_prefix}/`
+    and the JSON it polls at `GET {dashboard_prefix}/data`, never in the OpenAPI schema.
+    It shows code sites and pool state: guard it with `dashboard_dependencies`, such as
+    `[Depends(require_operator)]`, applied to both routes.
     """
     router = APIRouter(prefix=prefix, tags=list(tags or []), include_in_schema=include_in_schema)
 
@@ -64,7 +80,32 @@ def pool_router(
 
     router.add_api_route(ready_path, ready, methods=["GET"], name="poolkit_ready")
     router.add_api_route(metrics_path, metrics, methods=["GET"], name="poolkit_metrics")
+    if dashboard:
+        _add_dashboard(router, dashboard_prefix.rstrip("/"), list(dashboard_dependencies))
     return router
+
+
+def _add_dashboard(router: APIRouter, prefix: str, dependencies: list[Any]) -> None:
+    # Sampled by each snapshot, not by a thread: nothing to start or stop with the app,
+    # nothing lost across a fork; the chart fills while the page is open.
+    history = DashboardHistory(interval=1.0, window=300.0)
+    html = dashboard_html()
+
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    async def data(request: Request) -> JSONResponse:
+        # Counters and lists only, no I/O: fine on the event loop.
+        snapshot = dashboard_snapshot(get_pools(request).by_name(), history)
+        return JSONResponse(snapshot, headers={"Cache-Control": "no-store"})
+
+    options: dict[str, Any] = {
+        "methods": ["GET"],
+        "dependencies": dependencies,
+        "include_in_schema": False,
+    }
+    router.add_api_route(f"{prefix}/", page, name="poolkit_dashboard", **options)
+    router.add_api_route(f"{prefix}/data", data, name="poolkit_dashboard_data", **options)
 
 
 # Checks still running after their answer was given up on; referenced until they end.

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +17,10 @@ import httpx
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 
-from poolkit import AsyncPool, Pool, PoolTimeout
-from poolkit._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
-from tests._helpers import terminate_backends, wait_until
+from poolkit import DashboardHistory, Pool, dashboard_html, dashboard_snapshot
+from tests._helpers import wait_until
+from tests.test_example_fastapi import ExampleProcess, example_env, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -129,115 +123,30 @@ def test_html_is_self_contained() -> None:
     assert 'content="/ops/pool&quot;data"' in custom
 
 
-# -- a live app ------------------------------------------------------------------------
-
-
-class LiveApp:
-    """A Starlette app on uvicorn in a thread: an AsyncPool borrowed per request, the
-    dashboard mounted at /_poolkit/, holds released on demand."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.pool: AsyncPool[Any] | None = None
-        self.history: DashboardHistory | None = None
-        self.release: asyncio.Event | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    @asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        pool: AsyncPool[Any] = AsyncPool(
-            self.dsn, min_size=2, max_size=MAX_SIZE, timeout=20.0, leak_threshold=1.0,
-            name="web", open=False,
-        )  # fmt: skip
-        pool.housekeeping_interval = 0.2
-        await pool.open(wait=True)
-        self.pool, self.loop, self.release = pool, asyncio.get_running_loop(), asyncio.Event()
-        self.history = DashboardHistory({"web": pool}, interval=0.25, window=60.0)
-        self.history.start()
-        try:
-            yield
-        finally:
-            self.history.stop()
-            await pool.close(timeout=2.0)
-
-    async def query(self, request: Request) -> Response:
-        assert self.pool is not None
-        path, seconds = request.url.path, float(request.query_params.get("s", "0.002"))
-        try:
-            async with self.pool.connection(tag=path) as conn:
-                await conn.execute("SELECT pg_sleep(%s)", (seconds,))
-        except PoolTimeout:
-            return PlainTextResponse("busy", status_code=503, headers={"Retry-After": "1"})
-        except psycopg.OperationalError:
-            return PlainTextResponse("database unavailable", status_code=503)
-        return PlainTextResponse("ok")
-
-    async def hold(self, request: Request) -> Response:
-        assert self.pool is not None and self.release is not None
-        async with self.pool.connection(tag="/hold"):
-            await self.release.wait()
-        return PlainTextResponse("released")
-
-    async def impatient(self, request: Request) -> Response:
-        assert self.pool is not None
-        try:
-            async with self.pool.connection(timeout=0.1, tag="/impatient"):
-                pass
-        except PoolTimeout:
-            return PlainTextResponse("busy", status_code=503, headers={"Retry-After": "1"})
-        return PlainTextResponse("ok")
-
-    async def page(self, request: Request) -> Response:
-        return HTMLResponse(dashboard_html())
-
-    async def data(self, request: Request) -> Response:
-        assert self.pool is not None
-        return JSONResponse(dashboard_snapshot({"web": self.pool}, self.history))
-
-    def app(self) -> Starlette:
-        return Starlette(
-            routes=[
-                Route("/orders", self.query),
-                Route("/report", self.query),
-                Route("/hold", self.hold),
-                Route("/impatient", self.impatient),
-                Route("/_poolkit/", self.page),
-                Route("/_poolkit/data", self.data),
-            ],
-            lifespan=self.lifespan,
-        )
-
-    def do_release(self) -> None:
-        assert self.loop is not None and self.release is not None
-        self.loop.call_soon_threadsafe(self.release.set)
+# -- the example app, live ----------------------------------------------------------------
 
 
 @pytest.fixture
-def live_app(app_dsn: str) -> Iterator[LiveApp]:
-    import uvicorn
-
-    live = LiveApp(app_dsn)
-    config = uvicorn.Config(
-        live.app(), host="127.0.0.1", port=live.port, log_level="warning", lifespan="on",
-        ws="none", access_log=False,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
+def example_app(dsn: str, app_name: str) -> Iterator[tuple[ExampleProcess, str]]:
+    """The FastAPI example (`python -m example_apps.fastapi_app`) with its dashboard on."""
+    env = example_env(
+        DATABASE_URL=dsn,
+        POOLKIT_DASHBOARD="1",
+        POOLKIT_APPLICATION_NAME=app_name,
+        POOLKIT_MIN_SIZE="2",
+        POOLKIT_MAX_SIZE=str(MAX_SIZE),
+        POOLKIT_TIMEOUT="60",  # nobody times out while the test holds the pool
+        POOLKIT_LEAK_THRESHOLD="1",
+    )
+    proc = ExampleProcess(ROOT, env, app_name)
     try:
-        wait_until(lambda: server.started or not thread.is_alive(), timeout=30, what="uvicorn")
-        assert server.started, "uvicorn did not start (see the log above)"
-        yield live
+        url = proc.url()
+        with httpx.Client(base_url=url, timeout=30) as client:
+            wait_ready(client, proc)
+        assert f"pool dashboard: {url}/_poolkit/" in proc.output
+        yield proc, url
     finally:
-        if live.loop is not None and live.release is not None:
-            live.do_release()
-        server.should_exit = True
-        thread.join(15)
-        assert not thread.is_alive(), "uvicorn did not stop"
+        proc.stop()
 
 
 def _chromium() -> tuple[str, str]:
@@ -278,18 +187,22 @@ def browser() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _load(url: str, paths: list[str], until: float, errors: list[str]) -> None:
+def _load(url: str, note_id: int, worker: int, until: float, errors: list[str]) -> None:
+    """One client of the example app until `until`: writes, reads, lists, a `def` route."""
     with httpx.Client(base_url=url, timeout=30) as client:
         i = 0
         while time.monotonic() < until:
-            path = paths[i % len(paths)]
             i += 1
             try:
-                r = client.get(path)
-                if r.status_code not in (200, 503):
-                    errors.append(f"{path}: HTTP {r.status_code}")
+                if i % 4 == 0:
+                    body = {"title": f"load {worker}-{i}", "tags": ["load"]}
+                    r = client.post("/notes", json=body)
+                else:
+                    r = client.get(("/notes?limit=5", f"/notes/{note_id}", "/stats")[i % 4 - 1])
+                if r.status_code not in (200, 201, 503):
+                    errors.append(f"{r.request.url.path}: HTTP {r.status_code}: {r.text[:200]}")
             except httpx.HTTPError as exc:
-                errors.append(f"{path}: {exc!r}")
+                errors.append(f"{exc!r}")
 
 
 def _shown(driver: Any, pool_key: str) -> dict[str, Any]:
@@ -329,79 +242,142 @@ def _shown(driver: Any, pool_key: str) -> dict[str, Any]:
     )
 
 
+STATS_SHOWN = (
+    "size", "in_use", "idle", "waiting", "borrows", "timeouts", "connections_lost",
+    "leaks_detected",
+)  # fmt: skip
+
+
+def _stats(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: item["stats"][k] for k in STATS_SHOWN}
+
+
+def _refreshed(driver: Any, keys: list[str], since: float) -> dict[str, Any] | None:
+    """What the page shows for each pool once it has refreshed after `since`, else None."""
+    shown = {k: _shown(driver, k) for k in keys}
+    if all(v and v["generatedAt"] > since for v in shown.values()):
+        return shown
+    return None
+
+
+def _shown_and_served(driver: Any, client: httpx.Client) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the page shows for every pool, with the snapshot it must equal.
+
+    The page refreshes itself every second: a refresh taken between two snapshots with
+    equal stats must show exactly those stats.
+    """
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        before = client.get("/_poolkit/data").json()
+        keys = [item["key"] for item in before["pools"]]
+        shown = wait_until(
+            functools.partial(_refreshed, driver, keys, before["generated_at"]),
+            timeout=15,
+            what="the page to refresh",
+        )
+        served = {i["key"]: i for i in client.get("/_poolkit/data").json()["pools"]}
+        if {k: _stats(i) for k, i in served.items()} == {
+            i["key"]: _stats(i) for i in before["pools"]
+        }:
+            return shown, served
+    raise AssertionError("the pool stats did not stay still for one page refresh in 30 s")
+
+
 @pytest.mark.slow
 @pytest.mark.timing
 def test_dashboard_in_chromium_matches_stats(
-    live_app: LiveApp, browser: Any, admin_dsn: str, app_name: str, dsn: str
+    example_app: tuple[ExampleProcess, str], browser: Any, admin_dsn: str, dsn: str
 ) -> None:
-    browser.get(live_app.url + "/_poolkit/")
-    wait_until(lambda: _shown(browser, "web"), timeout=15, what="the pool section to render")
-    pool = live_app.pool
-    assert pool is not None
+    proc, url = example_app
+    with httpx.Client(base_url=url, timeout=30) as client:
+        page = client.get("/_poolkit/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        note = client.post("/notes", json={"title": "dashboard", "tags": ["ops"]})
+        assert note.status_code == 201, note.text
+        browser.get(url + "/_poolkit/")
+        data = client.get("/_poolkit/data").json()
+        (key,) = [p["key"] for p in data["pools"] if p["config"]["max_size"] == MAX_SIZE]
+        wait_until(lambda: _shown(browser, key), timeout=15, what="the pool section to render")
 
-    # 1. load: more concurrent clients than connections, two routes with different holds,
-    # and every backend killed halfway through.
-    errors: list[str] = []
-    until = time.monotonic() + 4.0
-    paths = [["/orders"], ["/orders"], ["/report?s=0.02"], ["/orders", "/report?s=0.01"]] * 2
-    workers = [threading.Thread(target=_load, args=(live_app.url, p, until, errors)) for p in paths]
-    for w in workers:
-        w.start()
-    wait_until(lambda: pool.stats()["borrows"] > 200, timeout=20, what="load to get going")
-    assert terminate_backends(admin_dsn, application_name=app_name)
-    for w in workers:
-        w.join(30)
-    assert not errors, errors[:5]
-    wait_until(lambda: pool.stats()["connections_lost"] >= 1, what="the loss to be seen")
+        # 1. load: twice as many clients as connections, on the example's own routes
+        # (async and `def`), bounded in time; the page keeps refreshing meanwhile.
+        errors: list[str] = []
+        until = time.monotonic() + 4.0
+        workers = [
+            threading.Thread(target=_load, args=(url, note.json()["id"], i, until, errors))
+            for i in range(2 * MAX_SIZE)
+        ]
+        for w in workers:
+            w.start()
+        wait_until(
+            lambda: (_shown(browser, key) or {}).get("stats", {}).get("borrows", 0) > 50,
+            timeout=20,
+            what="the page to show the load",
+        )
+        for w in workers:
+            w.join(30)
+        assert not any(w.is_alive() for w in workers), "the load did not stop"
+        assert not errors, errors[:5]
 
-    # 2. freeze: every connection held, two more requests queued, one request timed out.
-    leaks_before = pool.stats()["leaks_detected"]
-    holders = [
-        threading.Thread(target=httpx.get, args=(live_app.url + "/hold",), kwargs={"timeout": 60})
-        for _ in range(MAX_SIZE + 2)
-    ]
-    for h in holders:
-        h.start()
+        # 2. freeze: the notes table locked, so MAX_SIZE requests hold every connection
+        # (leak suspects after 1 s) and two more wait; nothing moves until it is unlocked.
+        with psycopg.connect(admin_dsn) as lock:
+            lock.execute("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")
+            holders = [
+                threading.Thread(target=httpx.get, args=(url + "/notes",), kwargs={"timeout": 90})
+                for _ in range(MAX_SIZE + 2)
+            ]
+            for h in holders:
+                h.start()
+            try:
+                _check_frozen_page(browser, client, key, dsn)
+            finally:
+                lock.rollback()
+                for h in holders:
+                    h.join(60)
+        assert not any(h.is_alive() for h in holders), "the held requests did not end"
+        wait_until(
+            lambda: (st := _served(client, key)["stats"])["in_use"] == 0 and st["waiting"] == 0,
+            timeout=20,
+            what="every held request to end",
+        )
+    assert proc.proc.poll() is None, f"the example exited:\n{proc.output}"
+
+
+def _served(client: httpx.Client, key: str) -> dict[str, Any]:
+    data = client.get("/_poolkit/data").json()
+    return next(p for p in data["pools"] if p["key"] == key)
+
+
+def _check_frozen_page(browser: Any, client: httpx.Client, key: str, dsn: str) -> None:
     wait_until(
-        lambda: pool.stats()["in_use"] == MAX_SIZE and pool.stats()["waiting"] == 2,
+        lambda: (
+            (st := _served(client, key)["stats"])["in_use"] == MAX_SIZE
+            and st["waiting"] == 2
+            and st["leaks_detected"] >= MAX_SIZE
+        ),
         timeout=20,
-        what="a saturated pool with two waiters",
+        what="a saturated pool with two waiters and the holds seen as leak suspects",
     )
-    assert httpx.get(live_app.url + "/impatient", timeout=10).status_code == 503
-    wait_until(
-        lambda: pool.stats()["leaks_detected"] == leaks_before + MAX_SIZE,
-        timeout=10,
-        what="the held borrows to pass leak_threshold",
-    )
-    frozen_at = time.time()
-    shown = wait_until(
-        lambda: (s := _shown(browser, "web")) and s["generatedAt"] > frozen_at + 0.3 and s,
-        timeout=15,
-        what="a refresh after the freeze",
-    )
-    st = pool.stats()
-    for key in (
-        "size", "in_use", "idle", "waiting", "borrows", "timeouts", "connections_lost",
-        "leaks_detected",
-    ):  # fmt: skip
-        assert shown["stats"][key] == st[key], (key, shown["stats"], st)
-    assert shown["stats"]["in_use"] == MAX_SIZE and shown["stats"]["waiting"] == 2
-    borrowed = pool.borrowed()
-    assert len(shown["borrowed"]) == len(borrowed) == MAX_SIZE
-    assert all(b["suspect"] for b in shown["borrowed"])
-    assert all(b["tag"] == "/hold" for b in shown["borrowed"])
-    assert all("test_dashboard_browser.py" in b["site"] for b in shown["borrowed"])
-    tags = pool.hold_time_by_tag()
-    for route in ("/orders", "/report"):
-        assert shown["tags"][route] == tags[route].count > 0
-    assert {"connection-lost", "timeout", "leak-suspect"} <= set(shown["events"])
-    assert all(v > 500 for v in shown["ink"].values()), shown["ink"]  # charts were drawn
-    assert shown["status"].startswith("updated")
+    shown, served = _shown_and_served(browser, client)
+    assert set(shown) == set(served) and len(served) == 2  # the async pool and the sync one
+    for name, item in served.items():
+        assert shown[name]["stats"] == _stats(item), (name, shown[name]["stats"], item["stats"])
+        assert shown[name]["tags"] == {t["tag"]: t["count"] for t in item["top_tags"]}, name
+    main = served[key]
+    assert shown[key]["stats"]["in_use"] == MAX_SIZE and shown[key]["stats"]["waiting"] == 2
+    assert shown[key]["stats"]["borrows"] > 50
+    assert shown[key]["tags"]["POST /notes"] > 0 and shown[key]["tags"]["GET /notes/{note_id}"] > 0
+    assert len(shown[key]["borrowed"]) == len(main["borrowed"]) == MAX_SIZE
+    assert all(b["suspect"] and b["tag"] == "GET /notes" for b in shown[key]["borrowed"])
+    assert "leak-suspect" in shown[key]["events"]
+    assert all(v > 500 for v in shown[key]["ink"].values()), shown[key]["ink"]  # charts drawn
+    assert shown[key]["status"].startswith("updated")
 
-    # 3. no password anywhere the browser can see
+    # no password anywhere the browser can see
     secret = _password(dsn)
     assert secret not in browser.page_source
-    assert secret not in httpx.get(live_app.url + "/_poolkit/data", timeout=10).text
+    assert secret not in client.get("/_poolkit/data").text
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
@@ -410,8 +386,3 @@ def test_dashboard_in_chromium_matches_stats(
     if os.environ.get("POOLKIT_UPDATE_DOCS_SCREENSHOT") or not DOCS_SCREENSHOT.exists():
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS_SCREENSHOT)
-
-    live_app.do_release()
-    for h in holders:
-        h.join(30)
-    wait_until(lambda: pool.stats()["in_use"] == 0, what="every hold to end")

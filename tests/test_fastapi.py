@@ -758,3 +758,74 @@ async def test_metrics_report_pools_and_hold_time_per_route(
         )
         assert 'route="POST /sync/items"' in text
         assert set(get_pools(state).get().hold_time_by_tag()) >= {"POST /async/items"}
+
+
+# ---- The dashboard ------------------------------------------------------------------------------
+
+
+def _dashboard_app(lifespan: PoolLifespan, **options: Any) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(pool_router(**options))
+
+    @app.get("/work")
+    async def work(conn: Conn) -> dict[str, Any]:
+        await conn.execute("SELECT 1")
+        return {}
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_dashboard_is_off_by_default(app_dsn: str) -> None:
+    async with serve(_dashboard_app(lifespan_for(app_dsn))) as (client, _):
+        assert (await client.get("/ready")).status_code == 200
+        for path in ("/_poolkit/", "/_poolkit/data"):
+            assert (await client.get(path)).status_code == 404, path
+
+
+@pytest.mark.anyio
+async def test_dashboard_page_and_data_match_stats(app_dsn: str, dsn: str) -> None:
+    password = psycopg.conninfo.conninfo_to_dict(dsn).get("password")
+    assert password, "the test server must use a password, or the masking check proves nothing"
+    lifespan = PoolLifespan(app_dsn, sync_pools=app_dsn)
+    async with serve(_dashboard_app(lifespan, dashboard=True)) as (client, state):
+        assert (await client.get("/work")).status_code == 200
+        page = await client.get("/_poolkit/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "<canvas" in page.text and password not in page.text
+        r = await client.get("/_poolkit/data")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        assert password not in r.text
+        pools = get_pools(state).by_name()
+        items = {item["key"]: item for item in r.json()["pools"]}
+        assert set(items) == set(pools) == {"default", "default-sync"}
+        for name, pool in pools.items():
+            assert set(items[name]["stats"]) == set(pool.stats()), name
+            assert "***" in items[name]["conninfo"]
+        assert items["default"]["stats"]["borrows"] == pools["default"].stats()["borrows"] >= 1
+        assert items["default"]["history"]["t"], "each snapshot samples the history"
+        # Operator pages stay out of the API's schema.
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert not [p for p in paths if p.startswith("/_poolkit")]
+
+
+async def require_operator(request: Request) -> None:
+    if request.headers.get("x-operator") != "yes":
+        raise HTTPException(403, "operators only")
+
+
+@pytest.mark.anyio
+async def test_dashboard_dependencies_guard_it(app_dsn: str) -> None:
+    app = _dashboard_app(
+        lifespan_for(app_dsn),
+        dashboard=True,
+        dashboard_prefix="/ops/pool/",
+        dashboard_dependencies=[Depends(require_operator)],
+    )
+    async with serve(app) as (client, _):
+        for path in ("/ops/pool/", "/ops/pool/data"):
+            assert (await client.get(path)).status_code == 403, path
+            r = await client.get(path, headers={"X-Operator": "yes"})
+            assert r.status_code == 200, (path, r.text)
+        assert (await client.get("/ready")).status_code == 200  # the guard is the dashboard's

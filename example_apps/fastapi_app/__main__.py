@@ -12,7 +12,7 @@ import uvicorn
 from example_apps._embedded_pg import ensure_server
 from poolkit import mask_conninfo
 
-from .app import DATA_DIR, create_app
+from .app import DASHBOARD_PREFIX, DATA_DIR, create_app, dashboard_enabled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     print(f"database: {mask_conninfo(url)}", flush=True)
     print(f"serving on http://{host}:{port} (API docs: http://{host}:{port}/docs)", flush=True)
+    if dashboard_enabled():
+        print(f"pool dashboard: http://{host}:{port}{DASHBOARD_PREFIX}/", flush=True)
     config = uvicorn.Config(create_app(url), log_level="info", timeout_graceful_shutdown=30)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

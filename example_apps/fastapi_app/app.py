@@ -21,7 +21,7 @@ from example_apps._embedded_pg import ensure_server
 from poolkit import PoolConfig
 from poolkit_fastapi import Conn, PoolLifespan, StreamConn, SyncConn, get_pools, pool_router
 
-__all__ = ["DATA_DIR", "app", "create_app", "pool_config"]
+__all__ = ["DASHBOARD_PREFIX", "DATA_DIR", "app", "create_app", "dashboard_enabled", "pool_config"]
 
 # Where the embedded server lives when DATABASE_URL is not set (git-ignored).
 DATA_DIR = Path(".poolkit/pgdata")
@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # Variables under POOLKIT_ that configure the embedded server, not the pool.
 _NOT_POOL_SETTINGS = ("POOLKIT_PG_BINDIR",)
+# The live pool dashboard, served when POOLKIT_DASHBOARD=1.
+DASHBOARD_PREFIX = "/_poolkit"
 
 
 class NoteIn(BaseModel):
@@ -95,6 +97,11 @@ def pool_config(url: str) -> PoolConfig:
     return PoolConfig.from_env(env, conninfo=url, **defaults)
 
 
+def dashboard_enabled() -> bool:
+    """Whether POOLKIT_DASHBOARD asks for the dashboard (off unless set to 1/true/yes/on)."""
+    return os.environ.get("POOLKIT_DASHBOARD", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def create_app(database_url: str | None = None) -> FastAPI:
     """The notes app on `database_url`, else $DATABASE_URL, else an embedded server."""
 
@@ -114,7 +121,9 @@ def create_app(database_url: str | None = None) -> FastAPI:
             yield state
 
     app = FastAPI(title="poolkit notes", lifespan=lifespan)
-    app.include_router(pool_router(), tags=["operations"])
+    # A real app guards the dashboard with its own auth: dashboard_dependencies=[Depends(...)].
+    router = pool_router(dashboard=dashboard_enabled(), dashboard_prefix=DASHBOARD_PREFIX)
+    app.include_router(router, tags=["operations"])
 
     @app.post("/notes", status_code=201)
     async def create_note(note: NoteIn, conn: Conn) -> Note:

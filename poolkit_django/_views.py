@@ -1,4 +1,4 @@
-"""Health and Prometheus metrics views for the pools of this process."""
+"""Health, Prometheus metrics and dashboard views for the pools of this process."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import logging
 from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.utils.module_loading import import_string
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from poolkit import PoolTimeout
+from poolkit._dashboard import DashboardHistory, dashboard_html, snapshot_json
 
 from ._options import is_ours
 from ._registry import get_pool, pools
@@ -81,3 +83,43 @@ def metrics(request: HttpRequest) -> HttpResponse:
     except ImportError as exc:  # poolkit without the prometheus extra
         return HttpResponse(f"{exc}\n", status=501, content_type="text/plain; charset=utf-8")
     return HttpResponse(body, content_type=content_type)
+
+
+_history = DashboardHistory(pools, interval=1.0, window=300.0)
+
+
+def _dashboard_allowed(request: HttpRequest) -> HttpResponse | None:
+    """None when the dashboard may be shown; else the 404/403 to answer.
+
+    Off unless ``POOLKIT_DASHBOARD = True``. ``POOLKIT_DASHBOARD_CHECK`` may name a
+    callable ``(request) -> bool`` (a dotted path, or the callable itself), such as a
+    staff or permission check, to put it behind the app's own auth.
+    """
+    if not getattr(settings, "POOLKIT_DASHBOARD", False):
+        raise Http404("the poolkit dashboard is off: set POOLKIT_DASHBOARD = True")
+    check: Any = getattr(settings, "POOLKIT_DASHBOARD_CHECK", None)
+    if isinstance(check, str):
+        check = import_string(check)
+    if check is not None and not check(request):
+        return HttpResponse("forbidden\n", status=403, content_type="text/plain")
+    return None
+
+
+@never_cache
+@require_GET
+def dashboard(request: HttpRequest) -> HttpResponse:
+    """The live pool dashboard page (refreshes itself from ``dashboard/data``)."""
+    denied = _dashboard_allowed(request)
+    if denied is not None:
+        return denied
+    return HttpResponse(dashboard_html(), content_type="text/html; charset=utf-8")
+
+
+@never_cache
+@require_GET
+def dashboard_data(request: HttpRequest) -> HttpResponse:
+    """The dashboard's JSON snapshot of this process's pools (passwords masked)."""
+    denied = _dashboard_allowed(request)
+    if denied is not None:
+        return denied
+    return HttpResponse(snapshot_json(pools(), _history), content_type="application/json")

@@ -1,4 +1,4 @@
-"""URLs for the health and metrics views: ``path("poolkit/", include("poolkit_django.urls"))``."""
+"""URLs for health, metrics and dashboard: ``path("poolkit/", include("poolkit_django.urls"))``."""
 
 from __future__ import annotations
 
@@ -11,4 +11,7 @@ app_name = "poolkit"
 urlpatterns = [
     path("health", _views.health, name="health"),
     path("metrics", _views.metrics, name="metrics"),
+    # Off (404) unless settings.POOLKIT_DASHBOARD is True.
+    path("dashboard/", _views.dashboard, name="dashboard"),
+    path("dashboard/data", _views.dashboard_data, name="dashboard-data"),
 ]

@@ -20,7 +20,15 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
-from ._base import PEEK_AFTER, SKIP_PREFIXES, PoolCore, borrow_frame, leak_logger, logger
+from ._base import (
+    OWNER,
+    PEEK_AFTER,
+    SKIP_PREFIXES,
+    PoolCore,
+    borrow_frame,
+    leak_logger,
+    logger,
+)
 from ._config import PoolConfig, mask_conninfo
 from ._conn import (
     build_config,
@@ -636,10 +644,16 @@ class Pool(PoolCore, ConnectionPool[CT]):
             self._waiting.clear()
             for w in waiting:
                 w.fail_now(PoolClosed(f"the pool {self.name!r} is closing"))
-        if self._pk_borrowed and timeout > 0:
-            self._pk_drained.wait(timeout)
+        # The caller's own borrows cannot come back while it waits here: wait for others'.
+        me = _get_ident()
+        deadline = monotonic() + timeout
+        while (left := deadline - monotonic()) > 0 and any(
+            r[OWNER] != me for r in list(self._pk_borrowed.values())
+        ):
+            self._pk_drained.wait(min(left, 0.05))
         if self._pk_borrowed:
-            leak_logger.warning(
+            # close(timeout=0) means "now": worth a note, not a warning.
+            (leak_logger.warning if timeout > 0 else leak_logger.info)(
                 "pool %r: closing with %d connection(s) still borrowed after a %.1f s drain: %s",
                 self.name,
                 len(self._pk_borrowed),

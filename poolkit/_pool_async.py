@@ -20,7 +20,15 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask, Schedule
 
-from ._base import PEEK_AFTER, SKIP_PREFIXES, PoolCore, borrow_frame, leak_logger, logger
+from ._base import (
+    PEEK_AFTER,
+    SKIP_PREFIXES,
+    TASK,
+    PoolCore,
+    borrow_frame,
+    leak_logger,
+    logger,
+)
 from ._config import PoolConfig, mask_conninfo
 from ._conn import (
     build_config,
@@ -600,11 +608,17 @@ class AsyncPool(PoolCore, AsyncConnectionPool[ACT]):
         self._waiting.clear()
         for w in waiting:
             w.fail_now(PoolClosed(f"the pool {self.name!r} is closing"))
-        if self._pk_borrowed and timeout > 0:
+        # The caller's own borrows cannot come back while it waits here: wait for others'.
+        me = asyncio.current_task()
+        deadline = monotonic() + timeout
+        while (left := deadline - monotonic()) > 0 and any(
+            r[TASK] is not me for r in list(self._pk_borrowed.values())
+        ):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pk_drained.wait(), timeout)
+                await asyncio.wait_for(self._pk_drained.wait(), min(left, 0.05))
         if self._pk_borrowed:
-            leak_logger.warning(
+            # close(timeout=0) means "now": worth a note, not a warning.
+            (leak_logger.warning if timeout > 0 else leak_logger.info)(
                 "pool %r: closing with %d connection(s) still borrowed after a %.1f s drain: %s",
                 self.name,
                 len(self._pk_borrowed),

@@ -137,10 +137,8 @@ CASES: dict[str, Case] = {
 }  # fmt: skip
 
 # Known gaps: each one is a bug report; the marker goes away with the fix.
-KNOWN_GAPS = {
-    "django-connect-arg-typo": "poolkit_django validates OPTIONS['pool'] at startup (AppConfig"
-    ".ready) but the other OPTIONS keys, the connect arguments, only at the first connection",
-}
+# Cases expected to fail for a known reason (strict xfail: fixing one turns it red).
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -515,3 +515,13 @@ def test_fork_rebuild_is_safe_under_concurrent_first_borrows(make_pool: MakePool
         _, status = os.waitpid(pid, 0)
         bad += os.WEXITSTATUS(status) != 0
     assert bad == 0
+
+
+def test_close_does_not_wait_for_the_callers_own_borrow(make_pool: MakePool) -> None:
+    pool = make_pool(drain_timeout=60.0)
+    conn = pool.getconn()  # this thread holds it: it cannot come back while close() waits
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 30.0
+    pool.putconn(conn)
+    assert conn.closed

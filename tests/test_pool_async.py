@@ -547,3 +547,13 @@ async def test_fork_rebuild_is_safe_under_concurrent_first_borrows(make_pool: Ma
         _, status = await asyncio.to_thread(os.waitpid, pid, 0)
         bad += os.WEXITSTATUS(status) != 0
     assert bad == 0
+
+
+async def test_close_does_not_wait_for_the_callers_own_borrow(make_pool: MakePool) -> None:
+    pool = await make_pool(drain_timeout=60.0)
+    conn = await pool.getconn()  # this task holds it: it cannot come back while close() waits
+    t0 = time.monotonic()
+    await pool.close()
+    assert time.monotonic() - t0 < 30.0
+    await pool.putconn(conn)
+    assert conn.closed

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,12 @@ def ping_view(request: Any) -> Any:
     return HttpResponse(b"ok")
 
 
+def pid_view(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse(str(os.getpid()).encode())
+
+
 def _configure() -> Any:
     """Settings for $BENCH_DJANGO_APP; returns Django's WSGI handler."""
     import django
@@ -140,6 +147,7 @@ def __getattr__(name: str) -> Any:
 
         patterns = [
             path("ping", ping_view),
+            path("pid", pid_view),
             path("select", select_view),
             path("insert", insert_view),
         ]
@@ -196,6 +204,22 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Any, timeout: floa
     raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
 
+def _worker_pid(url: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/pid", timeout=10) as resp:
+        return int(resp.read())
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc; 0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _server_dsn() -> str:
     dsn = os.environ.get("POOLKIT_BENCH_DSN")
     if dsn:
@@ -222,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id bigserial PRIMARY KEY, app text)")
         conn.execute(f"TRUNCATE {TABLE}")
     results: dict[tuple[str, str], list[Result]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(gunicorn_server(name, dsn)) for name in APPS}
+        workers = {name: _worker_pid(url) for name, url in urls.items()}
         names = list(APPS)
         for round_no in range(args.rounds):
             for view, path in VIEWS.items():
@@ -232,21 +258,30 @@ def main(argv: list[str] | None = None) -> int:
                 for name in names[shift:] + names[:shift]:
                     url = urls[name] + path
                     load(url, CONNS, args.warmup, method="GET")
+                    cpu0 = _cpu_seconds(workers[name])
                     result = load(url, CONNS, args.duration, method="GET")
+                    used = _cpu_seconds(workers[name]) - cpu0
+                    per_request = used / result.requests if result.requests else 0.0
                     results.setdefault((name, view), []).append(result)
+                    cpu.setdefault((name, view), []).append(per_request)
                     print(
                         f"# round {round_no + 1} {name} {view}: {result.rps:.0f} req/s, "
                         f"p50 {fmt_ms(result.p50)} ms, p99 {fmt_ms(result.p99)} ms, "
-                        f"{result.errors} errors",
+                        f"{per_request * 1e6:.0f} us CPU/request, {result.errors} errors",
                         file=sys.stderr,
                         flush=True,
                     )
                     time.sleep(0.2)
-    print(report(results, args, dsn))
+    print(report(results, cpu, args, dsn))
     return 0
 
 
-def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespace, dsn: str) -> str:
+def report(
+    results: dict[tuple[str, str], list[Result]],
+    cpu: dict[tuple[str, str], list[float]],
+    args: argparse.Namespace,
+    dsn: str,
+) -> str:
     from poolkit import mask_conninfo
 
     pin = pinning()
@@ -254,22 +289,28 @@ def report(results: dict[tuple[str, str], list[Result]], args: argparse.Namespac
         f"Django over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; gunicorn 1 "
         f"gthread worker x {THREADS} threads{' on CPU 0' if pin else ''}, {load_tool()} 1 thread"
         f"{' on CPU 1' if pin else ''}, {CONNS} connections; pools of {POOL_SIZE}; "
-        f"{args.rounds} interleaved rounds of {args.duration} s. req/s, p50 and p99 are medians "
-        "over the rounds; ratios are medians of per-round ratios to Django's native pool.",
+        f"{args.rounds} interleaved rounds of {args.duration} s. req/s, p50, p99 and CPU "
+        "(the worker's user+system time per request) are medians over the rounds; ratios "
+        "are medians of per-round ratios to Django's native pool.",
         "",
-        "| view | configuration | req/s | p50 ms | p99 ms | errors | req/s vs native pool "
-        "| p99 vs native pool | req/s range |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| view | configuration | req/s | p50 ms | p99 ms | CPU µs/req | errors "
+        "| req/s vs native | p99 vs native | CPU vs native | req/s range |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for view in VIEWS:
         base = results[(BASELINE, view)]
+        base_cpu = cpu[(BASELINE, view)]
         for name in APPS:
             runs = results[(name, view)]
             r = summarize(runs)
+            per_req = statistics.median(cpu[(name, view)])
+            cpu_ratio = statistics.median(
+                a / b for a, b in zip(cpu[(name, view)], base_cpu, strict=True) if b
+            )
             lines.append(
                 f"| {view} | {name} | {r.rps:.0f} | {fmt_ms(r.p50)} | {fmt_ms(r.p99)} | "
-                f"{r.errors} | {paired_ratio(runs, base)} | {paired_ratio(runs, base, 'p99')} | "
-                f"{spread(runs)} |"
+                f"{per_req * 1e6:.0f} | {r.errors} | {paired_ratio(runs, base)} | "
+                f"{paired_ratio(runs, base, 'p99')} | {cpu_ratio:.2f}x | {spread(runs)} |"
             )
     lines.append("")
     for view in VIEWS:

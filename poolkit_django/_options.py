@@ -78,6 +78,14 @@ def _build(alias: str, raw: Any, health: bool) -> PoolConfig | None:
     return config
 
 
+def check_connect_arguments(alias: str, config: PoolConfig, wrapper: Any) -> None:
+    """Validate the connection arguments Django will pass (OPTIONS keys included)."""
+    try:
+        config.replace(kwargs={**wrapper.get_connection_params(), "autocommit": True})
+    except ConfigError as exc:
+        raise rename_kwargs_error(alias, exc) from None
+
+
 def rename_kwargs_error(alias: str, exc: ConfigError) -> ImproperlyConfigured:
     """A ConfigError about a connection argument, reported under DATABASES[alias]['OPTIONS']."""
     setting = exc.setting

@@ -11,13 +11,18 @@ class PoolkitDjangoConfig(AppConfig):
     verbose_name = "poolkit connection pools"
 
     def ready(self) -> None:
+        from django.db import connections
+
         from . import _checks, _middleware
-        from ._options import is_ours, pool_config
+        from ._options import check_connect_arguments, is_ours, pool_config
 
         _checks.register()
         _middleware.connect_signals()
-        # Bad pool settings fail at startup (an ImproperlyConfigured naming the key),
-        # not at the first request.
+        # Bad settings fail at startup (an ImproperlyConfigured naming the key), not at
+        # the first request: the pool's and the connection arguments in OPTIONS.
         for alias, db in settings.DATABASES.items():
             if is_ours(db):
-                pool_config(alias, db)
+                config = pool_config(alias, db)
+                if config is not None and db.get("NAME"):
+                    # A wrapper of our own: nothing is stored or connected.
+                    check_connect_arguments(alias, config, connections.create_connection(alias))

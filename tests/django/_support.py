@@ -189,7 +189,11 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # a server that did not come up must not outlive the test
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -67,9 +67,11 @@ def test_bad_connection_option_names_the_options_key(dsn: str) -> None:
         db["OPTIONS"]["sslmod"] = "disable"
         with pytest.raises(ImproperlyConfigured) as info:
             connections["bad"].pool  # noqa: B018
-    message = str(info.value)
-    assert "DATABASES['bad']['OPTIONS']['sslmod']" in message
-    assert "did you mean 'sslmode'?" in message
+        with pytest.raises(ImproperlyConfigured) as at_startup:
+            apps.get_app_config("poolkit_django").ready()
+    for message in (str(info.value), str(at_startup.value)):
+        assert "DATABASES['bad']['OPTIONS']['sslmod']" in message
+        assert "did you mean 'sslmode'?" in message
 
 
 def test_health_checks_conflicting_with_validate_off(dsn: str) -> None:

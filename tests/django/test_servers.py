@@ -64,7 +64,6 @@ def _burst(server: Server, path: str, n: int, concurrency: int) -> list[int]:
         return list(pool.map(one, range(n)))
 
 
-@pytest.mark.slow
 def test_200_concurrent_requests_through_gthread_never_exceed_the_pool(
     server_db: str, admin_dsn: str, app_name: str, tmp_path: Path
 ) -> None:

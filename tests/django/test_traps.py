@@ -280,6 +280,17 @@ def test_trap3_session_state_does_not_leak_between_requests(scratch: str) -> Non
     assert second["TimeZone"] == "UTC"
 
 
+def test_reset_discard_all_also_covers_set_config(scratch: str) -> None:
+    """`set_config()` changes the session without a SET command tag, which reset="auto"
+    cannot see; reset="discard_all" (documented for such code) resets every borrow."""
+    pool = {"min_size": 1, "max_size": 1, "reset": "discard_all"}
+    with extra_database("discard", scratch, pool=pool):
+        call_json("/session/set_config", db="discard")
+        second = call_json("/session/show", db="discard")
+    assert second["search_path"] == '"$user", public'
+    assert second["TimeZone"] == "UTC"
+
+
 # -- trap 4: fork ----------------------------------------------------------------------
 
 

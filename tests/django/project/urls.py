@@ -6,6 +6,7 @@ urlpatterns = [
     path("ping", views.ping),
     path("pid", views.pid),
     path("session/set", views.session_set),
+    path("session/set_config", views.session_set_config),
     path("session/show", views.session_show),
     path("sleep", views.sleep),
     path("notes", views.notes, name="notes"),

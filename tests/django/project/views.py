@@ -42,6 +42,14 @@ def session_set(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"backend": backend})
 
 
+def session_set_config(request: HttpRequest) -> JsonResponse:
+    """Change session state with set_config(), which no SET command tag reveals."""
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute("SELECT set_config('search_path', 'pg_catalog', false), pg_backend_pid()")
+        _, backend = cur.fetchone()
+    return JsonResponse({"backend": backend})
+
+
 def session_show(request: HttpRequest) -> JsonResponse:
     with connections[_alias(request)].cursor() as cur:
         cur.execute(

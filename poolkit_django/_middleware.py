@@ -7,8 +7,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.signals import got_request_exception
+from django.db import Error as DjangoDatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from poolkit import PoolTimeout, TooManyRequests
@@ -23,14 +25,29 @@ _reset_tag = current_tag.reset
 
 
 def exhaustion(exc: BaseException | None) -> BaseException | None:
-    """The PoolTimeout/TooManyRequests behind `exc` (Django wraps it in OperationalError)."""
-    for _ in range(5):
-        if exc is None:
-            return None
-        if isinstance(exc, PoolTimeout | TooManyRequests):
-            return exc
+    """The PoolTimeout/TooManyRequests behind `exc` (Django wraps it in OperationalError).
+
+    None when the pool error happened while another database error was being handled,
+    e.g. Django restoring autocommit after a failed COMMIT: the write's outcome is then
+    unknown, and a 503 would invite the client to write it twice.
+    """
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__
+    for i, err in enumerate(chain):
+        if isinstance(err, PoolTimeout | TooManyRequests):
+            earlier = chain[i + 1 :]
+            if any(_is_db_error(e) for e in earlier):
+                return None
+            return err
     return None
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, PoolTimeout | TooManyRequests):
+        return False
+    return isinstance(exc, psycopg.Error | DjangoDatabaseError)
 
 
 def _remember_exhaustion(sender: Any, request: HttpRequest | None = None, **kwargs: Any) -> None:

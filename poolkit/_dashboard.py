@@ -24,7 +24,7 @@ TOP_TAGS = 10
 MAX_BORROWS = 25
 MAX_EVENTS = 50
 # Configuration shown on the page; never conninfo or kwargs (they may carry secrets).
-_CONFIG_FIELDS = (
+CONFIG_FIELDS = (
     "min_size",
     "max_size",
     "timeout",
@@ -202,7 +202,7 @@ def dashboard_snapshot(
             "key": name,
             "name": stats.get("name", name),
             "conninfo": config.masked_conninfo if config is not None else "",
-            "config": {f: _jsonable(getattr(config, f, None)) for f in _CONFIG_FIELDS},
+            "config": {f: _jsonable(getattr(config, f, None)) for f in CONFIG_FIELDS},
             "stats": stats,
             "histograms": {k: _hist(h) for k, h in hists.items()},
             "top_tags": _top_tags(pool.hold_time_by_tag()),

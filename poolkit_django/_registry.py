@@ -21,6 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 import poolkit
 from poolkit import ConfigError, Pool, PoolConfig
+from poolkit._dashboard import CONFIG_FIELDS
 
 from ._options import rename_kwargs_error
 
@@ -355,19 +356,4 @@ def _user_frame(frame: FrameType) -> FrameType:
 
 def config_mapping(config: PoolConfig) -> Mapping[str, Any]:
     """The settings of a pool as shown by the status command (connection kwargs left out)."""
-    return {
-        name: getattr(config, name)
-        for name in (
-            "min_size",
-            "max_size",
-            "timeout",
-            "max_waiting",
-            "max_lifetime",
-            "max_idle",
-            "validate",
-            "validation_bypass",
-            "leak_threshold",
-            "reset",
-            "pgbouncer",
-        )
-    }
+    return {name: getattr(config, name) for name in CONFIG_FIELDS}

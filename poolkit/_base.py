@@ -215,7 +215,6 @@ class PoolCore:
             None if _sets_connect_timeout(config) else DEFAULT_CONNECT_TIMEOUT
         )
         self._pk_capture_stack = config.leak_capture_stack
-        self._pk_invalid_before = 0.0
         self._pk_last_error = ""  # the last connection attempt's error, masked
         self._pk_draining = False
         self._pk_forked = False
@@ -383,8 +382,7 @@ class PoolCore:
         self._pk_events.append((monotonic(), kind, detail))
 
     def _pk_invalidate_older(self, now: float) -> list[Any]:
-        """Mark every connection created before now as stale; return the idle ones to close."""
-        self._pk_invalid_before = now
+        """Take every idle connection created before now out of the pool; return them."""
         stale = [c for c in self._pool if c._created_at < now]
         if stale:
             keep = [c for c in self._pool if c._created_at >= now]

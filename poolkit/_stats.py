@@ -45,11 +45,6 @@ class Histogram:
         if seconds > self.max:
             self.max = seconds
 
-    def add_zero(self) -> None:
-        """Record a zero duration (an immediate borrow) at the cost of two increments."""
-        self.count += 1
-        self.counts[0] += 1
-
     def quantile(self, q: float, zeros: int = 0) -> float:
         """Upper bound of the bucket holding the q-quantile, capped by the exact max.
 

@@ -1,5 +1,8 @@
 """PostgreSQL connection pools for psycopg 3, with FastAPI and Django integrations."""
 
+from ._cluster import ClusterPool
+from ._cluster_async import AsyncClusterPool
+from ._cluster_base import ClusterStats, HostStats
 from ._config import PoolConfig, mask_conninfo
 from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
 from ._errors import ConfigError, PoolClosed, PoolkitError, PoolTimeout, TooManyRequests
@@ -9,9 +12,13 @@ from ._pool_async import AsyncPool
 from ._stats import PoolStats
 
 __all__ = [
+    "AsyncClusterPool",
     "AsyncPool",
+    "ClusterPool",
+    "ClusterStats",
     "ConfigError",
     "DashboardHistory",
+    "HostStats",
     "Pool",
     "PoolClosed",
     "PoolConfig",

@@ -328,14 +328,21 @@ class ClusterPool(ClusterCore, Generic[CT]):
             return True
 
     def _probe(self, host: Host) -> None:
-        try:
-            if host.probe is None or host.probe.closed:
-                host.probe = Connection.connect(host.conninfo, **probe_kwargs(host.config))
-            cur = host.probe.execute(PROBE_SQL)
-            row = cur.fetchone()
-        except psycopg.Error as exc:
-            self._host_down(host, exc)
-            return
+        row = None
+        for attempt in (1, 2):
+            try:
+                if host.probe is None or host.probe.closed:
+                    host.probe = Connection.connect(host.conninfo, **probe_kwargs(host.config))
+                cur = host.probe.execute(PROBE_SQL)
+                row = cur.fetchone()
+                break
+            except psycopg.Error as exc:
+                # A terminated probe connection is not a dead host: ask again on a new one.
+                fresh = host.probe is None
+                self._close_probe(host)
+                if fresh or attempt == 2:
+                    self._host_down(host, exc)
+                    return
         with self._lock:
             if self._cl_closed:
                 return

@@ -328,16 +328,23 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             return True
 
     async def _probe(self, host: Host) -> None:
-        try:
-            if host.probe is None or host.probe.closed:
-                host.probe = await AsyncConnection.connect(
-                    host.conninfo, **probe_kwargs(host.config)
-                )
-            cur = await host.probe.execute(PROBE_SQL)
-            row = await cur.fetchone()
-        except psycopg.Error as exc:
-            await self._host_down(host, exc)
-            return
+        row = None
+        for attempt in (1, 2):
+            try:
+                if host.probe is None or host.probe.closed:
+                    host.probe = await AsyncConnection.connect(
+                        host.conninfo, **probe_kwargs(host.config)
+                    )
+                cur = await host.probe.execute(PROBE_SQL)
+                row = await cur.fetchone()
+                break
+            except psycopg.Error as exc:
+                # A terminated probe connection is not a dead host: ask again on a new one.
+                fresh = host.probe is None
+                await self._close_probe(host)
+                if fresh or attempt == 2:
+                    await self._host_down(host, exc)
+                    return
         async with self._lock:
             if self._cl_closed:
                 return

@@ -23,14 +23,16 @@ _CHANGE_STATES = frozenset(
 )
 # One round trip per host per interval. Lag is measured on the replica itself; a replica
 # that has replayed everything it received has nothing to catch up on: lag 0, whatever
-# the age of the last transaction (an idle primary writes no WAL).
+# the age of the last transaction (an idle primary writes no WAL); one with WAL to replay
+# and nothing replayed since it started is as late as its uptime.
 PROBE_SQL = """\
 SELECT pg_is_in_recovery(),
        current_setting('default_transaction_read_only') = 'on',
        CASE WHEN NOT pg_is_in_recovery() THEN 0.0
             WHEN pg_last_wal_receive_lsn() IS NOT NULL
                  AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0.0
-            ELSE COALESCE(EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()), 0.0)
+            ELSE EXTRACT(epoch FROM now() - COALESCE(pg_last_xact_replay_timestamp(),
+                                                     pg_postmaster_start_time()))
        END::float8"""
 # Probe connections connect fast or not at all (libpq's minimum is 2 s).
 PROBE_CONNECT_TIMEOUT = 2
@@ -259,12 +261,14 @@ class ClusterCore:
         return host
 
     def _cl_no_host(self, read_only: bool, waited: float) -> PoolTimeout:
-        what = "a replica within max_replica_lag" if read_only else "a primary"
-        if read_only and self.fallback == "primary":
-            what = "a replica within max_replica_lag or a primary"
+        what = "primary"
+        if read_only:
+            what = "replica within max_replica_lag"
+            if self.fallback == "primary":
+                what += " and no primary"
         hosts = "; ".join(h.describe() for h in self.hosts)
         return PoolTimeout(
-            f"cluster {self.name!r}: no {what} after {waited:.2f} s "
+            f"cluster {self.name!r}: found no {what} in {waited:.2f} s "
             f"(max_replica_lag={self.max_replica_lag}); hosts: {hosts}"
         )
 

@@ -87,10 +87,8 @@ class Replication:
         return node
 
     def _wait_streaming(self, primary: ReplNode) -> None:
-        wait_until(
-            lambda: primary.query("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"),
-            timeout=30, what="the standby to stream",
-        )  # fmt: skip
+        streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
+        wait_until(lambda: primary.query(streaming), timeout=30, what="the standby to stream")
 
     # -- what tests connect to ----------------------------------------------------------
 
@@ -138,7 +136,9 @@ class Replication:
                 conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
             conn.execute("SELECT pg_reload_conf()")
 
-    def write(self, sql: str = "SELECT txid_current()") -> None:
+    def write(
+        self, sql: str = "CREATE TABLE IF NOT EXISTS pk_lag (x int); INSERT INTO pk_lag VALUES (1)"
+    ) -> None:
         """Make WAL on the primary (lag only shows when there is something to replay)."""
         with self.primary.admin() as conn:
             conn.execute(sql)  # type: ignore[arg-type]

@@ -1,0 +1,44 @@
+"""ClusterPool and AsyncClusterPool stay in step: same public methods, signatures and tests."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+from typing import Any
+
+from poolkit import AsyncClusterPool, ClusterPool
+
+HERE = Path(__file__).parent
+
+
+def _public(cls: type) -> dict[str, list[tuple[str, Any, Any]]]:
+    out = {}
+    for name in dir(cls):
+        if name.startswith("_") and name != "__init__":
+            continue
+        attr = getattr(cls, name)
+        if callable(attr):
+            sig = inspect.signature(attr)
+            out[name] = [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+    return out
+
+
+def _test_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
+    }
+
+
+def test_same_public_methods_and_signatures() -> None:
+    sync, async_ = _public(ClusterPool), _public(AsyncClusterPool)
+    assert sync.keys() == async_.keys()
+    for name in sync:
+        assert sync[name] == async_[name], name
+
+
+def test_same_tests_for_sync_and_async() -> None:
+    assert _test_names(HERE / "test_cluster.py") == _test_names(HERE / "test_cluster_async.py")

@@ -56,20 +56,25 @@ class _Lent:
 class _Lease(Generic[ACT]):
     """`async with cluster.connection() as conn`: commit on success, rollback on error."""
 
-    __slots__ = ("_cluster", "_conn", "_read_only", "_tag", "_timeout")
+    __slots__ = ("_cluster", "_conn", "_primary", "_read_only", "_tag", "_timeout")
 
     def __init__(
-        self, cluster: AsyncClusterPool[ACT], timeout: float | None, read_only: bool,
+        self,
+        cluster: AsyncClusterPool[ACT],
+        timeout: float | None,
+        read_only: bool,
+        primary: bool,
         tag: str | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._cluster = cluster
         self._timeout = timeout
         self._read_only = read_only
+        self._primary = primary
         self._tag = tag
 
     async def __aenter__(self) -> ACT:
         self._conn = await self._cluster.getconn(
-            self._timeout, read_only=self._read_only, tag=self._tag
+            self._timeout, read_only=self._read_only, primary=self._primary, tag=self._tag
         )
         return self._conn
 
@@ -196,19 +201,31 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
     # -- borrow -------------------------------------------------------------------------
 
     def connection(
-        self, timeout: float | None = None, *, read_only: bool = False, tag: str | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        read_only: bool = False,
+        primary: bool = False,
+        tag: str | None = None,
     ) -> _Lease[ACT]:
         """Borrow for an `async with` block: from the primary, or a replica if `read_only`."""
-        return _Lease(self, timeout, read_only, tag)
+        return _Lease(self, timeout, read_only, primary, tag)
 
     async def getconn(
-        self, timeout: float | None = None, *, read_only: bool = False, tag: str | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        read_only: bool = False,
+        primary: bool = False,
+        tag: str | None = None,
     ) -> ACT:
         """Borrow a connection; pair every call with `putconn()` (prefer `connection()`).
 
         Writes wait (within `timeout`) while no primary is known, as during a failover,
         and get the new one as soon as the monitor sees it. Reads get a READ ONLY
-        transaction on a replica within `max_replica_lag`, else `fallback` decides.
+        transaction on a replica within `max_replica_lag`, else `fallback` decides;
+        `read_only=True, primary=True` is a read-only transaction on the primary (to read
+        one's own writes).
         """
         if not self._cl_opened or self._cl_closed:
             state = "closed" if self._cl_closed else "not open: call open() first"
@@ -217,7 +234,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         deadline = start + (self.timeout if timeout is None else timeout)
         while True:
             changed = self._changed
-            host = self._cl_route(read_only)
+            host = self._cl_route(read_only and not primary)
             pool = host.pool if host is not None else None
             left = deadline - monotonic()
             if host is not None and pool is not None:

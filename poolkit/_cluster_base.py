@@ -326,6 +326,10 @@ class ClusterCore:
             "reads_on_primary": self._cl_reads_on_primary,
         }
 
+    def host_pools(self) -> dict[str, Any]:
+        """The current pool of every reachable host, by pool name ("name[host:port]")."""
+        return {h.pool.name: h.pool for h in self.hosts if h.pool is not None}
+
     def __repr__(self) -> str:
         hosts = ", ".join(h.describe() for h in self.hosts)
         return f"<{type(self).__name__} {self.name!r} [{hosts}]>"

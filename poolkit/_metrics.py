@@ -141,7 +141,8 @@ class _PoolCollector:
             "Connection hold time by route or view (at most 100 routes, then '(other)').",
             labels=[_POOL, "route"],
         )
-        for key, pool in list(self._pools.items()):
+        pools, hosts = _expand_clusters(self._pools)
+        for key, pool in pools.items():
             name = str(key)
             stats: PoolStats = pool.stats()
             # wait_time includes the immediate borrows (the pools count them apart).
@@ -165,10 +166,38 @@ class _PoolCollector:
                 )
         yield count
         yield from gauges
+        yield from hosts
         yield longest
         yield from counters
         yield from hists
         yield by_route
+
+
+def _expand_clusters(pools: Mapping[str, Any]) -> tuple[dict[str, Any], list[Metric]]:
+    """Cluster pools become their hosts' pools, plus per-host role, health and lag gauges."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    labels = [_POOL, "host", "role"]
+    up = GaugeMetricFamily(
+        "poolkit_host_up", "1 when the host answered its last probe.", labels=labels
+    )
+    lag = GaugeMetricFamily(
+        "poolkit_host_replication_lag_seconds",
+        "Replay lag measured on the replica (0 for a primary).",
+        labels=labels,
+    )
+    out: dict[str, Any] = {}
+    for key, pool in list(pools.items()):
+        if not hasattr(pool, "host_pools"):
+            out[key] = pool
+            continue
+        out.update(pool.host_pools())
+        for host in pool.stats()["hosts"]:
+            values = [str(key), host["host"], host["role"]]
+            up.add_metric(values, 1.0 if host["healthy"] else 0.0)
+            lag.add_metric(values, host["lag"] or 0.0)
+    clusters = any(hasattr(p, "host_pools") for p in pools.values())
+    return out, [up, lag] if clusters else []
 
 
 def _prom_buckets(pairs: list[tuple[float, int]]) -> list[tuple[str, float]]:

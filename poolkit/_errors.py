@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from psycopg import InterfaceError, OperationalError
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
-__all__ = ["ConfigError", "PoolClosed", "PoolTimeout", "PoolkitError", "TooManyRequests"]
+__all__ = [
+    "ConfigError",
+    "ConnectFailed",
+    "ConnectionReturned",
+    "PoolClosed",
+    "PoolTimeout",
+    "PoolkitError",
+    "TooManyRequests",
+]
 
 
 class PoolkitError(Exception):
@@ -39,3 +48,24 @@ class ConfigError(PoolkitError, ValueError):
     def _renamed(self, setting: str) -> ConfigError:
         """The same error reported under the name the user wrote (env var, dict key)."""
         return type(self)(setting, self.value, self.problem, self.fix)
+
+
+class ConnectionReturned(PoolkitError, InterfaceError):
+    """A connection was used after it went back to its pool.
+
+    Raised before anything reaches the server: the statement is not sent, and the
+    connection (which may already belong to another borrower) is untouched.
+    """
+
+    __module__ = "poolkit"
+
+
+class ConnectFailed(PoolkitError, OperationalError):
+    """The pool cannot connect for a reason that waiting will not fix.
+
+    Wrong password, unknown role or database, a host name that does not resolve, a bad
+    TLS setting: the message starts with the server's reason, then the setting to change.
+    The pool keeps retrying in the background (a rotated password may come back).
+    """
+
+    __module__ = "poolkit"

@@ -173,7 +173,7 @@ class PoolConfig:
         values, labels, problems = from_environment(env, prefix, url_var, _FIELDS)
         late = []
         if "conninfo" not in overrides:
-            missing = missing_target(env, prefix, url_var, (values, labels, problems))
+            missing = missing_target(env, prefix, url_var, labels)
             late = [missing] if missing else []
         over_values, over_labels, over_problems = from_arguments(
             ((k, v, k) for k, v in overrides.items()), _FIELDS

@@ -157,7 +157,7 @@ def _unknown_variable(
 
 
 def missing_target(
-    env: Mapping[str, str], prefix: str, url_var: str | None, parsed: Parsed
+    env: Mapping[str, str], prefix: str, url_var: str | None, labels: Mapping[str, str]
 ) -> ConfigError | None:
     """The error for an environment that names no database, or None.
 
@@ -165,8 +165,10 @@ def missing_target(
     database): in a deployment that is a forgotten ``DATABASE_URL``, not a choice, unless a
     PG* variable names the server. Pass ``conninfo=""`` to from_env() to choose it anyway.
     """
-    values, labels, _ = parsed
-    if values.get("conninfo") or any(var in env for var in _target_variables()):
+    conninfo_label = labels.get("conninfo")
+    if conninfo_label is not None and env[conninfo_label].strip():
+        return None
+    if any(var in env for var in _target_variables()):
         return None
     pg_vars = ", ".join(_target_variables())
     conninfo_var = f"{prefix}CONNINFO"
@@ -174,10 +176,9 @@ def missing_target(
         f"set {url_var or conninfo_var}=postgresql://user:password@host:5432/dbname, or"
         " PGHOST and PGDATABASE; to use libpq's defaults, pass conninfo='' to from_env()"
     )
-    if "conninfo" in labels:
-        label = labels["conninfo"]
+    if conninfo_label is not None:
         problem = f"is empty, and no libpq variable naming the server ({pg_vars}) is set"
-        return ConfigError(label, "", problem, fix)
+        return ConfigError(conninfo_label, "", problem, fix)
     others = f"{conninfo_var} or " if url_var else ""
     problem = (
         f"nor is {others}any libpq variable naming the server ({pg_vars}), so there is"

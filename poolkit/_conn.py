@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from typing import Any
 
 from psycopg import OperationalError
@@ -11,34 +11,8 @@ from psycopg.generators import execute, fetch_many
 from psycopg.pq import ExecStatus
 
 from ._config import PoolConfig
-from ._errors import ConfigError
 
 _OK = (ExecStatus.COMMAND_OK, ExecStatus.EMPTY_QUERY, ExecStatus.TUPLES_OK)
-
-
-def build_config(
-    owner: str,
-    conninfo: Any,
-    config: PoolConfig | None,
-    kwargs: Mapping[str, Any] | None,
-    reset: Any,
-    settings: dict[str, Any],
-) -> PoolConfig:
-    """Merge a Pool's keyword arguments over an optional PoolConfig, validating once."""
-    changes: dict[str, Any] = dict(settings)
-    if isinstance(conninfo, str) and conninfo:
-        changes["conninfo"] = conninfo
-    elif conninfo and not callable(conninfo):
-        raise ConfigError("conninfo", conninfo, "is not a string", "pass a URL or DSN string")
-    if kwargs:
-        base = dict(config.kwargs) if config is not None else {}
-        base.update(kwargs)
-        changes["kwargs"] = base
-    if reset is not None:
-        changes["reset"] = reset
-    if config is None:
-        return PoolConfig.from_dict(changes, source=f"{owner}()")
-    return config.replace(**changes) if changes else config
 
 
 def check_result(results: list[Any]) -> None:

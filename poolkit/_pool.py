@@ -22,8 +22,8 @@ from psycopg.pq import TransactionStatus
 
 from . import _psycopg, _reset
 from ._compat import ASYNC, current_owner, ensure, spawn
-from ._config import PoolConfig
-from ._conn import build_config, check_result, connect_timeout_default, ping_gen
+from ._config import PoolConfig, config_for_pool
+from ._conn import check_result, connect_timeout_default, ping_gen
 from ._core import PoolCore
 from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
 from ._leaks import SKIP_PREFIXES, Site, logger, user_frame
@@ -100,17 +100,12 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         close_returns: bool = False,
         **settings: Any,
     ) -> None:
-        if isinstance(conninfo, PoolConfig):
-            config, conninfo = conninfo, ""
         kwargs_fn = kwargs if callable(kwargs) else None
-        cfg = build_config(
-            type(self).__name__,
-            conninfo,
-            config,
-            None if kwargs_fn else cast("dict[str, Any] | None", kwargs),
-            reset,
-            settings,
+        cfg = config_for_pool(
+            type(self).__name__, conninfo, config, None if kwargs_fn else kwargs, reset, settings
         )
+        if isinstance(conninfo, PoolConfig):
+            conninfo = ""
         # Callables are called for each new connection (rotated passwords, IAM tokens).
         self.conninfo: str | Callable[..., Any] = conninfo if callable(conninfo) else cfg.conninfo
         self.kwargs: dict[str, Any] | Callable[..., Any] = kwargs_fn or cfg.connect_kwargs()

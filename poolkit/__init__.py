@@ -5,7 +5,15 @@ from ._cluster_async import AsyncClusterPool
 from ._cluster_base import ClusterStats, HostStats
 from ._config import PoolConfig, mask_conninfo
 from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
-from ._errors import ConfigError, PoolClosed, PoolkitError, PoolTimeout, TooManyRequests
+from ._errors import (
+    ConfigError,
+    ConnectFailed,
+    ConnectionReturned,
+    PoolClosed,
+    PoolkitError,
+    PoolTimeout,
+    TooManyRequests,
+)
 from ._metrics import instrument_otel, render_prometheus
 from ._pool import Pool
 from ._pool_async import AsyncPool
@@ -17,6 +25,8 @@ __all__ = [
     "ClusterPool",
     "ClusterStats",
     "ConfigError",
+    "ConnectFailed",
+    "ConnectionReturned",
     "DashboardHistory",
     "HostStats",
     "Pool",

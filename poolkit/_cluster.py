@@ -1,6 +1,9 @@
-"""ClusterPool: one Pool per host of a primary/replica set, routed by role and lag."""
+# WARNING: generated from poolkit/_cluster_async.py by scripts/async_to_sync.py: do not edit.
+# Edit the async source, then run `python scripts/async_to_sync.py`.
+"""ClusterPool: one Pool per host of a primary/replica set, routed by role and lag.
 
-# Generated from _cluster_async.py (hand-run stand-in for scripts/async_to_sync.py): do not edit.
+Generated from poolkit/_cluster_async.py: edit that file, not this one.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +19,12 @@ from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _cluster_compat as compat
-from ._base import logger
 from ._cluster_base import (
     FAST_PROBE,
     PROBE_SQL,
     ClusterCore,
     Host,
+    logger,
     probe_kwargs,
     reveals_change,
 )
@@ -109,7 +112,7 @@ class _Lease(Generic[CT]):
 
 
 class ClusterPool(ClusterCore, Generic[CT]):
-    """An thread-safe pool over a primary and its replicas: one Pool per host.
+    """An asyncio pool over a primary and its replicas: one Pool per host.
 
     Writes go to the current primary, reads (`read_only=True`) to a replica within
     `max_replica_lag` seconds, chosen by `read_policy`; roles are polled every
@@ -210,7 +213,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
         primary: bool = False,
         tag: str | None = None,
     ) -> _Lease[CT]:
-        """Borrow for an `async with` block: from the primary, or a replica if `read_only`."""
+        """Borrow for an `with` block: from the primary, or a replica if `read_only`."""
         return _Lease(self, timeout, read_only, primary, tag)
 
     def getconn(

@@ -14,12 +14,12 @@ from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _cluster_acompat as compat
-from ._base import logger
 from ._cluster_base import (
     FAST_PROBE,
     PROBE_SQL,
     ClusterCore,
     Host,
+    logger,
     probe_kwargs,
     reveals_change,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from time import monotonic
@@ -14,6 +15,8 @@ from ._config import PoolConfig, mask_conninfo
 from ._errors import ConfigError, PoolTimeout
 
 __all__ = ["PROBE_SQL", "ClusterCore", "ClusterStats", "Host", "HostStats", "split_hosts"]
+
+logger = logging.getLogger("poolkit.cluster")
 
 READ_POLICIES = ("least_busy", "round_robin", "random")
 FALLBACKS = ("primary", "error")

@@ -1,4 +1,4 @@
-"""poolkit_fastapi on a real primary + standby: ReadConn routing, read-your-writes, /ready, /metrics."""
+"""poolkit_fastapi on a real primary + standby: ReadConn, read-your-writes, /ready, /metrics."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import inspect
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from poolkit import AsyncClusterPool, ClusterPool
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent
 
 
 def _public(cls: type) -> dict[str, list[tuple[str, Any, Any]]]:
@@ -47,3 +49,17 @@ def test_same_public_methods_and_signatures() -> None:
 
 def test_same_tests_for_sync_and_async() -> None:
     assert _test_names(HERE / "test_cluster.py") == _test_names(HERE / "test_cluster_async.py")
+
+
+def test_generated_sync_cluster_is_current() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "async_to_sync", ROOT / "scripts/async_to_sync.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    source = "poolkit/_cluster_async.py"
+    want = script.convert((ROOT / source).read_text(), source)
+    assert (ROOT / "poolkit/_cluster.py").read_text() == want, (
+        "poolkit/_cluster.py is stale: run python scripts/async_to_sync.py"
+    )

@@ -249,6 +249,9 @@ class ClusterPool(ClusterCore, Generic[CT]):
                     # The host changed role or went down while we waited: route again.
                     if self._cl_closed:
                         raise
+                    if host.pool is pool:  # not replaced yet: let the watcher do it
+                        host.wake = True
+                        changed.wait(min(max(deadline - monotonic(), 0.0), FAST_PROBE))
                     continue
                 if host.pool is not pool:
                     pool.putconn(conn)
@@ -298,9 +301,9 @@ class ClusterPool(ClusterCore, Generic[CT]):
             except psycopg.Error:
                 host.wake = True
         lent.pool.putconn(conn)
-        retired = host.retired
-        if lent.pool in retired and not lent.pool.stats()["in_use"]:
-            retired.remove(lent.pool)
+        if lent.pool is not host.pool and not lent.pool.stats()["in_use"]:
+            with contextlib.suppress(ValueError):  # another thread removed it first
+                host.retired.remove(lent.pool)
 
     def _suspect(self, conn: CT, exc: BaseException | None) -> None:
         """An error in a borrow may reveal a failover: have that host probed now."""
@@ -334,7 +337,8 @@ class ClusterPool(ClusterCore, Generic[CT]):
                     fast = self.primary() is None or (not host.healthy and self._cl_waiting_primary)
                     due = monotonic() + (FAST_PROBE if fast else self.topology_interval)
                 compat.sleep(FAST_PROBE)
-            except BaseException as exc:
+            except Exception as exc:
+                # Cancellation is not caught: a task cancelled at loop shutdown must end.
                 if self._cl_closed:
                     return
                 logger.exception("cluster %r: watcher of %s failed: %r", self.name, host.label, exc)
@@ -365,6 +369,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
                 if fresh or attempt == 2:
                     self._host_down(host, exc)
                     return
+        retired = None
         with self._lock:
             if self._cl_closed:
                 return
@@ -374,11 +379,14 @@ class ClusterPool(ClusterCore, Generic[CT]):
                     "cluster %r: %s is now a %s: draining its %s connections",
                     self.name, host.label, host.role, host.pool_role,
                 )  # fmt: skip
-                self._retire(host)
+                retired = self._detach(host)
+            elif host.pool is not None and host.pool.closed:
+                retired = self._detach(host)  # closed under us (a failed wait()): replace it
             if host.pool is None:
                 self._start_pool(host)
         if changed:
             self._notify()
+        self._drain(host, retired)
 
     def _host_down(self, host: Host, exc: BaseException) -> None:
         with self._lock:
@@ -386,12 +394,12 @@ class ClusterPool(ClusterCore, Generic[CT]):
             host.healthy = False
             text = str(exc).strip()
             host.error = mask_conninfo(text.splitlines()[0] if text else repr(exc))
-            self._close_probe(host)
-            if host.pool is not None:
-                self._retire(host)
+            retired = self._detach(host)
+        self._close_probe(host)
         if was_healthy:
             logger.warning("cluster %r: %s is down: %s", self.name, host.label, host.error)
             self._notify()
+        self._drain(host, retired)
 
     def _start_pool(self, host: Host) -> None:
         role = host.role
@@ -421,15 +429,21 @@ class ClusterPool(ClusterCore, Generic[CT]):
         if self._configure is not None:
             self._configure(conn)
 
-    def _retire(self, host: Host) -> None:
-        """Stop lending from a host's pool: idle connections close now, lent ones on return."""
-        pool, host.pool = host.pool, None
+    def _detach(self, host: Host) -> Any:
+        """Stop lending from a host's pool; `_drain()` closes it outside the lock."""
+        pool, host.pool, host.pool_role = host.pool, None, None
+        if pool is not None:
+            host.retired.append(pool)
+        return pool
+
+    def _drain(self, host: Host, pool: Any) -> None:
+        """Close a detached pool: idle connections now, lent ones when they come back."""
         if pool is None:
             return
-        host.retired.append(pool)
         pool.close(0)
         if not pool.stats()["in_use"]:
-            host.retired.remove(pool)
+            with contextlib.suppress(ValueError):
+                host.retired.remove(pool)
 
     def _close_probe(self, host: Host) -> None:
         probe, host.probe = host.probe, None

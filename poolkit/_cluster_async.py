@@ -244,6 +244,9 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                     # The host changed role or went down while we waited: route again.
                     if self._cl_closed:
                         raise
+                    if host.pool is pool:  # not replaced yet: let the watcher do it
+                        host.wake = True
+                        await changed.wait(min(max(deadline - monotonic(), 0.0), FAST_PROBE))
                     continue
                 if host.pool is not pool:
                     await pool.putconn(conn)
@@ -293,9 +296,9 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             except psycopg.Error:
                 host.wake = True
         await lent.pool.putconn(conn)
-        retired = host.retired
-        if lent.pool in retired and not lent.pool.stats()["in_use"]:
-            retired.remove(lent.pool)
+        if lent.pool is not host.pool and not lent.pool.stats()["in_use"]:
+            with contextlib.suppress(ValueError):  # another thread removed it first
+                host.retired.remove(lent.pool)
 
     def _suspect(self, conn: ACT, exc: BaseException | None) -> None:
         """An error in a borrow may reveal a failover: have that host probed now."""
@@ -329,7 +332,8 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                     fast = self.primary() is None or (not host.healthy and self._cl_waiting_primary)
                     due = monotonic() + (FAST_PROBE if fast else self.topology_interval)
                 await compat.sleep(FAST_PROBE)
-            except BaseException as exc:
+            except Exception as exc:
+                # Cancellation is not caught: a task cancelled at loop shutdown must end.
                 if self._cl_closed:
                     return
                 logger.exception("cluster %r: watcher of %s failed: %r", self.name, host.label, exc)
@@ -362,6 +366,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                 if fresh or attempt == 2:
                     await self._host_down(host, exc)
                     return
+        retired = None
         async with self._lock:
             if self._cl_closed:
                 return
@@ -371,11 +376,14 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                     "cluster %r: %s is now a %s: draining its %s connections",
                     self.name, host.label, host.role, host.pool_role,
                 )  # fmt: skip
-                await self._retire(host)
+                retired = self._detach(host)
+            elif host.pool is not None and host.pool.closed:
+                retired = self._detach(host)  # closed under us (a failed wait()): replace it
             if host.pool is None:
                 await self._start_pool(host)
         if changed:
             self._notify()
+        await self._drain(host, retired)
 
     async def _host_down(self, host: Host, exc: BaseException) -> None:
         async with self._lock:
@@ -383,12 +391,12 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             host.healthy = False
             text = str(exc).strip()
             host.error = mask_conninfo(text.splitlines()[0] if text else repr(exc))
-            await self._close_probe(host)
-            if host.pool is not None:
-                await self._retire(host)
+            retired = self._detach(host)
+        await self._close_probe(host)
         if was_healthy:
             logger.warning("cluster %r: %s is down: %s", self.name, host.label, host.error)
             self._notify()
+        await self._drain(host, retired)
 
     async def _start_pool(self, host: Host) -> None:
         role = host.role
@@ -418,15 +426,21 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         if self._configure is not None:
             await self._configure(conn)
 
-    async def _retire(self, host: Host) -> None:
-        """Stop lending from a host's pool: idle connections close now, lent ones on return."""
-        pool, host.pool = host.pool, None
+    def _detach(self, host: Host) -> Any:
+        """Stop lending from a host's pool; `_drain()` closes it outside the lock."""
+        pool, host.pool, host.pool_role = host.pool, None, None
+        if pool is not None:
+            host.retired.append(pool)
+        return pool
+
+    async def _drain(self, host: Host, pool: Any) -> None:
+        """Close a detached pool: idle connections now, lent ones when they come back."""
         if pool is None:
             return
-        host.retired.append(pool)
         await pool.close(0)
         if not pool.stats()["in_use"]:
-            host.retired.remove(pool)
+            with contextlib.suppress(ValueError):
+                host.retired.remove(pool)
 
     async def _close_probe(self, host: Host) -> None:
         probe, host.probe = host.probe, None

@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from example_apps._embedded_pg import _free_port as free_port
 from poolkit import ClusterPool, ConfigError, PoolClosed, PoolTimeout
 from tests._helpers import terminate_backends, wait_until
 from tests._replication import Replication
@@ -212,3 +213,15 @@ def test_put_foreign_connection_fails(make_cluster: MakeCluster, replication: Re
     cluster = make_cluster()
     with psycopg.connect(replication.primary.dsn) as conn, pytest.raises(psycopg.ProgrammingError):
         cluster.putconn(conn)
+
+
+def test_unreachable_host_at_open(make_cluster: MakeCluster, replication: Replication) -> None:
+    dead = f"postgresql://u@127.0.0.1:{free_port()}/x"
+    cluster = make_cluster([dead, *replication.dsns])
+    with cluster.connection() as conn:
+        assert not in_recovery(conn)
+    with cluster.connection(read_only=True) as conn:
+        assert in_recovery(conn)
+    down = cluster.stats()["hosts"][0]
+    assert (down["role"], down["healthy"], down["size"]) == ("unknown", False, 0)
+    assert down["error"] and "refused" in down["error"]

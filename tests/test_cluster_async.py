@@ -11,6 +11,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from example_apps._embedded_pg import _free_port as free_port
 from poolkit import AsyncClusterPool, ConfigError, PoolClosed, PoolTimeout
 from tests._helpers import terminate_backends
 from tests._replication import Replication
@@ -233,3 +234,17 @@ async def test_put_foreign_connection_fails(
     async with await psycopg.AsyncConnection.connect(replication.primary.dsn) as conn:
         with pytest.raises(psycopg.ProgrammingError):
             await cluster.putconn(conn)
+
+
+async def test_unreachable_host_at_open(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    dead = f"postgresql://u@127.0.0.1:{free_port()}/x"
+    cluster = await make_cluster([dead, *replication.dsns])
+    async with cluster.connection() as conn:
+        assert not await in_recovery(conn)
+    async with cluster.connection(read_only=True) as conn:
+        assert await in_recovery(conn)
+    down = cluster.stats()["hosts"][0]
+    assert (down["role"], down["healthy"], down["size"]) == ("unknown", False, 0)
+    assert down["error"] and "refused" in down["error"]

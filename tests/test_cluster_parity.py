@@ -6,9 +6,9 @@ import ast
 import importlib.util
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
-from poolkit import AsyncClusterPool, ClusterPool
+from poolkit import AsyncClusterPool, ClusterPool, ClusterStats, HostStats
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -63,3 +63,10 @@ def test_generated_sync_cluster_is_current() -> None:
     assert (ROOT / "poolkit/_cluster.py").read_text() == want, (
         "poolkit/_cluster.py is stale: run python scripts/async_to_sync.py"
     )
+
+
+def test_every_cluster_stats_key_is_documented() -> None:
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    for cls in (ClusterStats, HostStats):
+        for key in get_type_hints(cls):
+            assert f"`{key}`" in doc, (cls.__name__, key)

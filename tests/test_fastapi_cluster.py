@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
+import psycopg
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
@@ -132,3 +135,70 @@ async def test_replica_down_reads_move_to_primary(
         response = await client.get("/read")
         assert response.status_code == 200, response.text
         assert response.json()["replica"] is False
+
+
+@pytest.mark.slow
+async def test_failover_under_load_loses_no_acknowledged_write(
+    replication: Replication, app_name: str
+) -> None:
+    with psycopg.connect(replication.primary.dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS pk_fa_items")
+        conn.execute("CREATE TABLE pk_fa_items (id int PRIMARY KEY)")
+    replication.repair()
+    cluster: AsyncClusterPool[Any] = AsyncClusterPool(
+        replication.dsns, name="db", min_size=2, max_size=8, timeout=8,
+        application_name=app_name,
+    )  # fmt: skip
+    app = FastAPI(lifespan=ClusterLifespan(cluster))
+
+    @app.post("/items/{item}")
+    async def create(item: int, conn: Conn) -> dict[str, int]:
+        await conn.execute("INSERT INTO pk_fa_items VALUES (%s)", (item,))
+        return {"id": item}
+
+    @app.get("/items")
+    async def count(conn: ReadConn) -> dict[str, int]:
+        row = await (await conn.execute("SELECT count(*) FROM pk_fa_items")).fetchone()
+        return {"n": row[0] if row else 0}
+
+    acked: list[tuple[int, float]] = []
+    statuses: list[int] = []
+    ids = iter(range(1, 10**6))
+    stop = anyio.Event()
+
+    async def writer(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            item = next(ids)
+            response = await client.post(f"/items/{item}")
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                acked.append((item, time.monotonic()))
+
+    async def reader(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            statuses.append((await client.get("/items")).status_code)
+
+    async with LifespanManager(app) as manager:
+        # A route's unhandled error is a 500, as a real server answers it.
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for _ in range(4):
+                tg.start_soon(writer, client)
+                tg.start_soon(reader, client)
+            await anyio.sleep(1.0)
+            new_primary = await anyio.to_thread.run_sync(replication.failover)
+            promoted = time.monotonic()
+            with anyio.fail_after(8):
+                while not any(t > promoted for _, t in acked):
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.5)
+            stop.set()
+        assert cluster.stats()["in_use"] == 0
+    with psycopg.connect(new_primary.dsn, autocommit=True) as conn:
+        found = {r[0] for r in conn.execute("SELECT id FROM pk_fa_items").fetchall()}
+    lost = [item for item, _ in acked if item not in found]
+    assert lost == [], f"{len(lost)} acknowledged writes lost"
+    assert set(statuses) <= {200, 500, 503}, set(statuses)

@@ -338,6 +338,17 @@ class ClusterCore:
         return f"<{type(self).__name__} {self.name!r} [{hosts}]>"
 
 
+def flatten_pools(pools: Any) -> dict[str, Any]:
+    """`pools` with every cluster replaced by its hosts' pools (for metrics and dashboards)."""
+    out: dict[str, Any] = {}
+    for key, pool in list(pools.items()):
+        if hasattr(pool, "host_pools"):
+            out.update(pool.host_pools())
+        else:
+            out[key] = pool
+    return out
+
+
 def probe_kwargs(config: PoolConfig) -> dict[str, Any]:
     """Connect arguments of the monitor's own connection to a host."""
     kwargs = config.connect_kwargs()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from ._cluster_base import flatten_pools
 from ._config import mask_conninfo
 from ._metrics import POOL_BUCKET_STEP, cumulative
 from ._stats import Histogram
@@ -188,6 +189,7 @@ def dashboard_snapshot(
     longest, current borrows (longest first, with their borrow site), recent events and,
     with a `history`, the last minutes of size/in_use/idle/waiting.
     """
+    pools = flatten_pools(pools)  # a cluster shows as one pool per host
     if history is not None:
         history.sample_if_due(pools)
     now_mono = time.monotonic()

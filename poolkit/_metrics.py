@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._cluster_base import flatten_pools
 from ._stats import BOUNDS, Histogram, PoolStats
 
 if TYPE_CHECKING:
@@ -186,18 +187,15 @@ def _expand_clusters(pools: Mapping[str, Any]) -> tuple[dict[str, Any], list[Met
         "Replay lag measured on the replica (0 for a primary).",
         labels=labels,
     )
-    out: dict[str, Any] = {}
     for key, pool in list(pools.items()):
         if not hasattr(pool, "host_pools"):
-            out[key] = pool
             continue
-        out.update(pool.host_pools())
         for host in pool.stats()["hosts"]:
             values = [str(key), host["host"], host["role"]]
             up.add_metric(values, 1.0 if host["healthy"] else 0.0)
             lag.add_metric(values, host["lag"] or 0.0)
     clusters = any(hasattr(p, "host_pools") for p in pools.values())
-    return out, [up, lag] if clusters else []
+    return flatten_pools(pools), [up, lag] if clusters else []
 
 
 def _prom_buckets(pairs: list[tuple[float, int]]) -> list[tuple[str, float]]:
@@ -343,7 +341,7 @@ class OtelInstruments:
             return []
         with self._lock:
             out = []
-            for key, pool in list(self._pools.items()):
+            for key, pool in flatten_pools(self._pools).items():
                 name = str(key)
                 stats: PoolStats = pool.stats()
                 hists = pool.histograms()
@@ -365,7 +363,7 @@ class OtelInstruments:
                 return []
             return [
                 Observation(pool.stats()[field], {_OTEL_POOL: str(key)})
-                for key, pool in list(self._pools.items())
+                for key, pool in flatten_pools(self._pools).items()
             ]
 
         return callback

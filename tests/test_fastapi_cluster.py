@@ -41,7 +41,7 @@ def make_app(replication: Replication, app_name: str, *, sticky: bool = False) -
         sync_cluster=ClusterPool(replication.dsns, name="db-sync", **settings),
     )
     app = FastAPI(lifespan=lifespan)
-    app.include_router(pool_router())
+    app.include_router(pool_router(dashboard=True))
 
     @app.get("/read")
     async def read(conn: ReadConn) -> dict[str, Any]:
@@ -124,6 +124,8 @@ async def test_ready_and_metrics_show_every_host(
     assert f'poolkit_host_up{{host="{standby}",pool_name="db",role="replica"}} 1.0' in text
     assert "poolkit_host_replication_lag_seconds{" in text
     assert f'pool_name="db[{standby}]"' in text  # each host's pool metrics
+    data = (await client.get("/_poolkit/data")).json()
+    assert f"db[{standby}]" in [p["key"] for p in data["pools"]]
 
 
 async def test_replica_down_reads_move_to_primary(

@@ -59,6 +59,7 @@ class Replication:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._n = 0
+        self.promote_started = self.promoted_at = 0.0
         self.primary = ReplNode(self._new_dir())
         self.primary.start()
         self.standby = self._clone(self.primary)
@@ -115,6 +116,7 @@ class Replication:
     def failover(self) -> ReplNode:
         """Stop the primary and promote the standby; return the new primary."""
         self.primary.stop("fast")
+        self.promote_started = time.monotonic()  # for timings: the primary is down by now
         code, output = self.standby._run(
             [self.standby._bin("pg_ctl"), "promote", "-D", str(self.standby.data_dir), "-w", "-s"],
             timeout=60,
@@ -122,6 +124,7 @@ class Replication:
         if code != 0:
             raise RuntimeError(f"pg_ctl promote failed:\n{output}")
         wait_until(lambda: not self.standby.in_recovery(), timeout=30, what="the promotion")
+        self.promoted_at = time.monotonic()
         return self.standby
 
     def pause_replay(self) -> None:

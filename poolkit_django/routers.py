@@ -3,6 +3,7 @@ to the primary; every read after a request's first write to the primary too."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -151,6 +152,9 @@ class ReplicaRouter:
             return monitor
 
     def close(self) -> None:
+        """Stop the probe (tests, or a settings change); the next routing call restarts it."""
+        with contextlib.suppress(ValueError):
+            _routers.remove(self)
         monitor, self._monitor = self._monitor, None
         if monitor is not None and self._monitor_pid == os.getpid():
             monitor.close(timeout=0)

@@ -25,7 +25,7 @@ from poolkit import (
 )
 
 from ._deps import _AsyncLease, _dependency, _end_before_response, _SyncLease, _tag, _unavailable
-from ._lifespan import DEFAULT, STATE_KEY, Pools, PoolStartupError, WiringError
+from ._lifespan import DEFAULT, STATE_KEY, Pools, PoolStartupError, WiringError, get_pools
 
 __all__ = [
     "ClusterLifespan",
@@ -169,7 +169,7 @@ class ClusterLifespan:
                     raise PoolStartupError(
                         f"could not open cluster {cluster.name!r}: {exc}"
                     ) from None
-            async with contextlib_nullcontext(self._pools, app) as inner:
+            async with _inner_lifespan(self._pools, app) as inner:
                 base = inner.get(STATE_KEY) if inner else None
                 async_pools = dict(base._async) if isinstance(base, Pools) else {}
                 sync_pools = dict(base._sync) if isinstance(base, Pools) else {}
@@ -193,7 +193,7 @@ async def _call(cluster: Any, method: str, *args: Any) -> Any:
 
 
 @asynccontextmanager
-async def contextlib_nullcontext(
+async def _inner_lifespan(
     lifespan: Callable[[object], AbstractAsyncContextManager[Mapping[str, Any]]] | None,
     app: object,
 ) -> AsyncIterator[Mapping[str, Any] | None]:
@@ -213,6 +213,10 @@ def _clusters(request: HTTPConnection) -> dict[str, Any]:
             "AsyncClusterPool([...primary, ...replicas])))` (see docs/cluster.md)"
         )
     return clusters
+
+
+def _retry_after(request: HTTPConnection) -> int:
+    return get_pools(request).retry_after
 
 
 def _route_writes(request: HTTPConnection, name: str) -> bool:
@@ -263,8 +267,8 @@ def _read_dependency(sync: bool, cookie: str | None, header: str | None) -> Call
             try:
                 conn = cluster.getconn(tag=_tag(request), read_only=True, primary=primary)
             except _UNAVAILABLE as exc:
-                raise _unavailable(cast(Any, cluster), exc, 1) from None
-            lease = _SyncLease(cast(Any, cluster), conn, 1)
+                raise _unavailable(cast(Any, cluster), exc, _retry_after(request)) from None
+            lease = _SyncLease(cast(Any, cluster), conn, _retry_after(request))
             _end_before_response(request, lease)
             try:
                 yield conn
@@ -289,8 +293,8 @@ def _read_dependency(sync: bool, cookie: str | None, header: str | None) -> Call
         try:
             conn = await cluster.getconn(tag=_tag(request), read_only=True, primary=primary)
         except _UNAVAILABLE as exc:
-            raise _unavailable(cast(Any, cluster), exc, 1) from None
-        lease = _AsyncLease(cast(Any, cluster), conn, 1)
+            raise _unavailable(cast(Any, cluster), exc, _retry_after(request)) from None
+        lease = _AsyncLease(cast(Any, cluster), conn, _retry_after(request))
         _end_before_response(request, lease)
         try:
             yield conn

@@ -13,14 +13,16 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from poolkit import AsyncClusterPool, ClusterPool
+from poolkit import AsyncClusterPool, ClusterPool, PoolConfig
 from poolkit_fastapi import (
     ClusterLifespan,
     Conn,
+    PoolLifespan,
     ReadConn,
     StickyAfterWrite,
     SyncConn,
     SyncReadConn,
+    WiringError,
     pool_router,
 )
 from tests._replication import Replication
@@ -204,3 +206,40 @@ async def test_failover_under_load_loses_no_acknowledged_write(
     lost = [item for item, _ in acked if item not in found]
     assert lost == [], f"{len(lost)} acknowledged writes lost"
     assert set(statuses) <= {200, 500, 503}, set(statuses)
+
+
+async def test_read_conn_without_a_cluster_says_how_to_wire(dsn: str) -> None:
+    app = FastAPI(lifespan=PoolLifespan(PoolConfig.from_url(dsn, min_size=1)))
+
+    @app.get("/read")
+    async def read(conn: ReadConn) -> None: ...
+
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            with pytest.raises(WiringError, match="ClusterLifespan"):
+                await client.get("/read")
+
+
+async def test_no_replica_with_fallback_error_is_503(
+    replication: Replication, app_name: str
+) -> None:
+    cluster: AsyncClusterPool[Any] = AsyncClusterPool(
+        replication.dsns, name="db", min_size=1, fallback="error", application_name=app_name
+    )
+    app = FastAPI(lifespan=ClusterLifespan(cluster, retry_after=7))
+
+    @app.get("/read")
+    async def read(conn: ReadConn) -> None: ...
+
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/read")).status_code == 200
+            replication.stop_standby()
+            with anyio.fail_after(10):
+                while cluster.stats()["hosts"][1]["healthy"]:
+                    await anyio.sleep(0.01)
+            response = await client.get("/read")
+            assert response.status_code == 503, response.text
+            assert response.headers["retry-after"] == "7"

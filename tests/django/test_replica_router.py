@@ -76,6 +76,25 @@ def test_lagging_or_stopped_replica_is_skipped(
     assert router.db_for_read(None) == PRIMARY
 
 
+def test_installed_through_database_routers(router: ReplicaRouter) -> None:
+    from django.db import router as django_router
+
+    from tests.django.project.testapp.models import Note
+
+    with override_settings(DATABASE_ROUTERS=["poolkit_django.routers.ReplicaRouter"]):
+        installed = django_router.routers[0]
+        assert isinstance(installed, ReplicaRouter)
+        try:
+            request_started.send(sender=None)
+            wait_until(lambda: django_router.db_for_read(Note) == REPLICA, timeout=10)
+            assert django_router.db_for_write(Note) == PRIMARY
+            assert django_router.db_for_read(Note) == PRIMARY
+            assert not django_router.allow_migrate(REPLICA, "testapp")
+        finally:
+            installed.close()
+            request_finished.send(sender=None)
+
+
 def test_migrations_only_on_primary(router: ReplicaRouter) -> None:
     assert router.allow_migrate(REPLICA, "testapp") is False
     assert router.allow_migrate(PRIMARY, "testapp") is None

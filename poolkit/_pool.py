@@ -598,6 +598,7 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
             self._note_connect_failure(error, monotonic())
 
     def __enter__(self) -> Pool[CT]:
+        self._open_implicit = False  # used as a context manager: the way to open it
         self.open(wait=True, timeout=self.config.open_timeout or 30.0)
         return self
 

@@ -601,6 +601,7 @@ class AsyncPool(AsyncLifecycle[ACT], PoolCore, Generic[ACT]):
             self._note_connect_failure(error, monotonic())
 
     async def __aenter__(self) -> AsyncPool[ACT]:
+        self._open_implicit = False  # used as a context manager: the way to open it
         await self.open(wait=True, timeout=self.config.open_timeout or 30.0)
         return self
 

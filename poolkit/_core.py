@@ -16,7 +16,6 @@ from ._config import PoolConfig, mask_conninfo
 from ._errors import ConnectionReturned, PoolClosed
 from ._leaks import BorrowInfo, borrow_infos, note_late_return, warn_leak
 from ._messages import state_line
-from ._psycopg import GUARDED
 from ._slot import Slot
 from ._stats import Histogram, PoolStats
 
@@ -146,27 +145,24 @@ class PoolCore:
 
     # -- guards and slots ----------------------------------------------------------------
 
-    def _make_guards(self, slot: Slot) -> dict[str, Any]:
-        name = self.name
-
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise ConnectionReturned(
-                f"this connection was returned to pool {name!r} (borrowed at {slot.site}, "
-                f"returned at {slot.return_site}) and may belong to another borrower now: "
-                "nothing was sent. Keep using a connection only inside its "
-                "`with pool.connection()` block, or until putconn()."
-            )
-
-        return dict.fromkeys(GUARDED, refuse)
+    def _refuse_returned(self, conn: Any) -> ConnectionReturned:
+        """The error for any use of `conn` after its return (see _psycopg.guarded_class)."""
+        slot = next((s for s in self._idle if s.conn is conn), None)
+        where = ""
+        if slot is not None:
+            where = f" (borrowed at {slot.site}, returned at {slot.return_site})"
+        return ConnectionReturned(
+            f"this connection was returned to pool {self.name!r}{where} and may belong to "
+            "another borrower now: nothing was sent. Use a connection only inside its "
+            "`with pool.connection()` block, or until putconn()."
+        )
 
     # -- accounting (called with the lock held) ----------------------------------------
 
-    def _account_return(self, slot: Slot, now: float) -> None:
+    def _late_return(self, slot: Slot, now: float) -> None:
         held = now - slot.t0
-        self._hold_q.append((slot.tag, held))
-        if slot.warned:
-            note_late_return(self.name, slot, held)
-            self._event("leak-returned", f"{slot.site} after {held:.1f} s")
+        note_late_return(self.name, slot, held)
+        self._event("leak-returned", f"{slot.site} after {held:.1f} s")
 
     def _event(self, kind: str, detail: str) -> None:
         self._events.append((monotonic(), kind, mask_conninfo(detail)))
@@ -371,7 +367,7 @@ class PoolCore:
         """
         slots = [*self._idle, *self._lent.values(), *self._parked.values()]
         was_open = not self._closed
-        _fork.orphan([s.conn if s.conn is not None else (s.wr and s.wr()) for s in slots])
+        _fork.orphan([s.conn if s.conn is not None else s.wr() for s in slots])
         self._lock = threading.Lock()
         self._reset_state()
         self._worker = None
@@ -388,7 +384,6 @@ class PoolCore:
                 for key, slot in book.items():
                     if slot.wr is wr:
                         del book[key]
-                        slot.wr = None
                         out.append(slot)
                         break
         self._nconns -= len(out)

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, Generic, TypeVar, cast
+from weakref import ref
 
 from psycopg import Connection, ProgrammingError
 from psycopg.pq import TransactionStatus
@@ -144,7 +145,7 @@ class Lifecycle(PoolCore, Generic[CT]):
             self._idle.clear()
             self._parked.clear()
         for slot in idle:
-            conn = slot.conn if slot.conn is not None else (slot.wr and slot.wr())
+            conn = slot.conn if slot.conn is not None else slot.wr()
             slot.conn = conn
             self._retire(slot)
         self._wakeup.set()
@@ -238,9 +239,9 @@ class Lifecycle(PoolCore, Generic[CT]):
             return
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
-        slot.attrs = _psycopg.snapshot(conn)
-        slot.guards = self._make_guards(slot)
-        _psycopg.guard(conn, slot.guards)
+        slot.guarded = _psycopg.guarded_class(slot.cls, _refuse)
+        slot.wr = ref(conn, self._gc_cb)
+        conn.__class__ = slot.guarded
         with self._lock:
             self._connecting -= 1
             if self._closed:
@@ -278,7 +279,9 @@ class Lifecycle(PoolCore, Generic[CT]):
             kwargs["connect_timeout"] = self._connect_timeout
         conn = self.connection_class.connect(cast(str, conninfo), **kwargs)
         try:
-            _psycopg.set_pool(conn, None)
+            # Kept for the connection's whole life: psycopg then neither closes it in
+            # `with conn:` nor warns when it is collected, and close_returns works.
+            _psycopg.set_pool(conn, self)
             if self._auto:
                 _psycopg.install_tracking(conn)
             if self._configure is not None:
@@ -377,8 +380,7 @@ class Lifecycle(PoolCore, Generic[CT]):
                 if now >= s.expire_at or now - s.returned_at > self.max_idle:
                     del self._parked[key]
                     s.parked = False
-                    s.conn = s.wr() if s.wr is not None else None
-                    s.wr = None
+                    s.conn = s.wr()
                     old.append(s)
         for s in old:
             self._retire(s)
@@ -391,7 +393,7 @@ class Lifecycle(PoolCore, Generic[CT]):
         for slot in due:
             if self._ping(slot, now + self.timeout):
                 slot.returned_at = monotonic()
-                _psycopg.guard(slot.conn, slot.guards)
+                slot.conn.__class__ = slot.guarded
                 with self._lock:
                     self._put_idle_locked(slot)
 
@@ -400,7 +402,7 @@ class Lifecycle(PoolCore, Generic[CT]):
         from ._conn import check_result, ping_gen
 
         conn = slot.conn
-        _psycopg.unguard(conn)
+        conn.__class__ = slot.cls
         try:
             if slot.pending is not None and not self._drain_reset(slot, deadline):
                 return False
@@ -431,7 +433,7 @@ class Lifecycle(PoolCore, Generic[CT]):
         for slot in slots:
             if self._ping(slot, now + self.timeout):
                 slot.returned_at = monotonic()
-                _psycopg.guard(slot.conn, slot.guards)
+                slot.conn.__class__ = slot.guarded
                 with self._lock:
                     self._put_idle_locked(slot)
         with self._lock:
@@ -534,3 +536,8 @@ def _ident() -> int:
     from threading import get_ident
 
     return get_ident()
+
+
+def _refuse(conn: Any) -> BaseException:
+    # A returned connection keeps its pool in psycopg's `_pool` attribute.
+    return cast(PoolCore, _psycopg.get_pool(conn))._refuse_returned(conn)

@@ -12,21 +12,21 @@ from collections.abc import Callable
 from sys import _getframe
 from threading import get_ident
 from time import monotonic
+from traceback import format_stack
 from types import CodeType, FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
-from weakref import ref
 
 from psycopg import Connection, ProgrammingError
 from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _psycopg, _reset
-from ._compat import ASYNC, current_owner, ensure, spawn
+from ._compat import ASYNC, ensure, spawn
 from ._config import PoolConfig, config_for_pool
 from ._conn import check_result, connect_timeout_default, ping_gen
 from ._core import PoolCore
 from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
-from ._leaks import SKIP_PREFIXES, Site, logger, user_frame
+from ._leaks import FRAMEWORK_FILES, Site, is_framework, logger, user_frame
 from ._lifecycle import Lifecycle
 from ._messages import describe_error
 from ._peek import PEEK_AFTER
@@ -120,6 +120,10 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         self._auto = policy == "auto"
         self._reset_sql = None if callable(policy) or self._auto else _reset.FIXED[policy]
         self._peek = cfg.validate
+        # Back for less than this: lent without even the socket peek (see PEEK_AFTER).
+        self._instant_window = min(PEEK_AFTER, self._fast_window)
+        # No reset statement or callback on every return ("auto" decides per borrow).
+        self._no_reset = self._reset_sql is None and self._reset_fn is None
         self._connect_timeout = connect_timeout_default(cfg)
         self._init_lifecycle()
         self._open_implicit = False
@@ -150,11 +154,23 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
     def _borrow(self, timeout: float | None, tag: str | None, site: Site) -> CT:
         """Borrow, attributing the borrow to `site` (a frame, a function's code, or None)."""
         now = monotonic()
+        slot: Slot | None = None
         with self._lock:
             if self._idle and not self._draining:
-                slot: Slot | None = self._idle.popleft() if self._fifo else self._idle.pop()
-            else:
-                slot = None
+                slot = self._idle.popleft() if self._fifo else self._idle.pop()
+                if (
+                    now - slot.returned_at < self._instant_window
+                    and slot.pending is None
+                    and now < slot.expire_at
+                    and slot.created_at >= self._invalid_before
+                    and (slot.checked or not self._check)
+                ):
+                    # Back a moment ago: nothing to check, book it in the same lock.
+                    conn = slot.conn
+                    self._lent[id(conn)] = slot
+                    self._n_fast += 1
+                    conn.__class__ = slot.cls
+                    return self._lend(slot, now, tag, site, None, True)
         if slot is not None:
             conn = slot.conn
             idle_for = now - slot.returned_at
@@ -163,46 +179,54 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                 and idle_for < self._fast_window
                 and now < slot.expire_at
                 and slot.created_at >= self._invalid_before
-                and (not self._check or slot.checked)
-                and (idle_for < PEEK_AFTER or not self._peek or not slot.peek.broken(conn))
+                and (slot.checked or not self._check)
+                and not (self._peek and slot.peek.broken(conn))
             ):
-                _psycopg.unguard(conn)
-                self._lend(slot, now, tag, site, None)
-                return cast(CT, conn)
+                conn.__class__ = slot.cls
+                return self._lend(slot, now, tag, site, None, False)
         return self._borrow_slow(now, timeout, tag, site, slot)
 
     def _lend(
-        self, slot: Slot, now: float, tag: str | None, site: Site, waited: float | None
-    ) -> None:
-        """Book `slot` as lent to the caller (the connection is unguarded already)."""
-        conn = slot.conn
+        self,
+        slot: Slot,
+        now: float,
+        tag: str | None,
+        site: Site,
+        waited: float | None,
+        booked: bool,
+    ) -> CT:
+        """Record the borrow on `slot` (booked: already in _lent); the connection is unguarded.
+
+        While lent, the pool holds the connection only through the slot's weak reference:
+        a borrower that drops it lets it be collected, and the slot comes back (_reclaim).
+        """
+        conn: CT = slot.conn
         if site is None:
             site = _getframe(2)
-        if type(site) is CodeType:
+        if site.__class__ is CodeType:
             slot.code, slot.lineno = site, site.co_firstlineno
         else:
-            f = site
-            if f.f_code.co_filename.startswith(SKIP_PREFIXES):
+            f = cast(FrameType, site)
+            skip = FRAMEWORK_FILES.get(f.f_code.co_filename)
+            if skip or (skip is None and is_framework(f.f_code.co_filename)):
                 f = user_frame(f)
             slot.code, slot.lineno = f.f_code, f.f_lineno
             if self._capture_stack:
-                import traceback
-
-                slot.stack = traceback.format_stack(f)
+                slot.stack = format_stack(f)
         slot.t0 = now
         slot.owner = get_ident()
-        slot.task = current_owner()
+        slot.task = None
         slot.tag = tag
         slot.warned = False
-        slot.wr = ref(conn, self._gc_cb)
         slot.conn = None
-        _psycopg.set_pool(conn, self)
-        with self._lock:
-            self._lent[id(conn)] = slot
-            if waited is None:
-                self._n_fast += 1
+        if not booked:
+            with self._lock:
+                self._lent[id(conn)] = slot
+                if waited is None:
+                    self._n_fast += 1
         if waited is not None:
             self._wait_q.append(waited)
+        return conn
 
     def _borrow_slow(
         self, t0: float, timeout: float | None, tag: str | None, site: Site, slot: Slot | None
@@ -214,9 +238,8 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
             if slot is None:
                 slot = self._take_slot(t0, deadline)
             if self._ready(slot, deadline):
-                conn = slot.conn
-                self._lend(slot, monotonic(), tag, site, monotonic() - t0)
-                return cast(CT, conn)
+                now = monotonic()
+                return self._lend(slot, now, tag, site, now - t0, False)
             slot = None
 
     def _take_slot(self, t0: float, deadline: float) -> Slot:
@@ -253,8 +276,7 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                 # between two requests (Django's CONN_MAX_AGE) rather than wait.
                 _, stolen = self._parked.popitem()
                 stolen.parked = False
-                stolen.conn = stolen.wr() if stolen.wr is not None else None
-                stolen.wr = None
+                stolen.conn = stolen.wr()
                 self._n_stolen += 1
                 if stolen.conn is None:
                     self._nconns -= 1
@@ -312,7 +334,7 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         connection and gives its slot back to the pool's books (never lost).
         """
         conn = slot.conn
-        _psycopg.unguard(conn)
+        conn.__class__ = slot.cls
         try:
             now = monotonic()
             if slot.pending is not None and not self._drain_reset(slot, deadline):
@@ -379,37 +401,39 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
 
     def _return(self, conn: CT, f: FrameType | None) -> None:
         now = monotonic()
-        with self._lock:
-            slot = self._lent.pop(id(conn), None)
-            if slot is not None and (slot.wr is None or slot.wr() is not conn):
-                self._lent[id(conn)] = slot
-                slot = None
-        if slot is None:
+        key = id(conn)
+        slot = self._lent.get(key)
+        if slot is None or slot.wr() is not conn:
             self._not_mine(conn)
             return
-        slot.wr = None
-        slot.conn = conn
-        if f is not None:
-            slot.returned_code, slot.returned_line = f.f_code, f.f_lineno
-        else:
-            slot.returned_code, slot.returned_line = slot.code, slot.lineno
-        self._account_return(slot, now)
-        _psycopg.set_pool(conn, None)
+        # Where it came back: putconn()'s caller; None for the end of a connection() block.
+        slot.returned_at_frame = (f.f_code, f.f_lineno) if f is not None else None
+        self._hold_q.append((slot.tag, now - slot.t0))
+        if slot.warned:
+            self._late_return(slot, now)
         if (
             conn.pgconn.transaction_status == _IDLE
-            and not self._closed
             and now < slot.expire_at
             and slot.created_at >= self._invalid_before
-            and _psycopg.snapshot(conn) == slot.attrs
-            and self._reset_sql is None
-            and self._reset_fn is None
-            and (not self._auto or id(conn) not in _psycopg.DIRTY)
+            and self._no_reset
+            and key not in _psycopg.DIRTY
+            and _psycopg.unchanged(conn, slot.attrs, slot.threshold)
+            and not self._closed
         ):
             slot.returned_at = slot.last_good = now
-            _psycopg.guard(conn, slot.guards)
+            slot.conn = conn
+            conn.__class__ = slot.guarded
             with self._lock:
-                self._put_idle_locked(slot)
+                if self._lent.pop(key, None) is slot:
+                    if self._waiting:
+                        self._put_idle_locked(slot)
+                    else:
+                        self._idle.append(slot)
             return
+        with self._lock:
+            if self._lent.pop(key, None) is not slot:
+                return  # returned twice, concurrently: the other return wins
+        slot.conn = conn
         try:
             if self._recycle(slot, now):
                 with self._lock:
@@ -423,10 +447,13 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
 
     def _not_mine(self, conn: Any) -> None:
         owner = _psycopg.get_pool(conn)
+        if owner is self:
+            raise ValueError(
+                f"can't return connection to pool {self.name!r}: it is not lent (returned twice?)"
+            )
         if owner is None:
             raise ValueError(
-                f"can't return connection to pool {self.name!r}, it doesn't belong to any "
-                "pool (returned twice?)"
+                f"can't return connection to pool {self.name!r}, it doesn't belong to any pool"
             )
         raise ValueError(
             f"can't return connection to pool {self.name!r}, it belongs to pool "
@@ -465,8 +492,8 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                     )
                     self._retire(slot)
                     return False
-            if _psycopg.snapshot(conn) != slot.attrs:
-                self._restore(conn, slot.attrs)
+            if not _psycopg.unchanged(conn, slot.attrs, slot.threshold):
+                self._restore(conn, slot.attrs, slot.threshold)
             if self._reset_fn is not None:
                 try:
                     ensure(self._reset_fn(cast(CT, conn)))
@@ -501,16 +528,16 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         slot.returned_at = monotonic()
         if status == _IDLE:
             slot.last_good = now
-        _psycopg.guard(conn, slot.guards)
+        conn.__class__ = slot.guarded
         return True
 
-    def _restore(self, conn: Any, attrs: tuple[Any, ...]) -> None:
+    def _restore(self, conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> None:
         """Undo a borrow's client-side changes through psycopg's public setters.
 
         The setters also drop psycopg's cached BEGIN statement, which direct writes
         would leave behind (the next transaction would run READ ONLY, say).
         """
-        autocommit, isolation, read_only, deferrable, rows, cursors, server, threshold = attrs
+        autocommit, isolation, read_only, deferrable, rows, cursors, server = attrs
         if conn.autocommit != autocommit:
             conn.set_autocommit(autocommit)
         if conn.isolation_level != isolation:
@@ -569,21 +596,24 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         if slot is None:
             self._not_mine(conn)
             return
-        self._account_return(slot, now)
+        self._hold_q.append((slot.tag, now - slot.t0))
+        if slot.warned:
+            self._late_return(slot, now)
 
     def _unpark(self, conn: CT, tag: str | None = None, site: Site = None) -> bool:
         """Take back a parked connection: False if the pool gave it to someone else."""
         now = monotonic()
         with self._lock:
             slot = self._parked.pop(id(conn), None)
-            if slot is None or slot.wr is None or slot.wr() is not conn:
+            if slot is None or slot.wr() is not conn:
                 if slot is not None:
                     self._parked[id(conn)] = slot
                 return False
             slot.parked = False
-            slot.wr = None
             slot.conn = conn
-        self._lend(slot, now, tag, site if site is not None else _getframe(1), None)
+            self._lent[id(conn)] = slot
+            self._n_fast += 1
+        self._lend(slot, now, tag, site if site is not None else _getframe(1), None, True)
         return True
 
     def _check_failed(self, slot: Slot, error: Exception) -> None:

@@ -107,7 +107,7 @@ def _ruff(text: str, src_name: str) -> str:
         raise SystemExit("async_to_sync: ruff is needed (pip install -e '.[dev]')")
     name = str(ROOT / src_name)
     for cmd in (
-        [ruff, "check", "--select", "I", "--fix", "--quiet", "--stdin-filename", name, "-"],
+        [ruff, "check", "--select", "I,F401", "--fix", "--quiet", "--stdin-filename", name, "-"],
         [ruff, "format", "--quiet", "--stdin-filename", name, "-"],
     ):
         done = subprocess.run(cmd, input=text, capture_output=True, text=True, cwd=ROOT)

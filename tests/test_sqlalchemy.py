@@ -72,3 +72,16 @@ def test_session_state_does_not_leak_from_sqlalchemy_to_direct_use(app_dsn: str)
         with pool.connection() as conn:
             assert conn.info.backend_pid == pid  # the same connection, reset on return
             assert conn.execute("SHOW statement_timeout").fetchone() != ("1234ms",)
+
+
+def test_a_checkout_that_times_out_carries_the_pool_timeout(app_dsn: str) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    with Pool(app_dsn, min_size=1, max_size=1, timeout=0.2, close_returns=True) as pool:
+        engine = create_engine("postgresql+psycopg://", creator=pool.getconn, poolclass=NullPool)
+        with engine.connect():
+            with pytest.raises(OperationalError) as info:
+                engine.connect()
+            assert isinstance(info.value.orig, PoolTimeout)
+        engine.dispose()
+        assert pool.stats()["timeouts"] == 1

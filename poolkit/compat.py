@@ -33,8 +33,9 @@ class AbstractConnectionPool:
     `minconn`/`maxconn` become `min_size`/`max_size`; the remaining arguments are what
     `psycopg2.connect()` took: a DSN or URL, and connection keywords (`dbname=`, `user=`, ...).
     Unlike psycopg2, `getconn()` waits up to `timeout` seconds (poolkit's, 30 s by default)
-    for a connection when all `maxconn` are lent, then raises `PoolError`; `timeout=0`
-    fails at once, as psycopg2 does. Every method is thread-safe.
+    for a connection when all `maxconn` are lent, then raises `PoolError`; with `timeout=0`
+    it takes an idle connection or fails at once (it does not wait for a new one to open).
+    Every method is thread-safe.
     """
 
     def __init__(
@@ -48,9 +49,10 @@ class AbstractConnectionPool:
         self.minconn = minconn
         self.maxconn = maxconn
         self.closed = False
-        settings: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        # Given to each borrow rather than as the pool's setting, which must be above 0.
+        self._timeout = timeout
         self.pool: Pool[Connection[Any]] = Pool(
-            dsn, min_size=minconn, max_size=maxconn, kwargs=kwargs, open=False, **settings
+            dsn, min_size=minconn, max_size=maxconn, kwargs=kwargs, open=False
         )
         # psycopg2 opens minconn connections in the constructor and fails there if it cannot.
         self.pool.open(wait=minconn > 0)
@@ -67,7 +69,7 @@ class AbstractConnectionPool:
         # Borrow outside the lock: a borrower waiting for a connection must not stop others
         # from putting theirs back.
         try:
-            conn = self.pool.getconn()
+            conn = self.pool.getconn(self._timeout)
         except PoolTimeout as exc:
             raise PoolError(f"connection pool exhausted: {exc}") from exc
         with self._lock:

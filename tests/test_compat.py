@@ -130,8 +130,9 @@ def test_threads_share_one_threaded_pool(dsn: str) -> None:
         pool.closeall()
 
 
-def test_exhausted_pool_raises_pool_error(dsn: str) -> None:
-    pool = SimpleConnectionPool(0, 1, dsn, timeout=0.2)
+@pytest.mark.parametrize("timeout", [0, 0.2])
+def test_exhausted_pool_raises_pool_error(dsn: str, timeout: float) -> None:
+    pool = SimpleConnectionPool(1, 1, dsn, timeout=timeout)
     try:
         held = pool.getconn()
         with pytest.raises(PoolError, match="connection pool exhausted") as info:

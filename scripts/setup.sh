@@ -68,7 +68,7 @@ if [ -f "$stamp" ] && { [ "$(cat "$stamp")" = "$hash $spec" ] || [ "$(cat "$stam
   && installed; then
   say "python dependencies up to date"
 else
-  say "installing poolkit: pip install -e \"$spec\" ${extra[*]:-}"
+  say "installing poolkit: pip install -e \"$spec\"${extra[*]:+ ${extra[*]}}"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" ${extra[@]+"${extra[@]}"} \
     || die "pip install -e \"$spec\" failed (see the output above)"
   echo "$hash $spec" >"$stamp"

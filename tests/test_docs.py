@@ -201,3 +201,15 @@ async def _post_note(app: Any) -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
             created = await client.post("/notes", params={"title": "from the README"})
             return created, await client.get("/ready")
+
+
+def test_core_page_lists_every_public_name() -> None:
+    import poolkit
+    import poolkit.compat
+
+    text = (ROOT / "docs" / "core.md").read_text()
+    section = text[text.index("## Public names") :]
+    for name in [*poolkit.__all__, "__version__"]:
+        assert f"`{name}`" in section, name
+    for name in poolkit.compat.__all__:
+        assert f"`{name}" in (ROOT / "docs" / "migration-psycopg2.md").read_text(), name

@@ -128,7 +128,7 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     pool = open_entry(entry)
     # _pk_borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
-    conn = pool._pk_borrow(None, current_tag.get(), _user_frame(frame))
+    conn = pool._borrow(None, current_tag.get(), _user_frame(frame))
     wrapper._pk_lease = entry
     if not wrapper._pk_guarded:
         # Once per wrapper (wrappers live in one thread): the thread's guard watches it.

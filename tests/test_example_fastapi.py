@@ -184,6 +184,6 @@ def test_example_rejects_a_bad_setting_at_startup(dsn: str) -> None:
     code = proc.proc.wait(timeout=60)
     proc.stop()
     assert code != 0
-    assert "POOLKIT_MAX_SIZ='3': is not a poolkit setting" in proc.output, proc.output
+    assert "POOLKIT_MAX_SIZ='3': is not a pool setting" in proc.output, proc.output
     assert "did you mean 'POOLKIT_MAX_SIZE'?" in proc.output
     assert "poolkit-secret" not in proc.output

@@ -2,7 +2,7 @@
 # Set up a poolkit development environment from a clean clone; safe to run again.
 # Usage: bash scripts/setup.sh [--system] [--example fastapi|django]
 #   (default)  .venv with poolkit editable and its "dev" extra (test + bench + lint): what the tests need
-#   --example  only what that example app needs (e.g. ".[fastapi,embedded]"), nothing for the tests
+#   --example  only what that example app needs (".[fastapi,prometheus,embedded]"), nothing for tests
 #   --system   when root and apt-get exists, also install Debian's pgbouncer, chromium, chromium-driver
 set -euo pipefail
 
@@ -28,9 +28,10 @@ done
 # What to install, and the modules whose import proves it is installed.
 case "$example" in
   "") spec=".[dev]"; extra=(); probe="pytest, pytest_timeout, fastapi, django, sqlalchemy, mypy" ;;
-  fastapi) spec=".[fastapi,embedded]"; extra=(); probe="fastapi, uvicorn" ;;
+  # prometheus: the examples serve /metrics.
+  fastapi) spec=".[fastapi,prometheus,embedded]"; extra=(); probe="fastapi, uvicorn, prometheus_client" ;;
   # gunicorn serves the Django example; it is no dependency of poolkit[django].
-  django) spec=".[django,embedded]"; extra=("gunicorn>=22"); probe="django, gunicorn" ;;
+  django) spec=".[django,prometheus,embedded]"; extra=("gunicorn>=22"); probe="django, gunicorn, prometheus_client" ;;
   *) echo "setup: unknown example: $example (fastapi or django)" >&2; exit 2 ;;
 esac
 

@@ -63,7 +63,7 @@ class PoolCore:
         self.max_idle = config.max_idle
         self.reconnect_timeout = config.reconnect_timeout
         self.num_workers = config.num_workers
-        self._fifo = getattr(config, "lend_order", "lifo") == "fifo"
+        self._fifo = config.lend_order == "fifo"
         self._leak_threshold = config.leak_threshold or 0.0
         self._capture_stack = config.leak_capture_stack
         self._bypass = config.validation_bypass if config.validate else float("inf")

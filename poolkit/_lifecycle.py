@@ -456,8 +456,19 @@ class Lifecycle(PoolCore, Generic[CT]):
             self._invalid_before = monotonic()
             slots = list(self._idle)
             self._idle.clear()
+            self._last_attempt = 0.0  # reconnect at once, even after failures
         for s in slots:
             self._retire(s)
+        self._wakeup.set()
+
+    def rotate(self) -> None:
+        """Replace every connection gracefully, for rotated credentials or certificates.
+
+        New connections call `conninfo`/`kwargs`/`password` again when they are callables.
+        Idle connections are closed now, lent ones when they come back; borrowers never
+        see an error for it.
+        """
+        self.drain()
 
     @staticmethod
     def check_connection(conn: CT) -> None:

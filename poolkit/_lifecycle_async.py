@@ -456,8 +456,19 @@ class AsyncLifecycle(PoolCore, Generic[ACT]):
             self._invalid_before = monotonic()
             slots = list(self._idle)
             self._idle.clear()
+            self._last_attempt = 0.0  # reconnect at once, even after failures
         for s in slots:
             self._retire(s)
+        self._wakeup.set()
+
+    async def rotate(self) -> None:
+        """Replace every connection gracefully, for rotated credentials or certificates.
+
+        New connections call `conninfo`/`kwargs`/`password` again when they are callables.
+        Idle connections are closed now, lent ones when they come back; borrowers never
+        see an error for it.
+        """
+        await self.drain()
 
     @staticmethod
     async def check_connection(conn: ACT) -> None:

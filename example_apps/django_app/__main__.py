@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"database: {mask_conninfo(os.environ['DATABASE_URL'])}", flush=True)
     print(f"serving on {base}/ ({argv[0]}; Ctrl-C stops)", flush=True)
     print(f"  products:       {base}/products/", flush=True)
-    if settings.POOLKIT_DASHBOARD:
+    if getattr(settings, "POOLKIT_DASHBOARD", False):
         print(
             f"  pool dashboard: {base}/poolkit/dashboard/  (POOLKIT_DASHBOARD=0 hides it)",
             flush=True,

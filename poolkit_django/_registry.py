@@ -142,7 +142,7 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
 
 
 def _thread_tag() -> str | None:
-    """"thread: NAME" for a borrow outside any view in a thread of its own, else None.
+    """The tag "thread: NAME" for a borrow outside any view in a thread of its own, else None.
 
     A thread started by a view does not inherit the view's tag (threads start with an
     empty context), so its hold time is listed under the thread's name; the counter

@@ -102,6 +102,7 @@ def test_dashboard_is_on_in_the_example_and_shows_the_masked_url(
     with example(example_db, tmp_path / "on.log") as app:
         status, _, page = app.get("/poolkit/dashboard/")
         assert status == 200 and b"poolkit" in page
+        assert app.json("/products/")["products"] == []  # the pool is built at first use
         snap = app.json("/poolkit/dashboard/data")
         (pool,) = snap["pools"]
         params = conninfo_to_dict(example_db)
@@ -116,7 +117,8 @@ def test_dashboard_is_on_in_the_example_and_shows_the_masked_url(
 
 
 def test_embedded_server_is_stopped_on_exit(tmp_path: Path) -> None:
-    env = {k: v for k, v in server_env("").items() if k != "DATABASE_URL"}
+    env = server_env("", DJANGO_SETTINGS_MODULE=SETTINGS)
+    del env["DATABASE_URL"]
     port = free_port()
     log = tmp_path / "example.log"
     argv = [PYTHON, "-m", "example_apps.django_app", "--port", str(port), "--workers", "1"]

@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -173,8 +174,20 @@ def test_example_endpoints_end_to_end(example: ExampleProcess, pg_server: PgServ
         assert client.get(f"/notes/{note_id}").status_code == 404
         assert client.delete(f"/notes/{note_id}").status_code == 404
 
-        # Operations: readiness and metrics with per-route hold time.
+        # Operations: readiness (HEAD too, for probes) and metrics with per-route hold time.
         assert client.get("/ready").json()["status"] == "ready"
+        head = client.head("/ready")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == "application/json"
+
+        # The dashboard (on in the example) has sampled since startup, before any page
+        # was opened: its chart is drawn at once.
+        def sampled() -> dict[str, Any] | None:
+            data: dict[str, Any] = client.get("/_poolkit/data").json()
+            return data if len(data["pools"][0]["history"]["t"]) >= 2 else None
+
+        data = wait_until(sampled, timeout=10, what="two history samples")
+        assert data["history_interval"] == 1.0 and data["history_window"] == 300.0
         metrics = client.get("/metrics").text
         assert 'poolkit_hold_time_seconds_count{pool_name="default",route="POST /notes"}' in metrics
         assert 'route="GET /stats"' in metrics

@@ -103,7 +103,11 @@ def test_dashboard_is_on_in_the_example_and_shows_the_masked_url(
         status, _, page = app.get("/poolkit/dashboard/")
         assert status == 200 and b"poolkit" in page
         assert app.json("/products/")["products"] == []  # the pool is built at first use
+        # Sampled every second by the worker since then, not only when the page asks: the
+        # chart has the last seconds as soon as the page opens.
+        time.sleep(3.5)
         snap = app.json("/poolkit/dashboard/data")
+        assert len(snap["pools"][0]["history"]["t"]) >= 3, snap["pools"][0]["history"]
         (pool,) = snap["pools"]
         params = conninfo_to_dict(example_db)
         assert pool["conninfo"] == (

@@ -59,6 +59,7 @@ class Lifecycle(PoolCore, Generic[CT]):
         # The worker cuts the socket of any that overruns (a black-holed network).
         self._deadlines: dict[int, tuple[float, Any]] = {}
         self._failures = 0
+        self._outage = False  # from a lost connection or a failed connect to the next success
         self._last_attempt = 0.0
         self._reported_failure = False
         self._next_housekeeping = 0.0
@@ -249,7 +250,8 @@ class Lifecycle(PoolCore, Generic[CT]):
                 return
             self._nconns += 1
             self._n_created += 1
-            was_failing = self._failures > 0
+            was_failing = self._outage
+            self._outage = False
             self._failures = 0
             self._last_error = ""
             self._permanent_fix = None
@@ -325,7 +327,10 @@ class Lifecycle(PoolCore, Generic[CT]):
         (logger.warning if first else logger.debug)(
             "pool %r: connecting to %s failed: %s", self.name, self._dsn(), self._last_error
         )
-        if first:
+        with self._lock:
+            new_outage = not self._outage
+            self._outage = True
+        if new_outage:
             self._event("connect-failed", self._last_error)
         self._filled.set()
         self._wakeup.set()
@@ -503,7 +508,12 @@ class Lifecycle(PoolCore, Generic[CT]):
             stale = [s for s in self._idle if s.created_at < self._invalid_before]
             for s in stale:
                 self._idle.remove(s)
-        self._event("connection-lost", f"{len(stale)} older idle connections invalidated")
+            # One event per outage: the first loss opens it, the next new connection
+            # closes it ("recovered"), however many broken connections come back between.
+            new_outage = not self._outage
+            self._outage = True
+        if new_outage:
+            self._event("connection-lost", f"{len(stale)} older idle connections invalidated")
         logger.warning(
             "pool %r: connection lost; replacing it and %d older idle connections",
             self.name,

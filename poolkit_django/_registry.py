@@ -127,7 +127,7 @@ def open_entry(entry: Entry) -> Pool[Any]:
 def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     """Borrow a connection for `wrapper` and remember it, so a dying thread gives it back."""
     pool = open_entry(entry)
-    # _pk_borrow instead of getconn(): getconn() records its caller, Django's connect(),
+    # _borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
     conn = pool._borrow(None, current_tag.get() or _thread_tag(), _user_frame(frame))
     wrapper._pk_lease = entry

@@ -11,7 +11,7 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
-from . import _fork
+from . import _fork, _psycopg
 from ._config import PoolConfig, mask_conninfo
 from ._errors import ConnectionReturned, PoolClosed
 from ._leaks import BorrowInfo, borrow_infos, note_late_return, warn_leak
@@ -73,6 +73,7 @@ class PoolCore:
         self._lock = threading.Lock()
         self._reset_state()
         self._gc_cb = _gc_callback(weakref.ref(self))
+        self._guarded: dict[type, type] = {}
         _fork.track(self)
 
     def _reset_state(self) -> None:
@@ -144,6 +145,21 @@ class PoolCore:
         return f"<{cls.__module__}.{cls.__name__} {self.name!r} at 0x{id(self):x}>"
 
     # -- guards and slots ----------------------------------------------------------------
+
+    def _guarded_class(self, cls: type[Any]) -> type[Any]:
+        """The class a returned connection of class `cls` wears (refusing any use)."""
+        sub = self._guarded.get(cls)
+        if sub is None:
+            pool_ref = weakref.ref(self)
+
+            def refuse(conn: Any) -> BaseException:
+                pool = pool_ref()
+                if pool is None:
+                    return ConnectionReturned("this connection was returned to a closed pool")
+                return pool._refuse_returned(conn)
+
+            sub = self._guarded[cls] = _psycopg.guarded_class(cls, refuse)
+        return sub
 
     def _refuse_returned(self, conn: Any) -> ConnectionReturned:
         """The error for any use of `conn` after its return (see _psycopg.guarded_class)."""

@@ -79,7 +79,10 @@ class Lifecycle(PoolCore, Generic[CT]):
             raise PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
         self._closed = False
         self._opened = True
-        self._worker = spawn(self._run, name=f"{self.name}-worker")
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = spawn(_maintain, ref(self), name=f"{self.name}-worker")
 
     def wait(self, timeout: float = 30.0) -> None:
         """Wait until min_size connections are open; fail at once if connecting cannot work.
@@ -156,21 +159,6 @@ class Lifecycle(PoolCore, Generic[CT]):
 
     # -- the background worker ---------------------------------------------------------
 
-    def _run(self) -> None:
-        """Background: connect, refill, expire, keep alive, watch deadlines, report leaks."""
-        while not self._closed:
-            self._wakeup.clear()
-            try:
-                delay = self._tick()
-            except BaseException as ex:
-                if self._closed:
-                    return
-                if not isinstance(ex, Exception):
-                    raise
-                logger.exception("pool %r: maintenance failed (continuing): %s", self.name, ex)
-                delay = 1.0
-            self._wakeup.wait(delay)
-
     def _tick(self) -> float:
         now = monotonic()
         with self._lock:
@@ -240,7 +228,7 @@ class Lifecycle(PoolCore, Generic[CT]):
             return
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
-        slot.guarded = _psycopg.guarded_class(slot.cls, _refuse)
+        slot.guarded = self._guarded_class(slot.cls)
         slot.wr = ref(conn, self._gc_cb)
         conn.__class__ = slot.guarded
         with self._lock:
@@ -281,9 +269,7 @@ class Lifecycle(PoolCore, Generic[CT]):
             kwargs["connect_timeout"] = self._connect_timeout
         conn = self.connection_class.connect(cast(str, conninfo), **kwargs)
         try:
-            # Kept for the connection's whole life: psycopg then neither closes it in
-            # `with conn:` nor warns when it is collected, and close_returns works.
-            _psycopg.set_pool(conn, self)
+            _psycopg.set_pool(conn, None)  # pooled, not lent (psycopg's convention)
             if self._auto:
                 _psycopg.install_tracking(conn)
             if self._configure is not None:
@@ -559,6 +545,26 @@ def _ident() -> int:
     return get_ident()
 
 
-def _refuse(conn: Any) -> BaseException:
-    # A returned connection keeps its pool in psycopg's `_pool` attribute.
-    return cast(PoolCore, _psycopg.get_pool(conn))._refuse_returned(conn)
+def _maintain(pool_ref: ref[Lifecycle[Any]]) -> None:
+    """The pool's background worker: connect, refill, expire, keep alive, watch deadlines.
+
+    It holds the pool only between two ticks, through a weak reference: a pool dropped
+    without close() is collected, and its worker ends.
+    """
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._closed:
+            return
+        wakeup = pool._wakeup
+        wakeup.clear()
+        try:
+            delay = pool._tick()
+        except BaseException as ex:
+            if pool._closed:
+                return
+            if not isinstance(ex, Exception):
+                raise
+            logger.exception("pool %r: maintenance failed (continuing): %s", pool.name, ex)
+            delay = 1.0
+        del pool
+        wakeup.wait(delay)

@@ -77,7 +77,10 @@ class AsyncLifecycle(PoolCore, Generic[ACT]):
             raise PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
         self._closed = False
         self._opened = True
-        self._worker = spawn(self._run, name=f"{self.name}-worker")
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = spawn(_maintain, ref(self), name=f"{self.name}-worker")
 
     async def wait(self, timeout: float = 30.0) -> None:
         """Wait until min_size connections are open; fail at once if connecting cannot work.
@@ -154,21 +157,6 @@ class AsyncLifecycle(PoolCore, Generic[ACT]):
 
     # -- the background worker ---------------------------------------------------------
 
-    async def _run(self) -> None:
-        """Background: connect, refill, expire, keep alive, watch deadlines, report leaks."""
-        while not self._closed:
-            self._wakeup.clear()
-            try:
-                delay = await self._tick()
-            except BaseException as ex:
-                if self._closed:
-                    return
-                if not isinstance(ex, Exception):
-                    raise
-                logger.exception("pool %r: maintenance failed (continuing): %s", self.name, ex)
-                delay = 1.0
-            await self._wakeup.wait(delay)
-
     async def _tick(self) -> float:
         now = monotonic()
         with self._lock:
@@ -238,7 +226,7 @@ class AsyncLifecycle(PoolCore, Generic[ACT]):
             return
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
-        slot.guarded = _psycopg.guarded_class(slot.cls, _refuse)
+        slot.guarded = self._guarded_class(slot.cls)
         slot.wr = ref(conn, self._gc_cb)
         conn.__class__ = slot.guarded
         with self._lock:
@@ -279,9 +267,7 @@ class AsyncLifecycle(PoolCore, Generic[ACT]):
             kwargs["connect_timeout"] = self._connect_timeout
         conn = await self.connection_class.connect(cast(str, conninfo), **kwargs)
         try:
-            # Kept for the connection's whole life: psycopg then neither closes it in
-            # `with conn:` nor warns when it is collected, and close_returns works.
-            _psycopg.set_pool(conn, self)
+            _psycopg.set_pool(conn, None)  # pooled, not lent (psycopg's convention)
             if self._auto:
                 _psycopg.install_tracking(conn)
             if self._configure is not None:
@@ -559,6 +545,26 @@ def _ident() -> int:
     return get_ident()
 
 
-def _refuse(conn: Any) -> BaseException:
-    # A returned connection keeps its pool in psycopg's `_pool` attribute.
-    return cast(PoolCore, _psycopg.get_pool(conn))._refuse_returned(conn)
+async def _maintain(pool_ref: ref[AsyncLifecycle[Any]]) -> None:
+    """The pool's background worker: connect, refill, expire, keep alive, watch deadlines.
+
+    It holds the pool only between two ticks, through a weak reference: a pool dropped
+    without close() is collected, and its worker ends.
+    """
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._closed:
+            return
+        wakeup = pool._wakeup
+        wakeup.clear()
+        try:
+            delay = await pool._tick()
+        except BaseException as ex:
+            if pool._closed:
+                return
+            if not isinstance(ex, Exception):
+                raise
+            logger.exception("pool %r: maintenance failed (continuing): %s", pool.name, ex)
+            delay = 1.0
+        del pool
+        await wakeup.wait(delay)

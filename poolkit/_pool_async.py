@@ -20,7 +20,7 @@ from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _psycopg, _reset
-from ._acompat import ASYNC, current_owner, ensure, spawn
+from ._acompat import ASYNC, current_owner, ensure
 from ._config import PoolConfig, config_for_pool
 from ._conn import check_result, connect_timeout_default, ping_gen
 from ._core import PoolCore
@@ -220,6 +220,7 @@ class AsyncPool(AsyncLifecycle[ACT], PoolCore, Generic[ACT]):
         slot.tag = tag
         slot.warned = False
         slot.conn = None
+        _psycopg.set_pool(conn, self)
         if not booked:
             with self._lock:
                 self._lent[id(conn)] = slot
@@ -268,7 +269,7 @@ class AsyncPool(AsyncLifecycle[ACT], PoolCore, Generic[ACT]):
                 raise self._closed_error()
             if self._forked:
                 self._forked = False
-                self._worker = spawn(self._run, name=f"{self.name}-worker")
+                self._start_worker()
             gone = self._take_reclaimed()
             if self._idle:
                 return self._idle.popleft() if self._fifo else self._idle.pop()
@@ -412,6 +413,9 @@ class AsyncPool(AsyncLifecycle[ACT], PoolCore, Generic[ACT]):
         self._hold_q.append((slot.tag, now - slot.t0))
         if slot.warned:
             self._late_return(slot, now)
+        # As psycopg_pool does: a connection kept after its return must not keep the pool
+        # alive, and psycopg reads this attribute in close(), __exit__ and __del__.
+        _psycopg.set_pool(conn, None)
         if (
             conn.pgconn.transaction_status == _IDLE
             and now < slot.expire_at

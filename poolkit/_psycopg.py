@@ -121,18 +121,14 @@ def install_tracking(conn: Any) -> None:
 # before anything. A returned connection's class is swapped for a subclass that refuses
 # them (one attribute write each way: cheaper than any proxy), and swapped back at borrow.
 GUARDED = ("wait", "cursor", "close")
-_guarded: dict[type, type] = {}
 
 
 def guarded_class(cls: type[Any], refuse: Callable[[Any], BaseException]) -> type[Any]:
-    """The subclass of `cls` whose I/O entry points raise `refuse(conn)`."""
-    sub = _guarded.get(cls)
-    if sub is None:
+    """A subclass of `cls` whose I/O entry points raise `refuse(conn)` (callers cache it)."""
 
-        def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
-            raise refuse(self)
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise refuse(self)
 
-        ns: dict[str, Any] = dict.fromkeys(GUARDED, refused)
-        ns.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
-        sub = _guarded[cls] = type(cls.__name__, (cls,), ns)
-    return sub
+    ns: dict[str, Any] = dict.fromkeys(GUARDED, refused)
+    ns.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
+    return type(cls.__name__, (cls,), ns)

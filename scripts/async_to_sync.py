@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # source -> generated, relative to the repository root.
 FILES: dict[str, str | None] = {
+    "poolkit/_upkeep_async.py": "poolkit/_upkeep.py",
     "poolkit/_lifecycle_async.py": "poolkit/_lifecycle.py",
+    "poolkit/_returns_async.py": "poolkit/_returns.py",
     "poolkit/_pool_async.py": "poolkit/_pool.py",
     "poolkit/_cluster_async.py": "poolkit/_cluster.py",
     "tests/_tcompat_async.py": None,  # hand-written pair (tests/_tcompat.py), not generated
@@ -47,6 +49,8 @@ NAMES = {
     "AsyncIterator": "Iterator",
     "AsyncLifecycle": "Lifecycle",
     "AsyncPool": "Pool",
+    "AsyncReturns": "Returns",
+    "AsyncUpkeep": "Upkeep",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "_acompat": "_compat",
@@ -54,6 +58,8 @@ NAMES = {
     "_cluster_async": "_cluster",
     "_lifecycle_async": "_lifecycle",
     "_pool_async": "_pool",
+    "_returns_async": "_returns",
+    "_upkeep_async": "_upkeep",
     "_tcompat_async": "_tcompat",
     "aclose": "close",
     "MakeAsyncPool": "MakePool",

@@ -18,6 +18,7 @@ from ._metrics import instrument_otel, render_prometheus
 from ._pool import Pool
 from ._pool_async import AsyncPool
 from ._stats import PoolStats
+from ._version import __version__ as __version__
 
 __all__ = [
     "AsyncClusterPool",

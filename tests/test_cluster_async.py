@@ -248,3 +248,16 @@ async def test_unreachable_host_at_open(
     down = cluster.stats()["hosts"][0]
     assert (down["role"], down["healthy"], down["size"]) == ("unknown", False, 0)
     assert down["error"] and "refused" in down["error"]
+
+
+async def test_read_only_fallback_does_not_leak_to_writers(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # One connection per host: the write below reuses the read's connection.
+    cluster = await make_cluster(replication.dsns[:1], max_size=1)
+    async with cluster.connection(read_only=True) as conn:
+        assert await (await conn.execute("SHOW transaction_read_only")).fetchone() == ("on",)
+        pid = conn.info.backend_pid
+    async with cluster.connection() as conn:
+        assert conn.info.backend_pid == pid
+        await conn.execute("CREATE TEMP TABLE t (x int)")

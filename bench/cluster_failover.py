@@ -33,6 +33,7 @@ def one_run(pair: Any) -> dict[str, Any]:
     with psycopg.connect(pair.primary.dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS pk_failover")
         conn.execute("CREATE TABLE pk_failover (id bigint PRIMARY KEY)")
+    pair.repair()  # the standby has the table before readers ask it
     stop = threading.Event()
     acked: list[int] = []
     write_ok_at: list[float] = []

@@ -28,7 +28,7 @@ from ._cluster_base import (
     probe_kwargs,
     reveals_change,
 )
-from ._config import PoolConfig, mask_conninfo
+from ._config import PoolConfig
 from ._errors import PoolClosed
 from ._pool import Pool
 
@@ -162,6 +162,9 @@ class ClusterPool(ClusterCore, Generic[CT]):
             self.primary() is None or any(h.checked_at is None and h.error is None
                                           for h in self.hosts)
         ):  # fmt: skip
+            failed = self._cl_connect_failed()
+            if failed is not None:
+                raise failed
             self._changed.wait(min(FAST_PROBE, max(deadline - monotonic(), 0.0)))
         if self.primary() is None:
             raise self._cl_no_host(False, timeout)
@@ -257,6 +260,9 @@ class ClusterPool(ClusterCore, Generic[CT]):
                     pool.putconn(conn)
                     continue
                 return self._lend(host, pool, conn, read_only)
+            failed = self._cl_connect_failed()
+            if failed is not None:
+                raise failed
             if read_only and self.fallback == "error" and self._all_probed():
                 raise self._cl_no_host(True, monotonic() - start)
             if left <= 0:
@@ -392,8 +398,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
         with self._lock:
             was_healthy = host.healthy
             host.healthy = False
-            text = str(exc).strip()
-            host.error = mask_conninfo(text.splitlines()[0] if text else repr(exc))
+            self._cl_record_error(host, exc)
             retired = self._detach(host)
         self._close_probe(host)
         if was_healthy:

@@ -23,7 +23,7 @@ from ._cluster_base import (
     probe_kwargs,
     reveals_change,
 )
-from ._config import PoolConfig, mask_conninfo
+from ._config import PoolConfig
 from ._errors import PoolClosed
 from ._pool_async import AsyncPool
 
@@ -157,6 +157,9 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             self.primary() is None or any(h.checked_at is None and h.error is None
                                           for h in self.hosts)
         ):  # fmt: skip
+            failed = self._cl_connect_failed()
+            if failed is not None:
+                raise failed
             await self._changed.wait(min(FAST_PROBE, max(deadline - monotonic(), 0.0)))
         if self.primary() is None:
             raise self._cl_no_host(False, timeout)
@@ -252,6 +255,9 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                     await pool.putconn(conn)
                     continue
                 return await self._lend(host, pool, conn, read_only)
+            failed = self._cl_connect_failed()
+            if failed is not None:
+                raise failed
             if read_only and self.fallback == "error" and self._all_probed():
                 raise self._cl_no_host(True, monotonic() - start)
             if left <= 0:
@@ -389,8 +395,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         async with self._lock:
             was_healthy = host.healthy
             host.healthy = False
-            text = str(exc).strip()
-            host.error = mask_conninfo(text.splitlines()[0] if text else repr(exc))
+            self._cl_record_error(host, exc)
             retired = self._detach(host)
         await self._close_probe(host)
         if was_healthy:

@@ -12,7 +12,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._config import PoolConfig, mask_conninfo
-from ._errors import ConfigError, PoolTimeout
+from ._errors import ConfigError, ConnectFailed, PoolTimeout
+from ._messages import describe_error, permanent_fix
 
 __all__ = ["PROBE_SQL", "ClusterCore", "ClusterStats", "Host", "HostStats", "split_hosts"]
 
@@ -137,6 +138,7 @@ class Host:
         "config",
         "conninfo",
         "error",
+        "fix",
         "healthy",
         "label",
         "lag",
@@ -161,6 +163,7 @@ class Host:
         self.lag: float | None = None
         self.checked_at: float | None = None
         self.error: str | None = None
+        self.fix: str | None = None  # set when the last error is one retrying cannot cure
         self.wake = False  # set by borrowers on a telling error: probe now
         self.probe: Any = None  # dedicated connection of the monitor
         self.retired: list[Any] = []  # pools of an old role with connections still lent
@@ -275,6 +278,17 @@ class ClusterCore:
             f"(max_replica_lag={self.max_replica_lag}); hosts: {hosts}"
         )
 
+    def _cl_record_error(self, host: Host, exc: BaseException) -> None:
+        host.error = describe_error(exc)
+        host.fix = permanent_fix(exc)
+
+    def _cl_connect_failed(self) -> ConnectFailed | None:
+        """ConnectFailed when every host fails for a reason waiting will not fix."""
+        if not self.hosts or any(h.healthy or h.fix is None for h in self.hosts):
+            return None
+        why = "; ".join(f"{h.label}: {h.error} ({h.fix})" for h in self.hosts)
+        return ConnectFailed(f"cluster {self.name!r} cannot connect to any host: {why}")
+
     def _cl_apply_probe(self, host: Host, row: Any) -> bool:
         """Record a probe's answer; True when the role differs from the one lent from."""
         in_recovery, read_only, lag = row
@@ -283,7 +297,7 @@ class ClusterCore:
         role = "replica" if in_recovery or read_only else "primary"
         host.lag = float(lag) if role == "replica" else None
         host.checked_at = monotonic()
-        host.error = None
+        host.error = host.fix = None
         changed = host.role != role or not host.healthy
         if host.role != role and host.role != "unknown":
             self._cl_failovers += 1

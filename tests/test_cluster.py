@@ -8,8 +8,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from example_apps._embedded_pg import DEFAULT_PASSWORD
 from example_apps._embedded_pg import _free_port as free_port
-from poolkit import ClusterPool, ConfigError, PoolClosed, PoolTimeout
+from poolkit import ClusterPool, ConfigError, ConnectFailed, PoolClosed, PoolTimeout
 from tests._helpers import terminate_backends, wait_until
 from tests._replication import Replication
 
@@ -238,3 +239,17 @@ def test_read_only_fallback_does_not_leak_to_writers(
     with cluster.connection() as conn:
         assert conn.info.backend_pid == pid
         conn.execute("CREATE TEMP TABLE t (x int)")
+
+
+def test_wrong_password_everywhere_fails_fast(replication: Replication) -> None:
+    dsns = [dsn.replace(DEFAULT_PASSWORD, "wrong") for dsn in replication.dsns]
+    cluster: ClusterPool[Any] = ClusterPool(dsns, min_size=1, timeout=30)
+    cluster.open()
+    try:
+        with pytest.raises(ConnectFailed, match="password authentication failed") as info:
+            cluster.wait(30)
+        assert "wrong" not in str(info.value)
+        with pytest.raises(ConnectFailed):
+            cluster.getconn()
+    finally:
+        cluster.close()

@@ -11,8 +11,9 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from example_apps._embedded_pg import DEFAULT_PASSWORD
 from example_apps._embedded_pg import _free_port as free_port
-from poolkit import AsyncClusterPool, ConfigError, PoolClosed, PoolTimeout
+from poolkit import AsyncClusterPool, ConfigError, ConnectFailed, PoolClosed, PoolTimeout
 from tests._helpers import terminate_backends
 from tests._replication import Replication
 
@@ -261,3 +262,17 @@ async def test_read_only_fallback_does_not_leak_to_writers(
     async with cluster.connection() as conn:
         assert conn.info.backend_pid == pid
         await conn.execute("CREATE TEMP TABLE t (x int)")
+
+
+async def test_wrong_password_everywhere_fails_fast(replication: Replication) -> None:
+    dsns = [dsn.replace(DEFAULT_PASSWORD, "wrong") for dsn in replication.dsns]
+    cluster: AsyncClusterPool[Any] = AsyncClusterPool(dsns, min_size=1, timeout=30)
+    await cluster.open()
+    try:
+        with pytest.raises(ConnectFailed, match="password authentication failed") as info:
+            await cluster.wait(30)
+        assert "wrong" not in str(info.value)
+        with pytest.raises(ConnectFailed):
+            await cluster.getconn()
+    finally:
+        await cluster.close()

@@ -54,7 +54,7 @@ def spawn(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str) ->
 
 
 def readable(fileno: int) -> bool:
-    """True when the server sent something on an idle connection (a FATAL, EOF, a report)."""
+    """True when the server sent something on an idle connection (a FATAL notice, EOF)."""
     try:
         return bool(select.select([fileno], [], [], 0)[0])
     except (OSError, ValueError):

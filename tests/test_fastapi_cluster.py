@@ -73,6 +73,11 @@ def make_app(replication: Replication, app_name: str, *, sticky: bool = False) -
         row = conn.execute(RECOVERY).fetchone()
         return {"replica": row[0] if row else None}
 
+    @app.post("/sync-write-then-read")
+    def sync_write_then_read(conn: SyncConn, rconn: SyncReadConn) -> dict[str, Any]:
+        row = rconn.execute(RECOVERY).fetchone()
+        return {"replica": row[0] if row else None, "same": conn is rconn}
+
     if sticky:
         app.add_middleware(StickyAfterWrite, seconds=30)
     return app
@@ -96,6 +101,8 @@ async def test_read_conn_on_replica_conn_on_primary(client: httpx.AsyncClient) -
 
 async def test_read_after_write_in_a_request_reads_the_write(client: httpx.AsyncClient) -> None:
     assert (await client.post("/write-then-read")).json() == {"seen": 42, "same": True}
+    # A def route reads from the primary (its own connection without StickyAfterWrite).
+    assert (await client.post("/sync-write-then-read")).json()["replica"] is False
 
 
 async def test_sticky_after_write(replication: Replication, app_name: str) -> None:
@@ -111,6 +118,9 @@ async def test_sticky_after_write(replication: Replication, app_name: str) -> No
             assert (await client.get("/sync-read")).json() == {"replica": False}
             client.cookies.clear()
             assert (await client.get("/read")).json()["replica"] is True
+            # def routes share the write connection too once the middleware is installed.
+            same = await client.post("/sync-write-then-read")
+            assert same.json() == {"replica": False, "same": True}
 
 
 async def test_ready_and_metrics_show_every_host(

@@ -8,6 +8,7 @@ Generated from poolkit/_cluster_async.py: edit that file, not this one.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from time import monotonic
 from types import TracebackType
@@ -238,6 +239,8 @@ class ClusterPool(ClusterCore, Generic[CT]):
         if not self._cl_opened or self._cl_closed:
             state = "closed" if self._cl_closed else "not open: call open() first"
             raise PoolClosed(f"the cluster {self.name!r} is {state}")
+        if self._cl_pid != os.getpid():
+            self._after_fork()
         start = monotonic()
         deadline = start + (self.timeout if timeout is None else timeout)
         while True:
@@ -324,6 +327,22 @@ class ClusterPool(ClusterCore, Generic[CT]):
                 host.pool.check()
 
     # -- topology -----------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: the watchers stayed in the parent; start this process's own.
+
+        The probe connections are the parent's sockets: kept referenced and never used or
+        closed here (closing would end the parent's session). Each host pool handles the
+        fork of its own connections.
+        """
+        self._cl_pid = os.getpid()
+        self._changed = compat.Event()
+        self._lock = compat.Lock()
+        for host in self.hosts:
+            if host.probe is not None:
+                self._cl_orphans.append(host.probe)
+                host.probe = None
+            host.worker = compat.spawn(self._watch, host, name=f"{self.name}[{host.label}] watch")
 
     def _all_probed(self) -> bool:
         return all(h.checked_at is not None or h.error is not None for h in self.hosts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
 from time import monotonic
@@ -227,6 +228,8 @@ class ClusterCore:
         ]
         self._cl_opened = False
         self._cl_closed = False
+        self._cl_pid = os.getpid()
+        self._cl_orphans: list[Any] = []  # a parent's probe connections, never touched
         self._cl_rr = 0
         self._cl_failovers = 0
         self._cl_reads_on_primary = 0

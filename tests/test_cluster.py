@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -253,3 +255,28 @@ def test_wrong_password_everywhere_fails_fast(replication: Replication) -> None:
             cluster.getconn()
     finally:
         cluster.close()
+
+
+def test_forked_child_routes_on_its_own(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(topology_interval=0.2)
+    with cluster.connection(read_only=True) as conn:
+        assert in_recovery(conn)
+    pid = os.fork()
+    if pid == 0:  # the child: its own watchers, its own connections
+        code = 1
+        try:
+            with cluster.connection(timeout=10) as conn:
+                write_ok = not in_recovery(conn)
+            with cluster.connection(timeout=10, read_only=True) as conn:
+                read_ok = in_recovery(conn)
+            time.sleep(0.6)  # the child's watchers probe every 0.2 s
+            fresh = all((h["checked_ago"] or 9) < 0.5 for h in cluster.stats()["hosts"])
+            code = 0 if write_ok and read_ok and fresh else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's probes and connections were not touched by the child.
+    with cluster.connection() as conn:
+        assert not in_recovery(conn)
+    assert all(h["healthy"] for h in cluster.stats()["hosts"])

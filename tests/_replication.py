@@ -181,6 +181,7 @@ class Replication:
         for node in (self.primary, self.standby):
             with contextlib.suppress(Exception):
                 node.cleanup(remove=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

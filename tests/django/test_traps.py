@@ -4,10 +4,10 @@ the test asserts the native failure as well as poolkit's correct behaviour."""
 
 from __future__ import annotations
 
-import re
 import gc
 import json
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Iterator

@@ -60,7 +60,7 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         self._outage = False  # from a lost connection or a failed connect to the next success
         self._last_attempt = 0.0
         self._reported_failure = False
-        self._next_housekeeping = 0.0
+        self._last_housekeeping = 0.0
 
     # -- open / wait / close -----------------------------------------------------------
 
@@ -172,15 +172,18 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                 )
                 self._deadlines.pop(key, None)
                 cut(conn)
-        if now >= self._next_housekeeping:
-            self._next_housekeeping = now + self.housekeeping_interval
+        # Read each time: tests (and users) may change the interval on a live pool.
+        if now >= self._last_housekeeping + self.housekeeping_interval:
+            self._last_housekeeping = now
             self._fold()
             self._leak_scan(now)
             self._expire(now)
             interval = self.config.keepalive_interval
             if interval:
                 self._keepalive(now, interval)
-        return min(self._plan_connects(now), self._next_housekeeping - now)
+        return min(
+            self._plan_connects(now), self._last_housekeeping + self.housekeeping_interval - now
+        )
 
     def _plan_connects(self, now: float) -> float:
         """Start the connection attempts the pool needs; seconds until the next decision."""
@@ -208,10 +211,11 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
             self._connecting += need
             self._last_attempt = now
         for _ in range(need):
-            spawn(self._add_connection, name=f"{self.name}-connect")
+            spawn(_connect_worker, ref(self), name=f"{self.name}-connect")
         return self.housekeeping_interval
 
-    def _add_connection(self) -> None:
+    def _add_connection(self) -> bool:
+        """One connection attempt; True if the pool now holds min_size connections."""
         t0 = monotonic()
         try:
             conn = self._connect()
@@ -219,11 +223,11 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
             with self._lock:
                 self._connecting -= 1
             if self._closed:
-                return
+                return False
             self._note_connect_failure(ex, t0)
             if not isinstance(ex, Exception):
                 raise
-            return
+            return False
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
         slot.guarded = self._guarded_class(slot.cls)
@@ -233,7 +237,7 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
             self._connecting -= 1
             if self._closed:
                 _psycopg.close_now(conn)
-                return
+                return False
             self._nconns += 1
             self._n_created += 1
             was_failing = self._outage
@@ -249,9 +253,8 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         if was_failing:
             self._event("recovered", "new connection established")
             logger.info("pool %r: connecting works again", self.name)
-        if full:
-            self._filled.set()
         self._wakeup.set()
+        return full
 
     def _connect(self) -> CT:
         """A new connection, configured: the one place where the pool connects."""
@@ -371,3 +374,16 @@ def _maintain(pool_ref: ref[Lifecycle[Any]]) -> None:
             delay = 1.0
         del pool
         wakeup.wait(delay)
+
+
+def _connect_worker(pool_ref: ref[Lifecycle[Any]]) -> None:
+    """One background connection attempt, holding the pool no longer than it needs to."""
+    pool = pool_ref()
+    if pool is None:
+        return
+    filled = pool._filled
+    full = pool._add_connection()
+    del pool
+    # After letting go of the pool: wait() may return, and the caller drop the pool, now.
+    if full:
+        filled.set()

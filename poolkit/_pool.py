@@ -431,8 +431,9 @@ class Pool(Returns[CT], Generic[CT]):
         return True
 
     def __enter__(self) -> Pool[CT]:
+        """Open the pool (as psycopg_pool does: without waiting; call wait() for that)."""
         self._open_implicit = False  # used as a context manager: the way to open it
-        self.open(wait=True, timeout=self.config.open_timeout or 30.0)
+        self.open()
         return self
 
     def __exit__(

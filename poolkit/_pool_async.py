@@ -432,8 +432,9 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
         return True
 
     async def __aenter__(self) -> AsyncPool[ACT]:
+        """Open the pool (as psycopg_pool does: without waiting; call wait() for that)."""
         self._open_implicit = False  # used as a context manager: the way to open it
-        await self.open(wait=True, timeout=self.config.open_timeout or 30.0)
+        await self.open()
         return self
 
     async def __aexit__(

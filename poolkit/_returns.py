@@ -130,12 +130,17 @@ class Returns(Lifecycle[CT], Generic[CT]):
         self._deadlines[id(slot)] = (now + self.timeout, conn)
         try:
             if status == _ACTIVE:
-                logger.warning("pool %r: connection returned mid-operation: closed", self.name)
+                logger.warning(
+                    "pool %r: connection returned in state ACTIVE (mid-operation): closed",
+                    self.name,
+                )
                 self._retire(slot)
                 return False
             if status != _IDLE:
                 logger.warning(
-                    "pool %r: connection returned inside a transaction: rolled back", self.name
+                    "pool %r: connection returned inside a transaction (%s): rolled back",
+                    self.name,
+                    TransactionStatus(status).name,
                 )
                 try:
                     conn.rollback()
@@ -150,8 +155,11 @@ class Returns(Lifecycle[CT], Generic[CT]):
             if self._reset_fn is not None:
                 try:
                     ensure(self._reset_fn(cast(CT, conn)))
-                    if pgconn.transaction_status != _IDLE:
-                        raise ProgrammingError("the reset function left a transaction open")
+                    if (st := pgconn.transaction_status) != _IDLE:
+                        raise ProgrammingError(
+                            "the reset function left the connection in state "
+                            f"{TransactionStatus(st).name}"
+                        )
                 except Exception as ex:
                     logger.warning("pool %r: reset failed (%s): connection replaced", self.name, ex)
                     self._retire(slot)

@@ -128,12 +128,17 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         self._deadlines[id(slot)] = (now + self.timeout, conn)
         try:
             if status == _ACTIVE:
-                logger.warning("pool %r: connection returned mid-operation: closed", self.name)
+                logger.warning(
+                    "pool %r: connection returned in state ACTIVE (mid-operation): closed",
+                    self.name,
+                )
                 self._retire(slot)
                 return False
             if status != _IDLE:
                 logger.warning(
-                    "pool %r: connection returned inside a transaction: rolled back", self.name
+                    "pool %r: connection returned inside a transaction (%s): rolled back",
+                    self.name,
+                    TransactionStatus(status).name,
                 )
                 try:
                     await conn.rollback()
@@ -148,8 +153,11 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
             if self._reset_fn is not None:
                 try:
                     await ensure(self._reset_fn(cast(ACT, conn)))
-                    if pgconn.transaction_status != _IDLE:
-                        raise ProgrammingError("the reset function left a transaction open")
+                    if (st := pgconn.transaction_status) != _IDLE:
+                        raise ProgrammingError(
+                            "the reset function left the connection in state "
+                            f"{TransactionStatus(st).name}"
+                        )
                 except Exception as ex:
                     logger.warning("pool %r: reset failed (%s): connection replaced", self.name, ex)
                     self._retire(slot)

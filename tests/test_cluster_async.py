@@ -1,27 +1,26 @@
-"""AsyncClusterPool on a real primary + streaming standby; test names as in test_cluster.py."""
+"""AsyncClusterPool on a real primary + streaming standby: failover, lag, routing, faults."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
 import pytest
-import pytest_asyncio
 
 from example_apps._embedded_pg import DEFAULT_PASSWORD
 from example_apps._embedded_pg import _free_port as free_port
 from poolkit import AsyncClusterPool, ConfigError, ConnectFailed, PoolClosed, PoolTimeout
 from tests._helpers import terminate_backends
 from tests._replication import Replication
+from tests._tcompat_async import fixture, until
 
-pytestmark = pytest.mark.asyncio
-MakeCluster = Callable[..., Awaitable[AsyncClusterPool[Any]]]
+pytestmark = pytest.mark.asyncio  # async-only
+MakeCluster = Callable[..., Awaitable[AsyncClusterPool[Any]]]  # async-only
+# sync: MakeCluster = Callable[..., ClusterPool[Any]]
 
 
-@pytest_asyncio.fixture
+@fixture
 async def make_cluster(replication: Replication, app_name: str) -> AsyncIterator[MakeCluster]:
     clusters: list[AsyncClusterPool[Any]] = []
 
@@ -43,14 +42,6 @@ async def make_cluster(replication: Replication, app_name: str) -> AsyncIterator
 async def in_recovery(conn: psycopg.AsyncConnection[Any]) -> bool:
     row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
     return bool(row and row[0])
-
-
-async def await_until(pred: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.01)
-    return value
 
 
 def host_stats(cluster: AsyncClusterPool[Any], label: str) -> dict[str, Any]:
@@ -105,7 +96,7 @@ async def test_lagging_replica_falls_back_to_primary(
     replication.pause_replay()
     replication.write()
     label = replication.label(replication.standby)
-    await await_until(
+    await until(
         lambda: (host_stats(cluster, label)["lag"] or 0) > 0.5, timeout=10, what="lag"
     )
     async with cluster.connection(read_only=True) as conn:
@@ -125,7 +116,7 @@ async def test_lagging_replica_fallback_error(
     replication.pause_replay()
     replication.write()
     label = replication.label(replication.standby)
-    await await_until(
+    await until(
         lambda: (host_stats(cluster, label)["lag"] or 0) > 0.5, timeout=10, what="lag"
     )
     with pytest.raises(PoolTimeout, match="found no replica within max_replica_lag"):
@@ -140,7 +131,7 @@ async def test_stopped_replica_reads_move_away(
         assert await in_recovery(conn)
     replication.stop_standby()
     label = replication.label(replication.standby)
-    await await_until(lambda: not host_stats(cluster, label)["healthy"], timeout=5, what="down")
+    await until(lambda: not host_stats(cluster, label)["healthy"], timeout=5, what="down")
     for _ in range(20):
         async with cluster.connection(read_only=True, timeout=5) as conn:
             assert not await in_recovery(conn)
@@ -175,7 +166,7 @@ async def test_primary_turns_read_only(make_cluster: MakeCluster, replication: R
     held = await cluster.getconn()
     replication.set_primary_read_only(True)
     label = replication.label(replication.primary)
-    await await_until(
+    await until(
         lambda: host_stats(cluster, label)["role"] == "replica", timeout=5, what="flip"
     )
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
@@ -232,9 +223,12 @@ async def test_put_foreign_connection_fails(
     make_cluster: MakeCluster, replication: Replication
 ) -> None:
     cluster = await make_cluster()
-    async with await psycopg.AsyncConnection.connect(replication.primary.dsn) as conn:
-        with pytest.raises(psycopg.ProgrammingError):
+    conn = await psycopg.AsyncConnection.connect(replication.primary.dsn)
+    try:
+        with pytest.raises(psycopg.ProgrammingError, match="not lent by it"):
             await cluster.putconn(conn)
+    finally:
+        await conn.close()
 
 
 async def test_unreachable_host_at_open(

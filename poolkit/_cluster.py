@@ -21,10 +21,12 @@ from psycopg.pq import TransactionStatus
 
 from . import _cluster_compat as compat
 from ._cluster_base import (
+    FAILED_TX,
     FAST_PROBE,
     PROBE_SQL,
     ClusterCore,
     Host,
+    Lent,
     logger,
     probe_kwargs,
     reveals_change,
@@ -40,23 +42,8 @@ CT = TypeVar("CT", bound=Connection[Any])
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
 _INERROR = TransactionStatus.INERROR
-_FAILED_TX = (
-    "a statement failed inside this connection() block and its error was caught: "
-    "the transaction was rolled back, nothing was committed"
-)
 # How long a borrower waiting for a primary sleeps before it routes again on its own.
 _REROUTE = 0.5
-
-
-class _Lent:
-    """Where a lent connection goes back to, and what its borrow changed on it."""
-
-    __slots__ = ("host", "pool", "session_ro")
-
-    def __init__(self, host: Host, pool: Any, session_ro: bool) -> None:
-        self.host = host
-        self.pool = pool
-        self.session_ro = session_ro
 
 
 class _Lease(Generic[CT]):
@@ -96,7 +83,7 @@ class _Lease(Generic[CT]):
             if status != _IDLE and status != _UNKNOWN:
                 if exc_type is None and status == _INERROR:
                     conn.rollback()
-                    raise InFailedSqlTransaction(_FAILED_TX)
+                    raise InFailedSqlTransaction(FAILED_TX)
                 if exc_type is None:
                     conn.commit()
                 else:
@@ -140,7 +127,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
         )
         self._connection_class = connection_class
         self._configure = configure
-        self._lent: dict[CT, _Lent] = {}
+        self._lent: dict[CT, Lent] = {}
         self._changed = compat.Event()
         self._lock = compat.Lock()
 
@@ -289,7 +276,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
             except BaseException:
                 pool.putconn(conn)
                 raise
-        self._lent[conn] = _Lent(host, pool, session_ro)
+        self._lent[conn] = Lent(host, pool, session_ro)
         host.lent += 1
         return conn
 

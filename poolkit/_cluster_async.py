@@ -16,10 +16,12 @@ from psycopg.pq import TransactionStatus
 
 from . import _cluster_acompat as compat
 from ._cluster_base import (
+    FAILED_TX,
     FAST_PROBE,
     PROBE_SQL,
     ClusterCore,
     Host,
+    Lent,
     logger,
     probe_kwargs,
     reveals_change,
@@ -35,23 +37,8 @@ ACT = TypeVar("ACT", bound=AsyncConnection[Any])
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
 _INERROR = TransactionStatus.INERROR
-_FAILED_TX = (
-    "a statement failed inside this connection() block and its error was caught: "
-    "the transaction was rolled back, nothing was committed"
-)
 # How long a borrower waiting for a primary sleeps before it routes again on its own.
 _REROUTE = 0.5
-
-
-class _Lent:
-    """Where a lent connection goes back to, and what its borrow changed on it."""
-
-    __slots__ = ("host", "pool", "session_ro")
-
-    def __init__(self, host: Host, pool: Any, session_ro: bool) -> None:
-        self.host = host
-        self.pool = pool
-        self.session_ro = session_ro
 
 
 class _Lease(Generic[ACT]):
@@ -91,7 +78,7 @@ class _Lease(Generic[ACT]):
             if status != _IDLE and status != _UNKNOWN:
                 if exc_type is None and status == _INERROR:
                     await conn.rollback()
-                    raise InFailedSqlTransaction(_FAILED_TX)
+                    raise InFailedSqlTransaction(FAILED_TX)
                 if exc_type is None:
                     await conn.commit()
                 else:
@@ -135,7 +122,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         )
         self._connection_class = connection_class
         self._configure = configure
-        self._lent: dict[ACT, _Lent] = {}
+        self._lent: dict[ACT, Lent] = {}
         self._changed = compat.Event()
         self._lock = compat.Lock()
 
@@ -284,7 +271,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             except BaseException:
                 await pool.putconn(conn)
                 raise
-        self._lent[conn] = _Lent(host, pool, session_ro)
+        self._lent[conn] = Lent(host, pool, session_ro)
         host.lent += 1
         return conn
 

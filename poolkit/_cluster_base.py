@@ -39,6 +39,11 @@ SELECT pg_is_in_recovery(),
             ELSE EXTRACT(epoch FROM now() - COALESCE(pg_last_xact_replay_timestamp(),
                                                      pg_postmaster_start_time()))
        END::float8"""
+# psycopg's commit() of a failed transaction rolls back silently: say so instead.
+FAILED_TX = (
+    "a statement failed inside this connection() block and its error was caught: "
+    "the transaction was rolled back, nothing was committed"
+)
 # Probe connections connect fast or not at all (libpq's minimum is 2 s).
 PROBE_CONNECT_TIMEOUT = 2
 # While borrowers wait for a primary, probe this often instead of every topology_interval.
@@ -180,6 +185,17 @@ class Host:
             lag = f", lag {self.lag:.1f} s" if self.role == "replica" and self.lag else ""
             return f"{self.label} ({self.role}{lag})"
         return f"{self.label} ({self.role}, down: {self.error or 'not reached yet'})"
+
+
+class Lent:
+    """Where a lent connection goes back to, and what its borrow changed on it."""
+
+    __slots__ = ("host", "pool", "session_ro")
+
+    def __init__(self, host: Host, pool: Any, session_ro: bool) -> None:
+        self.host = host
+        self.pool = pool
+        self.session_ro = session_ro
 
 
 class ClusterCore:

@@ -52,7 +52,7 @@ def test_callable_kwargs_is_called_per_connection(app_dsn: str) -> None:
         with pool.connection() as a, pool.connection() as b:
             for conn in (a, b):
                 cur = conn.execute("SHOW application_name")
-                names.add((cur.fetchone())[0])  # type: ignore[index]
+                names.add((cur.fetchone())[0])
         assert names == {"pk-kwargs-1", "pk-kwargs-2"}
     finally:
         pool.close()

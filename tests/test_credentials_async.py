@@ -50,7 +50,7 @@ async def test_callable_kwargs_is_called_per_connection(app_dsn: str) -> None:
         async with pool.connection() as a, pool.connection() as b:
             for conn in (a, b):
                 cur = await conn.execute("SHOW application_name")
-                names.add((await cur.fetchone())[0])  # type: ignore[index]
+                names.add((await cur.fetchone())[0])
         assert names == {"pk-kwargs-1", "pk-kwargs-2"}
     finally:
         await pool.close()

@@ -228,6 +228,17 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
         while True:
             if slot is None:
                 slot = await self._take_slot(t0, deadline)
+                now = monotonic()
+                if (
+                    now - slot.returned_at < self._instant_window
+                    and slot.pending is None
+                    and now < slot.expire_at
+                    and slot.created_at >= self._invalid_before
+                    and (slot.checked or not self._check)
+                ):
+                    # Handed over as it came back (the common case under contention).
+                    slot.conn.__class__ = slot.cls
+                    return self._lend(slot, now, tag, site, now - t0, False)
             if await self._ready(slot, deadline):
                 now = monotonic()
                 return self._lend(slot, now, tag, site, now - t0, False)
@@ -284,11 +295,15 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
                 waiter = self._new_waiter()
                 self._waiting.append(waiter)
                 self._n_queued += 1
+                # Wake the worker only if it can open a connection for this borrower: at
+                # max_size, a return hands one over without it.
+                grow = self._nconns + self._connecting < self._max_size
         self._report_reclaimed(gone)
         if stolen is not None:
             await self._recycle(stolen, monotonic())
             return stolen
-        self._wakeup.set()
+        if grow:
+            self._wakeup.set()
         try:
             await waiter.wait(deadline)
         except BaseException:

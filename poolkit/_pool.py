@@ -147,13 +147,7 @@ class Pool(Returns[CT], Generic[CT]):
         with self._lock:
             if self._idle and not self._draining:
                 slot = self._idle.popleft() if self._fifo else self._idle.pop()
-                if (
-                    now - slot.returned_at < self._instant_window
-                    and slot.pending is None
-                    and now < slot.expire_at
-                    and slot.created_at >= self._invalid_before
-                    and (slot.checked or not self._check)
-                ):
+                if self._lendable_now(slot, now):
                     # Back a moment ago: nothing to check, book it in the same lock.
                     conn = slot.conn
                     self._lent[id(conn)] = slot
@@ -174,6 +168,17 @@ class Pool(Returns[CT], Generic[CT]):
                 conn.__class__ = slot.cls
                 return self._lend(slot, now, tag, site, None, False)
         return self._borrow_slow(now, timeout, tag, site, slot)
+
+    def _lendable_now(self, slot: Slot, now: float) -> bool:
+        """True if `slot` may be lent with no check at all: back a moment ago, nothing
+        pending, within its lifetime, not invalidated, and past the user's check once."""
+        return (
+            now - slot.returned_at < self._instant_window
+            and slot.pending is None
+            and now < slot.expire_at
+            and slot.created_at >= self._invalid_before
+            and (slot.checked or not self._check)
+        )
 
     def _lend(
         self,
@@ -228,13 +233,7 @@ class Pool(Returns[CT], Generic[CT]):
             if slot is None:
                 slot = self._take_slot(t0, deadline)
                 now = monotonic()
-                if (
-                    now - slot.returned_at < self._instant_window
-                    and slot.pending is None
-                    and now < slot.expire_at
-                    and slot.created_at >= self._invalid_before
-                    and (slot.checked or not self._check)
-                ):
+                if self._lendable_now(slot, now):
                     # Handed over as it came back (the common case under contention).
                     slot.conn.__class__ = slot.cls
                     return self._lend(slot, now, tag, site, now - t0, False)

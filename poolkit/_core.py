@@ -387,10 +387,15 @@ class PoolCore:
         _fork.orphan([s.conn if s.conn is not None else s.wr() for s in slots])
         self._lock = threading.Lock()
         self._reset_state()
-        self._worker = None
+        # The parent's events, worker handles and deadlines are not ours either (a lock
+        # inside an event may have been held by a parent thread at the fork).
+        self._init_lifecycle()
         self._closed = not was_open
         self._opened = was_open
         self._forked = was_open
+
+    def _init_lifecycle(self) -> None:
+        """The lifecycle's own state (see AsyncLifecycle/Lifecycle)."""
 
     def _take_reclaimed(self) -> list[Slot]:
         """Slots of garbage-collected borrows, taken off the books (lock held)."""

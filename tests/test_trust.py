@@ -654,6 +654,7 @@ def test_check_refills_to_min_size(make_pool: MakePool, admin_dsn: str, app_name
     assert pool.stats()["size"] == 3
 
 
+@pytest.mark.timeout(30)
 def test_requests_queued_counts_clients_entering_the_queue(
     make_pool: MakePool,
 ) -> None:

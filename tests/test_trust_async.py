@@ -661,6 +661,7 @@ async def test_check_refills_to_min_size(
     assert pool.stats()["size"] == 3
 
 
+@pytest.mark.timeout(30)
 async def test_requests_queued_counts_clients_entering_the_queue(
     make_pool: MakeAsyncPool,
 ) -> None:

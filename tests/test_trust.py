@@ -85,7 +85,8 @@ def test_borrower_cancelled_during_check_keeps_the_slot(make_pool: MakePool) -> 
         if len(calls) == 1:
             raise Interrupt("interrupted inside check=")
 
-    pool = make_pool(max_size=1, check=check)
+    # validation_bypass=0: check= on every borrow, whatever the bypass rules.
+    pool = make_pool(max_size=1, check=check, validation_bypass=0)
     with pytest.raises(Interrupt):
         with_timeout(0.3, lambda: pool.getconn(timeout=10))
     until(lambda: books_balance(pool) and pool.stats()["idle"] == 1, what="slot back")

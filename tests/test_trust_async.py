@@ -86,7 +86,8 @@ async def test_borrower_cancelled_during_check_keeps_the_slot(make_pool: MakeAsy
         if len(calls) == 1:
             await sleep(5)  # sync: raise Interrupt("interrupted inside check=")
 
-    pool = await make_pool(max_size=1, check=check)
+    # validation_bypass=0: check= on every borrow, whatever the bypass rules.
+    pool = await make_pool(max_size=1, check=check, validation_bypass=0)
     with pytest.raises(TimeoutError):  # sync: with pytest.raises(Interrupt):
         await with_timeout(0.3, lambda: pool.getconn(timeout=10))
     await until(lambda: books_balance(pool) and pool.stats()["idle"] == 1, what="slot back")

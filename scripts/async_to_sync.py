@@ -32,11 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # source -> generated, relative to the repository root.
 FILES: dict[str, str | None] = {
+    "poolkit/_upkeep_async.py": "poolkit/_upkeep.py",
     "poolkit/_lifecycle_async.py": "poolkit/_lifecycle.py",
+    "poolkit/_returns_async.py": "poolkit/_returns.py",
     "poolkit/_pool_async.py": "poolkit/_pool.py",
     "poolkit/_cluster_async.py": "poolkit/_cluster.py",
     "tests/_tcompat_async.py": None,  # hand-written pair (tests/_tcompat.py), not generated
     "tests/test_trust_async.py": "tests/test_trust.py",
+    "tests/test_credentials_async.py": "tests/test_credentials.py",
+    "tests/test_pool_async.py": "tests/test_pool.py",
+    "tests/test_cluster_async.py": "tests/test_cluster.py",
 }
 
 NAMES = {
@@ -47,6 +52,8 @@ NAMES = {
     "AsyncIterator": "Iterator",
     "AsyncLifecycle": "Lifecycle",
     "AsyncPool": "Pool",
+    "AsyncReturns": "Returns",
+    "AsyncUpkeep": "Upkeep",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "_acompat": "_compat",
@@ -54,6 +61,8 @@ NAMES = {
     "_cluster_async": "_cluster",
     "_lifecycle_async": "_lifecycle",
     "_pool_async": "_pool",
+    "_returns_async": "_returns",
+    "_upkeep_async": "_upkeep",
     "_tcompat_async": "_tcompat",
     "aclose": "close",
     "MakeAsyncPool": "MakePool",
@@ -107,7 +116,7 @@ def _ruff(text: str, src_name: str) -> str:
         raise SystemExit("async_to_sync: ruff is needed (pip install -e '.[dev]')")
     name = str(ROOT / src_name)
     for cmd in (
-        [ruff, "check", "--select", "I", "--fix", "--quiet", "--stdin-filename", name, "-"],
+        [ruff, "check", "--select", "I,F401", "--fix", "--quiet", "--stdin-filename", name, "-"],
         [ruff, "format", "--quiet", "--stdin-filename", name, "-"],
     ):
         done = subprocess.run(cmd, input=text, capture_output=True, text=True, cwd=ROOT)

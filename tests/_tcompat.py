@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 
@@ -46,3 +46,70 @@ def gather(*fns: Callable[[], Any]) -> list[Any]:
 def with_timeout(seconds: float, fn: Callable[[], Any]) -> Any:
     """Threads cannot be cancelled: run `fn()` as is (its own timeouts bound it)."""
     return fn()
+
+
+T = TypeVar("T")
+
+
+class Task(Generic[T]):
+    """`fn()` running concurrently: a thread here, an asyncio task in the async twin."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._outcome: list[T] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], T]) -> None:
+        try:
+            self._outcome.append(fn())
+        except BaseException as ex:  # handed to join(), as a task's exception is
+            self._error = ex
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float) -> T:
+        """Wait up to `timeout` for the result (its exception is raised); TimeoutError after."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"{self._thread.name} still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._outcome[0]
+
+
+def spawn(fn: Callable[[], T]) -> Task[T]:
+    """Start `fn()` concurrently; `join()` returns its result or raises its exception."""
+    return Task(fn)
+
+
+class Event:
+    """An event whose `wait(timeout)` returns whether it was set, as threading's does."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+class Barrier:
+    """`parties` workers wait for each other, so they go on at once."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = threading.Barrier(parties)
+
+    def wait(self, timeout: float) -> None:
+        self._barrier.wait(timeout)
+
+
+def to_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Call `fn(*args)`: a sync test already runs on a thread of its own."""
+    return fn(*args)

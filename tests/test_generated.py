@@ -45,7 +45,7 @@ def test_the_check_fails_on_a_stale_file(tmp_path: Path) -> None:
     text = (ROOT / src).read_text()
     good = async_to_sync.convert(text, src)
     assert good == (ROOT / "poolkit/_pool.py").read_text()
-    changed = async_to_sync.convert(text.replace("_FAILED_TX = (", "_FAILED_TX2 = (", 1), src)
+    changed = async_to_sync.convert(text.replace("def _lend(", "def _lend2(", 1), src)
     assert changed != good
     assert "await " not in good.replace("await` ", "")
     assert "async def" not in good

@@ -741,8 +741,9 @@ def test_implicit_open_warns_at_first_borrow(app_dsn: str) -> None:
             with pool.connection() as conn:
                 conn.execute("SELECT 1")
 
-        with pytest.warns(category, match="open"):
+        with pytest.warns(category, match="open") as record:
             borrow()
+        assert [w.filename for w in record] == [__file__]  # attributed to the borrower
         with pool.connection() as conn:  # warnings are errors: no second one
             conn.execute("SELECT 1")
     finally:

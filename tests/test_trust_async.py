@@ -748,8 +748,9 @@ async def test_implicit_open_warns_at_first_borrow(app_dsn: str) -> None:
             async with pool.connection() as conn:
                 await conn.execute("SELECT 1")
 
-        with pytest.warns(category, match="open"):
+        with pytest.warns(category, match="open") as record:
             await borrow()
+        assert [w.filename for w in record] == [__file__]  # attributed to the borrower
         async with pool.connection() as conn:  # warnings are errors: no second one
             await conn.execute("SELECT 1")
     finally:

@@ -173,7 +173,7 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
                 and now < slot.expire_at
                 and slot.created_at >= self._invalid_before
                 and (slot.checked or not self._check)
-                and not (self._peek and slot.peek.broken(conn))
+                and not (self._peek and not slot.peek.quiet(conn))
             ):
                 conn.__class__ = slot.cls
                 return self._lend(slot, now, tag, site, None, False)
@@ -370,31 +370,41 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
                 try:
                     await ensure(self._check(cast(ACT, conn)))
                 except Exception as ex:
-                    self._check_failed(slot, ex)
+                    await self._check_failed(slot, ex)
                     return False
                 slot.checked = True
                 slot.last_good = monotonic()
-            elif idle_for >= self._bypass:
-                with self._lock:
-                    self._n_valid_run += 1
-                try:
-                    check_result(
-                        await conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
-                    )
-                except Exception:
+            else:
+                # Outside the bypass window, or a socket that spoke while idle: make sure.
+                broken = (
+                    self._peek
+                    and idle_for >= PEEK_AFTER
+                    and not slot.peek.quiet(conn)
+                    and slot.peek.broken(conn)
+                )
+                if broken:
                     with self._lock:
                         self._n_valid_fail += 1
                     self._lost(slot)
                     return False
-                slot.last_good = monotonic()
-            elif self._peek and idle_for >= PEEK_AFTER and slot.peek.broken(conn):
-                with self._lock:
-                    self._n_valid_fail += 1
-                self._lost(slot)
-                return False
-            else:
-                with self._lock:
-                    self._n_valid_skip += 1
+                if idle_for >= self._bypass or broken is None:
+                    with self._lock:
+                        self._n_valid_run += 1
+                    try:
+                        check_result(
+                            await conn.wait(
+                                ping_gen(conn.pgconn), timeout=max(0.001, deadline - now)
+                            )
+                        )
+                    except Exception:
+                        with self._lock:
+                            self._n_valid_fail += 1
+                        self._lost(slot)
+                        return False
+                    slot.last_good = monotonic()
+                else:
+                    with self._lock:
+                        self._n_valid_skip += 1
         except BaseException:
             self._retire(slot)
             raise

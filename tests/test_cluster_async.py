@@ -96,9 +96,7 @@ async def test_lagging_replica_falls_back_to_primary(
     replication.pause_replay()
     replication.write()
     label = replication.label(replication.standby)
-    await until(
-        lambda: (host_stats(cluster, label)["lag"] or 0) > 0.5, timeout=10, what="lag"
-    )
+    await until(lambda: (host_stats(cluster, label)["lag"] or 0) > 0.5, timeout=10, what="lag")
     async with cluster.connection(read_only=True) as conn:
         assert not await in_recovery(conn)
         # An autocommit read on the primary is still read-only.
@@ -116,9 +114,7 @@ async def test_lagging_replica_fallback_error(
     replication.pause_replay()
     replication.write()
     label = replication.label(replication.standby)
-    await until(
-        lambda: (host_stats(cluster, label)["lag"] or 0) > 0.5, timeout=10, what="lag"
-    )
+    await until(lambda: (host_stats(cluster, label)["lag"] or 0) > 0.5, timeout=10, what="lag")
     with pytest.raises(PoolTimeout, match="found no replica within max_replica_lag"):
         await cluster.getconn(timeout=5, read_only=True)
 
@@ -166,9 +162,7 @@ async def test_primary_turns_read_only(make_cluster: MakeCluster, replication: R
     held = await cluster.getconn()
     replication.set_primary_read_only(True)
     label = replication.label(replication.primary)
-    await until(
-        lambda: host_stats(cluster, label)["role"] == "replica", timeout=5, what="flip"
-    )
+    await until(lambda: host_stats(cluster, label)["role"] == "replica", timeout=5, what="flip")
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         await held.execute("CREATE TABLE flipped (x int)")
     await cluster.putconn(held)

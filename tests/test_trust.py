@@ -494,7 +494,8 @@ def test_use_after_return_raises_and_sends_nothing(
 
 
 def recovery_latency(pool: Pool[Any], pg_control: PgControl, outage: float) -> float:
-    """Seconds from the server accepting connections again to a waiting borrower's query."""
+    """Seconds from pg_ctl start returning to a waiting borrower's query (negative: the
+    server accepted connections, and the borrower got one, before pg_ctl returned)."""
     pg_control.stop()
     pool.check()  # the idle connection is dead: drop it now
 

@@ -214,17 +214,40 @@ def test_health_and_metrics_views() -> None:
     assert 'route="tests.django.project.views.pid"' in text
 
 
-def test_health_reports_an_unreachable_database(db_access: None, dsn: str) -> None:
+def _sesame(request: Any) -> bool:
+    return bool(request.GET.get("token") == "sesame")
+
+
+def test_health_reports_an_unreachable_database(
+    db_access: None, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     dead = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
     pool = {"min_size": 1, "max_size": 1, "timeout": 0.3}
+    check = f"{__name__}._sesame"
     with extra_database("dead", dead, pool=pool), extra_database("ok", dsn):
         status, _, body = call_wsgi("/poolkit/health")
-    report = json.loads(body)
-    assert status == 503
-    assert report["status"] == "unavailable"
-    assert report["databases"]["dead"]["status"] == "unavailable"
-    assert "couldn't get a connection" in report["databases"]["dead"]["error"]
-    assert report["databases"]["ok"]["status"] == "ok"
+        report = json.loads(body)
+        assert status == 503
+        assert report["status"] == "unavailable"
+        assert report["databases"]["dead"]["status"] == "unavailable"
+        assert report["databases"]["dead"]["reason"] == "the database cannot be reached"
+        assert report["databases"]["ok"]["status"] == "ok"
+        # An unauthenticated client learns nothing about hosts, users or code paths...
+        assert "error" not in report["databases"]["dead"]
+        for secret in (b"nobody", b"127.0.0.1", b"couldn't", b".py"):
+            assert secret not in body
+        # ...the log has the details...
+        assert any("couldn't get a connection" in r.getMessage() for r in caplog.records)
+        # ...and so does the body with DEBUG or for a request the dashboard check accepts.
+        with override_settings(DEBUG=True):
+            debug = json.loads(call_wsgi("/poolkit/health")[2])
+        with override_settings(POOLKIT_DASHBOARD_CHECK=check):
+            denied = json.loads(call_wsgi("/poolkit/health", token="nope")[2])
+            allowed = json.loads(call_wsgi("/poolkit/health", token="sesame")[2])
+    assert "error" not in denied["databases"]["dead"]
+    for shown in (debug, allowed):
+        assert "couldn't get a connection" in shown["databases"]["dead"]["error"]
+        assert "error" not in shown["databases"]["ok"]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -123,12 +123,18 @@ def open_entry(entry: Entry) -> Pool[Any]:
 # -- lending -------------------------------------------------------------------------
 
 
+# The core's borrow entry point naming the borrow site (getconn() would record Django's
+# connect() as the borrower; the leak tracker must name the application code instead).
+_BORROW = "_borrow" if hasattr(Pool, "_borrow") else "_pk_borrow"
+# Whether the pool can keep a connection reserved for a thread between requests
+# (CONN_MAX_AGE != 0) while still able to take it back.
+PARKING = hasattr(Pool, "_park") and hasattr(Pool, "_unpark")
+
+
 def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     """Borrow a connection for `wrapper` and remember it, so a dying thread gives it back."""
     pool = open_entry(entry)
-    # _pk_borrow instead of getconn(): getconn() records its caller, Django's connect(),
-    # as the borrow site; the leak tracker must name the application code instead.
-    conn = pool._pk_borrow(None, current_tag.get(), _user_frame(frame))
+    conn = getattr(pool, _BORROW)(None, current_tag.get(), _user_frame(frame))
     wrapper._pk_lease = entry
     if not wrapper._pk_guarded:
         # Once per wrapper (wrappers live in one thread): the thread's guard watches it.
@@ -145,6 +151,38 @@ def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
     assert entry is not None
     wrapper._pk_lease = None
     entry.pool.putconn(conn)
+
+
+def park(wrapper: DatabaseWrapper, conn: Any) -> None:
+    """Keep `conn` reserved for `wrapper`'s thread until its next use (CONN_MAX_AGE)."""
+    entry = wrapper._pk_lease
+    assert entry is not None
+    entry.pool._park(conn)  # type: ignore[attr-defined]  # core hook
+
+
+def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
+    """Take a parked connection back into use; False if the pool took or closed it."""
+    entry = wrapper._pk_lease
+    if entry is None:
+        return False
+    try:
+        pool: Any = entry.pool  # _unpark: core hook (PARKING)
+        back = bool(pool._unpark(conn, current_tag.get(), _user_frame(frame)))
+    except Exception:  # a closed or rebuilt pool: the connection is gone either way
+        logger.debug("pool %r: unpark failed", entry.pool.name, exc_info=True)
+        back = False
+    if not back:
+        wrapper._pk_lease = None
+    return back
+
+
+def release_parked(wrapper: DatabaseWrapper, conn: Any) -> None:
+    """Give a parked connection back to the pool for good (close(), CONN_MAX_AGE passed)."""
+    entry = wrapper._pk_lease
+    wrapper._pk_lease = None
+    pool: Any = None if entry is None else entry.pool
+    if pool is not None and pool._unpark(conn, None, None):
+        pool.putconn(conn)
 
 
 _local = threading.local()
@@ -175,11 +213,16 @@ class _ThreadGuard:
 
 def _return_at_thread_exit(wrapper: DatabaseWrapper, thread: str) -> None:
     try:
-        entry, conn = wrapper._pk_lease, wrapper.connection
+        entry, conn = wrapper._pk_lease, wrapper._pk_conn
         if entry is None or conn is None or wrapper.allow_thread_sharing:
             return  # a shared wrapper is closed by the thread it was shared with
-        wrapper._pk_lease = None
+        parked = wrapper._pk_parked
         wrapper.connection = None
+        if parked:
+            # Kept between requests (CONN_MAX_AGE): not a leak, just hand it back.
+            release_parked(wrapper, conn)
+            return
+        wrapper._pk_lease = None
         entry.pool.putconn(conn)
         _leak_logger.info(
             "pool %r: thread %r ended without closing its Django connection (alias %r); "
@@ -280,7 +323,7 @@ def close_pools_for(dbname: str) -> None:
                 wrapper.alias,
             )
             with contextlib.suppress(Exception):
-                wrapper.connection.close()
+                wrapper._pk_conn.close()
     for victim in victims:
         _retire(victim)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -10,29 +11,45 @@ from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg
 from django.utils.asyncio import async_unsafe
 from psycopg import IsolationLevel, sql
+from psycopg.pq import TransactionStatus
 
 from poolkit import Pool, PoolConfig
 
 from . import _checks, _registry
 from ._creation import DatabaseCreation
-from ._options import pool_config
+from ._features import DatabaseFeatures
+from ._options import pool_config, release_per_transaction
+from ._release import ReleasingCursor, ReleasingDebugCursor
 
 __all__ = ["DatabaseWrapper"]
 
 _checks.register()
+_IDLE = TransactionStatus.IDLE
 
 
 class DatabaseWrapper(pg.DatabaseWrapper):
     """Django's PostgreSQL backend with connections borrowed from a poolkit pool.
 
     A connection is borrowed at the first query and returned when Django closes it: at
-    the end of every request (whatever CONN_MAX_AGE says), when a thread that used it
-    ends, or on `connection.close()`. ``vendor`` stays "postgresql".
+    the end of a request with CONN_MAX_AGE = 0, when a thread that used it ends, or on
+    `connection.close()`. With CONN_MAX_AGE > 0 (or None) it is parked at the end of a
+    request: reserved for this thread's next request, unless the pool needs it for
+    another thread first. With OPTIONS["pool"]["release"] = "transaction" it goes back
+    after every statement or transaction outside atomic(), unless the session was
+    pinned. ``vendor`` stays "postgresql".
     """
 
     creation_class = DatabaseCreation
+    features_class = DatabaseFeatures
     _pk_lease: _registry.Entry | None = None  # the pool entry of the connection held
     _pk_guarded = False  # set once a thread's exit guard watches this wrapper
+    _pk_conn: Any = None  # what Django calls self.connection (see the property)
+    _pk_parked = False  # _pk_conn is parked: reserved for this thread, not in use
+    _pk_release_tx = False  # release="transaction" for the connection held
+    _pk_pinned = False  # the session holds state: keep the connection to request end
+    _pk_used = False  # a cursor was made since the borrow
+    _pk_cursors = 0  # open cursors (release="transaction")
+    _pk_gen = 0  # borrows so far: a cursor from an earlier borrow does not count
 
     if TYPE_CHECKING:  # Django internals the stubs leave out
         _thread_ident: int
@@ -66,6 +83,29 @@ class DatabaseWrapper(pg.DatabaseWrapper):
 
     # -- connections ---------------------------------------------------------------------
 
+    @property
+    def connection(self) -> Any:
+        # Every use of a parked connection (a query, commit, is_usable, user code reading
+        # connection.connection) first takes it back from the pool.
+        if self._pk_parked:
+            return self._pk_unpark()
+        return self._pk_conn
+
+    @connection.setter
+    def connection(self, value: Any) -> None:
+        self._pk_conn = value
+        self._pk_parked = False
+
+    def _pk_unpark(self) -> Any:
+        conn = self._pk_conn
+        self._pk_parked = False
+        if _registry.unpark(self, conn, sys._getframe(2)):
+            return conn
+        # The pool lent it to another thread or closed it: as if Django had closed it;
+        # the next ensure_connection() borrows anew.
+        self._pk_conn = None
+        return None
+
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         config = self._pk_config()
@@ -88,6 +128,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 ) from None
         entry = _registry.entry_for(self, conn_params, config)
         connection = _registry.lend(self, entry, sys._getframe(1))
+        self._pk_release_tx = release_per_transaction(self.settings_dict)
+        self._pk_pinned = self._pk_used = False
+        self._pk_cursors = 0
+        self._pk_gen += 1
         if set_isolation_level:
             connection.isolation_level = self.isolation_level
         return connection
@@ -99,8 +143,17 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             # The pool configured the connection (time zone, role) when it opened it.
             BaseDatabaseWrapper.init_connection_state(self)
 
+    def close(self) -> None:
+        if self._pk_parked:
+            # Not Django's close(): reading self.connection would take it back first.
+            self.validate_thread_sharing()
+            self.run_on_commit = []
+            self._close()
+            return
+        super().close()
+
     def _close(self) -> None:
-        connection = self.connection
+        connection = self._pk_conn
         if connection is None:
             return
         if self._pk_lease is None:
@@ -109,7 +162,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             return
         try:
             with self.wrap_database_errors:
-                _registry.give_back(self, connection)
+                if self._pk_parked:
+                    _registry.release_parked(self, connection)
+                else:
+                    _registry.give_back(self, connection)
         finally:
             # Connection can no longer be used.
             self.connection = None
@@ -121,18 +177,106 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def close_if_unusable_or_obsolete(self) -> None:
-        if self._pk_lease is not None and self.connection is not None:
-            # Start or end of a request: hand the connection back. CONN_MAX_AGE is
-            # ignored (see the poolkit_django.W001 check); the pool does the reuse.
+        # Start and end of every request (Django's request_started/request_finished).
+        if self._pk_lease is None:
+            super().close_if_unusable_or_obsolete()
+            return
+        if self._pk_parked:
+            if self.close_at is not None and time.monotonic() >= self.close_at:
+                self.close()
+            return
+        if self._pk_conn is None:
+            return
+        if self._pk_release_tx or not _registry.PARKING or self.settings_dict["CONN_MAX_AGE"] == 0:
             self.close()
             return
-        super().close_if_unusable_or_obsolete()
+        # Persistent connections (CONN_MAX_AGE): Django's rules, then park instead of keep.
+        self.health_check_done = False
+        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"] or (
+            self.errors_occurred and not self.is_usable()
+        ):
+            self.close()
+            return
+        if self.errors_occurred:
+            self.errors_occurred = False
+            self.health_check_done = True
+        if self.close_at is not None and time.monotonic() >= self.close_at:
+            self.close()
+            return
+        self._pk_park()
+
+    def _pk_park(self) -> None:
+        conn = self._pk_conn
+        if conn.pgconn.transaction_status != _IDLE:
+            # AUTOCOMMIT=False leaves a transaction open at request end: it ends with it.
+            try:
+                with self.wrap_database_errors:
+                    conn.rollback()
+            except Exception:
+                self.close()
+                return
+            self.needs_rollback = False
+        _registry.park(self, conn)
+        self._pk_parked = True
 
     def close_if_health_check_failed(self) -> None:
-        if self.connection is None or self._pk_lease is not None:
-            return  # the pool validates connections when it lends them
-        # Not Django's PostgreSQL version: its `if self.pool` would build the pool.
+        # Django's rule (a check at the first query of a request, with CONN_HEALTH_CHECKS,
+        # on a connection kept from an earlier request), not PostgreSQL's: its `if
+        # self.pool` would build the pool. A fresh borrow needs none: the pool validated it.
         BaseDatabaseWrapper.close_if_health_check_failed(self)
+
+    # -- release="transaction" -----------------------------------------------------------
+
+    def make_cursor(self, cursor: Any) -> Any:
+        if not self._pk_release_tx:
+            return super().make_cursor(cursor)
+        self._pk_cursors += 1
+        self._pk_used = True
+        wrapped = ReleasingCursor(cursor, self)
+        wrapped._pk_gen = self._pk_gen
+        return wrapped
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        if not self._pk_release_tx:
+            return super().make_debug_cursor(cursor)
+        self._pk_cursors += 1
+        self._pk_used = True
+        wrapped = ReleasingDebugCursor(cursor, self)
+        wrapped._pk_gen = self._pk_gen
+        return wrapped
+
+    def create_cursor(self, name: Any = None) -> Any:
+        if name and self._pk_release_tx:
+            self._pk_pinned = True  # a server-side cursor lives in the session
+        return super().create_cursor(name)
+
+    def _pk_cursor_closed(self, gen: int) -> None:
+        if gen == self._pk_gen and self._pk_cursors > 0:
+            self._pk_cursors -= 1
+            if self._pk_cursors == 0:
+                self._pk_release()
+
+    def set_autocommit(
+        self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> None:
+        super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
+        if autocommit and self._pk_release_tx:
+            self._pk_release()  # the end of an outermost atomic()
+
+    def _pk_release(self) -> None:
+        """Give the connection back between statements, unless something needs the session."""
+        conn = self._pk_conn
+        if (
+            conn is not None
+            and self._pk_used
+            and not self._pk_pinned
+            and self._pk_cursors == 0
+            and not self.in_atomic_block
+            and self.autocommit
+            and not self._pk_parked
+            and conn.pgconn.transaction_status == _IDLE
+        ):
+            self.close()
 
     def _configure_role(self, connection: Any) -> bool:
         # Django's version renders SQL through this wrapper's cursor, which fails when the

@@ -19,12 +19,23 @@ from . import _checks, _registry
 from ._creation import DatabaseCreation
 from ._features import DatabaseFeatures
 from ._options import pool_config, release_per_transaction
-from ._release import ReleasingCursor, ReleasingDebugCursor
+from ._release import DISCARD, ReleasingCursor, ReleasingDebugCursor
 
 __all__ = ["DatabaseWrapper"]
 
 _checks.register()
 _IDLE = TransactionStatus.IDLE
+
+
+def _discard(conn: Any) -> None:
+    """End session state the pool's reset cannot see (temporary tables, advisory locks,
+    set_config(), cursors, prepared statements) before the connection goes back."""
+    try:
+        if conn.pgconn.transaction_status != _IDLE:
+            conn.rollback()
+        conn.execute("DISCARD ALL")
+    except Exception:  # the pool examines what comes back: a broken one is replaced
+        pass
 
 
 class DatabaseWrapper(pg.DatabaseWrapper):
@@ -46,10 +57,11 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     _pk_conn: Any = None  # what Django calls self.connection (see the property)
     _pk_parked = False  # _pk_conn is parked: reserved for this thread, not in use
     _pk_release_tx = False  # release="transaction" for the connection held
-    _pk_pinned = False  # the session holds state: keep the connection to request end
+    _pk_pinned = 0  # the session holds state (_release.PIN/DISCARD): keep it to request end
     _pk_used = False  # a cursor was made since the borrow
     _pk_cursors = 0  # open cursors (release="transaction")
     _pk_gen = 0  # borrows so far: a cursor from an earlier borrow does not count
+    _pk_connecting = False  # inside connect(): its own queries must not release
 
     if TYPE_CHECKING:  # Django internals the stubs leave out
         _thread_ident: int
@@ -129,7 +141,8 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         entry = _registry.entry_for(self, conn_params, config)
         connection = _registry.lend(self, entry, sys._getframe(1))
         self._pk_release_tx = release_per_transaction(self.settings_dict)
-        self._pk_pinned = self._pk_used = False
+        self._pk_pinned = 0
+        self._pk_used = False
         self._pk_cursors = 0
         self._pk_gen += 1
         if set_isolation_level:
@@ -142,6 +155,15 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         else:
             # The pool configured the connection (time zone, role) when it opened it.
             BaseDatabaseWrapper.init_connection_state(self)
+
+    def connect(self) -> None:
+        # connect() itself may query (the server version check): releasing there would
+        # hand the caller a closed connection.
+        self._pk_connecting = True
+        try:
+            super().connect()
+        finally:
+            self._pk_connecting = False
 
     def close(self) -> None:
         if self._pk_parked:
@@ -165,6 +187,8 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 if self._pk_parked:
                     _registry.release_parked(self, connection)
                 else:
+                    if self._pk_pinned == DISCARD:
+                        _discard(connection)
                     _registry.give_back(self, connection)
         finally:
             # Connection can no longer be used.
@@ -247,7 +271,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
 
     def create_cursor(self, name: Any = None) -> Any:
         if name and self._pk_release_tx:
-            self._pk_pinned = True  # a server-side cursor lives in the session
+            self._pk_pinned = DISCARD  # a server-side cursor lives in the session
         return super().create_cursor(name)
 
     def _pk_cursor_closed(self, gen: int) -> None:
@@ -269,6 +293,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         if (
             conn is not None
             and self._pk_used
+            and not self._pk_connecting
             and not self._pk_pinned
             and self._pk_cursors == 0
             and not self.in_atomic_block

@@ -2,7 +2,15 @@
 
 from ._config import PoolConfig, mask_conninfo
 from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
-from ._errors import ConfigError, PoolClosed, PoolkitError, PoolTimeout, TooManyRequests
+from ._errors import (
+    ConfigError,
+    ConnectFailed,
+    ConnectionReturned,
+    PoolClosed,
+    PoolkitError,
+    PoolTimeout,
+    TooManyRequests,
+)
 from ._metrics import instrument_otel, render_prometheus
 from ._pool import Pool
 from ._pool_async import AsyncPool
@@ -11,6 +19,8 @@ from ._stats import PoolStats
 __all__ = [
     "AsyncPool",
     "ConfigError",
+    "ConnectFailed",
+    "ConnectionReturned",
     "DashboardHistory",
     "Pool",
     "PoolClosed",

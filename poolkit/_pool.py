@@ -1,46 +1,36 @@
-"""Pool: psycopg_pool's ConnectionPool with poolkit's borrow/return path (twin of _pool_async)."""
+# WARNING: generated from poolkit/_pool_async.py by scripts/async_to_sync.py: do not edit.
+# Edit the async source, then run `python scripts/async_to_sync.py`.
+"""Pool: a threaded PostgreSQL pool, drop-in for psycopg_pool.ConnectionPool.
+
+Generated from poolkit/_pool_async.py: edit that file, not this one.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections import deque
+import warnings
 from collections.abc import Callable
 from sys import _getframe
-from threading import get_ident as _get_ident
+from threading import get_ident
 from time import monotonic
-from traceback import format_stack
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
-from weakref import ref as _ref
+from weakref import ref
 
-from psycopg import Connection
+from psycopg import Connection, ProgrammingError
 from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
-from psycopg_pool import ConnectionPool
-from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
-from ._base import (
-    OWNER,
-    PEEK_AFTER,
-    SKIP_PREFIXES,
-    PoolCore,
-    borrow_frame,
-    leak_logger,
-    logger,
-)
-from ._config import PoolConfig, mask_conninfo
-from ._conn import (
-    build_config,
-    check_result,
-    drain_gen,
-    install_tracking_cursors,
-    ping_gen,
-    remember_attrs,
-    restore_attrs,
-    tracking_class,
-)
-from ._errors import PoolClosed, PoolTimeout, TooManyRequests
+from . import _psycopg, _reset
+from ._compat import ASYNC, current_owner, ensure, spawn
+from ._config import PoolConfig, config_for_pool
+from ._conn import check_result, connect_timeout_default, ping_gen
+from ._core import PoolCore
+from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
+from ._leaks import SKIP_PREFIXES, Site, logger, user_frame
+from ._lifecycle import Lifecycle
+from ._messages import describe_error
+from ._peek import PEEK_AFTER
+from ._slot import Slot
 
 CT = TypeVar("CT", bound=Connection[Any])
 
@@ -54,56 +44,21 @@ _FAILED_TX = (
     "a statement failed inside this connection() block and its error was caught: "
     "the transaction was rolled back, nothing was committed"
 )
-_TIMED_OUT = object()
 
 
-class _Waiter(Generic[CT]):
-    """A client queued for a connection; resolved once, by a hand-off, an error or its timeout.
-
-    A pre-acquired plain lock is the cheapest one-shot wake-up threading offers: the
-    hand-off releases it, the waiter blocks acquiring it. Resolution happens under the
-    pool lock, so a hand-off and a timeout cannot both win.
-    """
-
-    __slots__ = ("conn", "error", "sem", "t0")
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.conn: CT | None = None
-        self.error: Any = None
-        self.sem = threading.Lock()
-        self.sem.acquire()
-
-    def set(self, conn: CT) -> bool:
-        if self.conn is not None or self.error is not None:
-            return False
-        self.conn = conn
-        self.sem.release()
-        return True
-
-    def fail(self, error: BaseException) -> bool:
-        return self.fail_now(error)
-
-    def fail_now(self, error: Any) -> bool:
-        if self.conn is not None or self.error is not None:
-            return False
-        self.error = error
-        self.sem.release()
-        return True
-
-
-class _Lease(Generic[CT]):
+class _ConnectionBlock(Generic[CT]):
     """`with pool.connection() as conn`: commit on success, rollback on error, return."""
 
-    __slots__ = ("_conn", "_pool", "_tag", "_timeout")
+    __slots__ = ("_conn", "_pool", "_site", "_tag", "_timeout")
 
-    def __init__(self, pool: Pool[CT], timeout: float | None, tag: str | None) -> None:
+    def __init__(self, pool: Pool[CT], timeout: float | None, tag: str | None, site: Site) -> None:
         self._pool = pool
         self._timeout = timeout
         self._tag = tag
+        self._site = site
 
     def __enter__(self) -> CT:
-        self._conn = conn = self._pool._pk_borrow(self._timeout, self._tag, _getframe(1))
+        self._conn = conn = self._pool._borrow(self._timeout, self._tag, self._site)
         return conn
 
     def __exit__(
@@ -113,42 +68,30 @@ class _Lease(Generic[CT]):
         tb: TracebackType | None,
     ) -> None:
         conn = self._conn
+        pool = self._pool
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
-                if exc_type is None and status == _INERROR:
-                    conn.rollback()
-                    raise InFailedSqlTransaction(_FAILED_TX)
-                if exc_type is None:
-                    conn.commit()
-                else:
-                    try:
-                        conn.rollback()
-                    except Exception as ex:
-                        logger.warning("pool %r: rollback failed: %s", self._pool.name, ex)
+                pool._end_transaction(conn, exc_type is None, status)
         finally:
-            pool = self._pool
-            if conn._pool is pool:
-                pool._pk_put(conn)
-            else:
-                pool.putconn(conn)
+            pool._return(conn, None)
 
 
-class Pool(PoolCore, ConnectionPool[CT]):
-    """A PostgreSQL pool for threads, drop-in for psycopg_pool.ConnectionPool.
+class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
+    """An asyncio PostgreSQL pool, drop-in for psycopg_pool.ConnectionPool.
 
-    Adds validation with a bypass window, bulk recovery after a lost connection,
-    lifetime/idle checks at borrow, session reset, leak tracking, fork safety,
-    graceful drain, `stats()` and timeout errors that describe the pool.
+    Adds validation with a bypass window, recovery without backoff lag while borrowers
+    wait, lifetime/idle checks at borrow, a complete session reset, a use-after-return
+    guard, leak tracking, fork safety, graceful drain, `stats()` and errors that say why.
     """
 
     def __init__(
         self,
-        conninfo: str | Callable[..., Any] = "",
+        conninfo: str | PoolConfig | Callable[..., Any] = "",
         *,
         config: PoolConfig | None = None,
         connection_class: type[CT] = cast(type[CT], Connection),  # noqa: B008
-        kwargs: dict[str, Any] | None = None,
+        kwargs: dict[str, Any] | Callable[..., Any] | None = None,
         open: bool | None = None,
         configure: Callable[[CT], Any] | None = None,
         check: Callable[[CT], Any] | None = None,
@@ -157,510 +100,506 @@ class Pool(PoolCore, ConnectionPool[CT]):
         close_returns: bool = False,
         **settings: Any,
     ) -> None:
-        cfg = build_config(type(self).__name__, conninfo, config, kwargs, reset, settings)
-        self._pk_init(cfg, check)
-        self._pk_drained = threading.Event()
-        if self._pk_reset_auto:
-            connection_class = tracking_class(connection_class)
-        pool_kwargs = cfg.pool_kwargs()
-        pool_kwargs.pop("conninfo")
-        pool_kwargs.pop("kwargs")
-        super().__init__(
-            conninfo if callable(conninfo) else cfg.conninfo,
-            connection_class=connection_class,
-            kwargs=cfg.connect_kwargs(),
-            open=open,
-            configure=configure,
-            close_returns=close_returns,
-            reconnect_failed=cast(Any, reconnect_failed),
-            **pool_kwargs,
+        kwargs_fn = kwargs if callable(kwargs) else None
+        cfg = config_for_pool(
+            type(self).__name__, conninfo, config, None if kwargs_fn else kwargs, reset, settings
         )
+        if isinstance(conninfo, PoolConfig):
+            conninfo = ""
+        # Callables are called for each new connection (rotated passwords, IAM tokens).
+        self.conninfo: str | Callable[..., Any] = conninfo if callable(conninfo) else cfg.conninfo
+        self.kwargs: dict[str, Any] | Callable[..., Any] = kwargs_fn or cfg.connect_kwargs()
+        self.connection_class = connection_class
+        self.close_returns = close_returns
+        self._configure = configure
+        self._check = check
+        self._reconnect_failed = reconnect_failed
+        self._init_core(cfg, cfg.name)
+        policy = cfg.resolved_reset
+        self._reset_fn: Callable[[CT], Any] | None = policy if callable(policy) else None
+        self._auto = policy == "auto"
+        self._reset_sql = None if callable(policy) or self._auto else _reset.FIXED[policy]
+        self._peek = cfg.validate
+        self._connect_timeout = connect_timeout_default(cfg)
+        self._init_lifecycle()
+        self._open_implicit = False
+        if ASYNC and open:
+            warnings.warn(
+                f"opening the async pool {type(self).__name__} in the constructor is "
+                "deprecated: use `pool.open()` or `with pool:`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if open is None:
+            open = self._open_implicit = True
+        if open:
+            self._open()
 
     # -- borrow ------------------------------------------------------------------------
 
-    def connection(self, timeout: float | None = None, *, tag: str | None = None) -> _Lease[CT]:  # type: ignore[override]
+    def connection(
+        self, timeout: float | None = None, *, tag: str | None = None
+    ) -> _ConnectionBlock[CT]:
         """Borrow a connection for an `with` block; the way to use the pool."""
-        return _Lease(self, timeout, tag)
+        return _ConnectionBlock(self, timeout, tag, _getframe(1))
 
     def getconn(self, timeout: float | None = None, *, tag: str | None = None) -> CT:
         """Borrow a connection; pair every call with `putconn()` (prefer `connection()`)."""
-        return self._pk_borrow(timeout, tag, _getframe(1))
+        return self._borrow(timeout, tag, _getframe(1))
 
-    def _pk_borrow(self, timeout: float | None, tag: str | None, f: FrameType) -> CT:
-        if self._pk_forked:
-            self._pk_rebuild_after_fork()
-        if self._pk_reclaim:
-            self._pk_give_back_reclaimed()
+    def _borrow(self, timeout: float | None, tag: str | None, site: Site) -> CT:
+        """Borrow, attributing the borrow to `site` (a frame, a function's code, or None)."""
         now = monotonic()
-        conn: CT | None = None
-        waiter: _Waiter[CT] | None = None
-        fast = False
         with self._lock:
-            if self._closed or self._pk_draining:
-                self._pk_raise_closed()
-            idle = self._pool
-            if idle:
-                conn = idle.pop()
-                if len(idle) < self._nconns_min:
-                    self._nconns_min = len(idle)
-                # Checked inside the lock so the counter only ever goes up.
-                if (
-                    conn._pk_pending is None
-                    and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
-                    and now < conn._expire_at
-                    and (
-                        # The peek is a syscall; a connection back for under a
-                        # millisecond has had no time to be dropped.
-                        idle_for < PEEK_AFTER
-                        or not self._pk_validate
-                        or not conn._pk_poll.poll(0)
-                        or not self._pk_socket_broken(conn)
-                    )
-                ):
-                    self._n_fast += 1
-                    fast = True
+            if self._idle and not self._draining:
+                slot: Slot | None = self._idle.popleft() if self._fifo else self._idle.pop()
             else:
-                # Queue up in the same critical section that found nothing idle.
-                waiter = self._pk_enqueue(now)
-        if waiter is not None:
-            return self._pk_getconn_wait(now, timeout, tag, f, waiter)
-        assert conn is not None
-        if not fast:
-            if self._pk_ready(conn, now, now + (timeout or self.timeout)):
-                self._pk_wait_q.append(monotonic() - now)
-            else:
-                conn = None
-        if conn is None:
-            return self._pk_getconn_wait(now, timeout, tag, f, None)
-        # Registering needs no lock: a dict store is atomic, readers copy the dict first.
-        if f.f_code.co_filename.startswith(SKIP_PREFIXES):
-            f = borrow_frame(f)
-        conn._pk_wr = wr = _ref(conn, self._pk_gc_cb)
-        self._pk_borrowed[wr] = [
-            now, f.f_code, f.f_lineno, _get_ident(), None, tag, False,
-            format_stack(f) if self._pk_capture_stack else None,
-        ]  # fmt: skip
-        conn._pool = self
-        return conn
+                slot = None
+        if slot is not None:
+            conn = slot.conn
+            idle_for = now - slot.returned_at
+            if (
+                slot.pending is None
+                and idle_for < self._fast_window
+                and now < slot.expire_at
+                and slot.created_at >= self._invalid_before
+                and (not self._check or slot.checked)
+                and (idle_for < PEEK_AFTER or not self._peek or not slot.peek.broken(conn))
+            ):
+                _psycopg.unguard(conn)
+                self._lend(slot, now, tag, site, None)
+                return cast(CT, conn)
+        return self._borrow_slow(now, timeout, tag, site, slot)
 
-    def _pk_hand_off(self, conn: CT) -> bool:
-        """Give conn to the longest waiter still waiting (caller holds the lock)."""
-        waiting = self._waiting
-        while waiting:
-            w = waiting.popleft()
-            if w.set(conn):
-                return True
-        return False
+    def _lend(
+        self, slot: Slot, now: float, tag: str | None, site: Site, waited: float | None
+    ) -> None:
+        """Book `slot` as lent to the caller (the connection is unguarded already)."""
+        conn = slot.conn
+        if site is None:
+            site = _getframe(2)
+        if type(site) is CodeType:
+            slot.code, slot.lineno = site, site.co_firstlineno
+        else:
+            f = site
+            if f.f_code.co_filename.startswith(SKIP_PREFIXES):
+                f = user_frame(f)
+            slot.code, slot.lineno = f.f_code, f.f_lineno
+            if self._capture_stack:
+                import traceback
 
-    def _pk_enqueue(self, t0: float) -> _Waiter[CT]:
-        """Put a borrower in line (caller holds the lock), or refuse it past max_waiting."""
-        if self.max_waiting and len(self._waiting) >= self.max_waiting:
-            self._n_rejected += 1
-            raise TooManyRequests(
-                f"the pool {self.name!r} has already {len(self._waiting)} requests "
-                f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
-            )
-        waiter: _Waiter[CT] = _Waiter(t0)
-        self._waiting.append(waiter)
-        self._maybe_grow_pool()
-        return waiter
+                slot.stack = traceback.format_stack(f)
+        slot.t0 = now
+        slot.owner = get_ident()
+        slot.task = current_owner()
+        slot.tag = tag
+        slot.warned = False
+        slot.wr = ref(conn, self._gc_cb)
+        slot.conn = None
+        _psycopg.set_pool(conn, self)
+        with self._lock:
+            self._lent[id(conn)] = slot
+            if waited is None:
+                self._n_fast += 1
+        if waited is not None:
+            self._wait_q.append(waited)
 
-    def _pk_getconn_wait(
-        self,
-        t0: float,
-        timeout: float | None,
-        tag: str | None,
-        f: FrameType,
-        waiter: _Waiter[CT] | None,
+    def _borrow_slow(
+        self, t0: float, timeout: float | None, tag: str | None, site: Site, slot: Slot | None
     ) -> CT:
         deadline = t0 + (self.timeout if timeout is None else timeout)
+        if site is None:
+            site = _getframe(2)
         while True:
-            conn: CT | None = None
-            if waiter is None:
-                if self._pk_reclaim:
-                    self._pk_give_back_reclaimed()
-                with self._lock:
-                    if self._closed or self._pk_draining:
-                        self._pk_raise_closed()
-                    if self._pool:
-                        conn = self._pool.pop()
-                        if len(self._pool) < self._nconns_min:
-                            self._nconns_min = len(self._pool)
-                    else:
-                        waiter = self._pk_enqueue(t0)
-            if waiter is not None:
-                conn = self._pk_wait_in_line(waiter, t0, deadline)
-                waiter = None
-            assert conn is not None
-            now = monotonic()
-            if self._pk_ready(conn, now, deadline):
-                self._pk_wait_q.append(now - t0)
-                self._pk_register(conn, now, tag, None, f)
-                conn._pool = self
-                return conn
-            if now >= deadline:
-                with self._lock:
-                    self._n_timeouts += 1
-                self._pk_event("timeout", self._pk_state_line())
-                raise PoolTimeout(self._pk_timeout_message(now - t0))
+            if slot is None:
+                slot = self._take_slot(t0, deadline)
+            if self._ready(slot, deadline):
+                conn = slot.conn
+                self._lend(slot, monotonic(), tag, site, monotonic() - t0)
+                return cast(CT, conn)
+            slot = None
 
-    def _pk_wait_in_line(self, waiter: _Waiter[CT], t0: float, deadline: float) -> CT:
+    def _take_slot(self, t0: float, deadline: float) -> Slot:
+        """An idle slot, a stolen parked one, or one handed over after a wait in line."""
+        stolen: Slot | None = None
+        with self._lock:
+            if self._open_implicit and not ASYNC:
+                self._open_implicit = False
+                warnings.warn(
+                    f"the default for the {type(self).__name__} 'open' parameter will "
+                    "become 'False' in a future release: pass open=True/False, or use "
+                    f"`with {type(self).__name__}(...) as pool:`",
+                    DeprecationWarning,
+                    stacklevel=5,
+                )
+            if self._open_implicit and ASYNC:
+                self._open_implicit = False
+                warnings.warn(
+                    f"opening the async pool {type(self).__name__} in the constructor is "
+                    "deprecated: use `pool.open()` or `with pool:`",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            if self._closed or self._draining:
+                raise self._closed_error()
+            if self._forked:
+                self._forked = False
+                self._worker = spawn(self._run, name=f"{self.name}-worker")
+            gone = self._take_reclaimed()
+            if self._idle:
+                return self._idle.popleft() if self._fifo else self._idle.pop()
+            if self._parked and self._nconns + self._connecting >= self._max_size:
+                # At max_size with nothing idle: take a connection parked by a thread
+                # between two requests (Django's CONN_MAX_AGE) rather than wait.
+                _, stolen = self._parked.popitem()
+                stolen.parked = False
+                stolen.conn = stolen.wr() if stolen.wr is not None else None
+                stolen.wr = None
+                self._n_stolen += 1
+                if stolen.conn is None:
+                    self._nconns -= 1
+                    stolen = None
+            if stolen is None:
+                if self._permanent_fix and not self._nconns:
+                    raise ConnectFailed(self._connect_failed_message())
+                if self.max_waiting and len(self._waiting) >= self.max_waiting:
+                    self._n_rejected += 1
+                    raise TooManyRequests(
+                        f"the pool {self.name!r} has already {len(self._waiting)} requests "
+                        f"waiting ({self._state_line()}): raise max_waiting or max_size"
+                    )
+                waiter = self._new_waiter()
+                self._waiting.append(waiter)
+                self._n_queued += 1
+        self._report_reclaimed(gone)
+        if stolen is not None:
+            self._recycle(stolen, monotonic())
+            return stolen
+        self._wakeup.set()
         try:
-            waiter.sem.acquire(timeout=max(0.0, deadline - monotonic()))
+            waiter.wait(deadline)
         except BaseException:
-            # Interrupted: never lose a connection that was handed over meanwhile.
+            # Cancelled while in line: a connection handed over meanwhile goes back.
             with self._lock:
-                waiter.fail_now(_TIMED_OUT)
-                self._pk_forget_waiter(waiter)
-            if waiter.conn is not None:
-                self._pk_give_back(waiter.conn)
+                if waiter.give_up():
+                    self._forget_waiter(waiter)
+                    handed = None
+                else:
+                    handed = waiter.item
+                    if handed is not None:
+                        self._put_idle_locked(handed)
             raise
-        if waiter.conn is not None:  # set before the release that woke us
-            return waiter.conn
-        if waiter.error is None:
-            with self._lock:
-                # Timed out: settle it against a hand-off that may be happening now.
-                waiter.fail_now(_TIMED_OUT)
-                if waiter.conn is not None:
-                    return waiter.conn
-                self._pk_forget_waiter(waiter)
-        if waiter.error is _TIMED_OUT:
-            with self._lock:
+        with self._lock:
+            if waiter.give_up():
+                self._forget_waiter(waiter)
                 self._n_timeouts += 1
-            self._pk_event("timeout", self._pk_state_line())
-            raise PoolTimeout(self._pk_timeout_message(monotonic() - t0))
-        raise waiter.error
+                self._failed_wait += monotonic() - t0
+                timed_out = True
+            else:
+                timed_out = False
+        if not timed_out:
+            if waiter.error is not None:
+                raise waiter.error
+            return cast(Slot, waiter.item)
+        self._event("timeout", self._state_line())
+        raise PoolTimeout(self._timeout_message(monotonic() - t0))
 
-    def _pk_forget_waiter(self, waiter: _Waiter[CT]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiting.remove(waiter)
-
-    def _pk_ready(self, conn: CT, now: float, deadline: float) -> bool:
-        """Make a popped idle connection ready to lend, or dispose of it and return False.
+    def _ready(self, slot: Slot, deadline: float) -> bool:
+        """Make a slot taken from idle ready to lend, or dispose of it and return False.
 
         Round trips are bounded by the borrower's deadline: a black-holed network costs
-        the borrower its timeout, never more.
+        the borrower its timeout, never more. A cancellation at any closes the
+        connection and gives its slot back to the pool's books (never lost).
         """
-        if conn._pk_pending is not None:
-            # Usually already answered while the connection sat idle: no waiting here.
-            try:
-                check_result(conn.wait(drain_gen(conn.pgconn), timeout=max(0.001, deadline - now)))
-                if self._configure is not None:
-                    self._configure(conn)
-            except Exception:
-                self._pk_lost(conn, now, bulk=True)
+        conn = slot.conn
+        _psycopg.unguard(conn)
+        try:
+            now = monotonic()
+            if slot.pending is not None and not self._drain_reset(slot, deadline):
                 return False
-            conn._pk_pending = None
-            conn._pk_touched = False
-        if now >= conn._expire_at:
-            self._pk_replace(conn)
-            return False
-        idle_for = now - conn._pk_returned_at
-        if idle_for > self.max_idle:
-            # Idle past max_idle: a firewall may have dropped it silently; a ping could
-            # hang until TCP gives up, so replace it instead.
-            self._pk_replace(conn, shrink=self._nconns > self._min_size)
-            return False
-        if self._pk_validate:
-            if idle_for >= self._pk_bypass:
-                self._n_valid_run += 1
+            if now >= slot.expire_at or slot.created_at < self._invalid_before:
+                self._retire(slot)
+                return False
+            idle_for = now - slot.returned_at
+            if idle_for > self.max_idle:
+                # Idle past max_idle: a firewall may have dropped it silently; a ping could
+                # hang until TCP gives up, so replace it instead.
+                self._retire(slot)
+                return False
+            if self._check is not None and (idle_for >= self._bypass or not slot.checked):
+                with self._lock:
+                    self._n_valid_run += 1
                 try:
-                    if self._pk_check is not None:
-                        self._pk_check(conn)
-                    else:
-                        check_result(
-                            conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
-                        )
-                except Exception:
-                    self._n_valid_fail += 1
-                    self._pk_lost(conn, now, bulk=True)
+                    ensure(self._check(cast(CT, conn)))
+                except Exception as ex:
+                    self._check_failed(slot, ex)
                     return False
-                conn._pk_touched = False
-            elif idle_for >= PEEK_AFTER and self._pk_socket_broken(conn):
-                self._n_valid_fail += 1
-                self._pk_lost(conn, now, bulk=True)
+                slot.checked = True
+                slot.last_good = monotonic()
+            elif idle_for >= self._bypass:
+                with self._lock:
+                    self._n_valid_run += 1
+                try:
+                    check_result(
+                        conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
+                    )
+                except Exception:
+                    with self._lock:
+                        self._n_valid_fail += 1
+                    self._lost(slot)
+                    return False
+                slot.last_good = monotonic()
+            elif self._peek and idle_for >= PEEK_AFTER and slot.peek.broken(conn):
+                with self._lock:
+                    self._n_valid_fail += 1
+                self._lost(slot)
                 return False
             else:
-                self._n_valid_skip += 1
+                with self._lock:
+                    self._n_valid_skip += 1
+        except BaseException:
+            self._retire(slot)
+            raise
+        if conn.pgconn.transaction_status != _IDLE:
+            # Safety net: nothing may reach a borrower mid-transaction.
+            logger.warning(
+                "pool %r: connection found %s at borrow: closed",
+                self.name,
+                TransactionStatus(conn.pgconn.transaction_status).name,
+            )
+            self._retire(slot)
+            return False
         return True
 
     # -- return ------------------------------------------------------------------------
 
     def putconn(self, conn: CT) -> None:
         """Give back a connection obtained with `getconn()`."""
-        if getattr(conn, "_pool", None) is not self:
-            self._check_pool_putconn(conn)
-        self._pk_put(conn)
+        self._return(conn, _getframe(1))
 
-    def _pk_put(self, conn: CT) -> None:
+    def _return(self, conn: CT, f: FrameType | None) -> None:
         now = monotonic()
-        rec = self._pk_borrowed.pop(conn._pk_wr, None)
+        with self._lock:
+            slot = self._lent.pop(id(conn), None)
+            if slot is not None and (slot.wr is None or slot.wr() is not conn):
+                self._lent[id(conn)] = slot
+                slot = None
+        if slot is None:
+            self._not_mine(conn)
+            return
+        slot.wr = None
+        slot.conn = conn
+        if f is not None:
+            slot.returned_code, slot.returned_line = f.f_code, f.f_lineno
+        else:
+            slot.returned_code, slot.returned_line = slot.code, slot.lineno
+        self._account_return(slot, now)
+        _psycopg.set_pool(conn, None)
         if (
-            self._pk_plain_return
-            and not conn._pk_touched
-            and conn.pgconn.transaction_status == _IDLE
-            and now < conn._expire_at
-            and conn._created_at > self._drained_at
+            conn.pgconn.transaction_status == _IDLE
+            and not self._closed
+            and now < slot.expire_at
+            and slot.created_at >= self._invalid_before
+            and _psycopg.snapshot(conn) == slot.attrs
+            and self._reset_sql is None
+            and self._reset_fn is None
+            and (not self._auto or id(conn) not in _psycopg.DIRTY)
         ):
-            conn._pk_returned_at = now
-            conn._pool = None
-            if rec is not None:
-                self._pk_account(rec, now)
+            slot.returned_at = slot.last_good = now
+            _psycopg.guard(conn, slot.guards)
             with self._lock:
-                if not self._closed:
-                    if not self._pk_hand_off(conn):
-                        self._pool.append(conn)
-                    if self._pk_draining and not self._pk_borrowed:
-                        self._pk_drained.set()
-                    return
-        elif rec is not None:
-            self._pk_account(rec, now)
-        if self._pk_draining and not self._pk_borrowed:
-            self._pk_drained.set()
-        if self._closed:
-            self._close_connection(conn)
+                self._put_idle_locked(slot)
             return
         try:
-            self._pk_return(conn, now)
+            if self._recycle(slot, now):
+                with self._lock:
+                    self._put_idle_locked(slot)
         except BaseException:
-            # Interrupted mid-return (KeyboardInterrupt during a rollback): if the
-            # connection was not placed yet, drop it and refill.
-            if getattr(conn, "_pool", None) is self:
-                self._pk_abandon(conn)
+            # Cancelled mid-return (anyio cancel scopes cancel every await): close it
+            # and give the slot back to the books.
+            if slot.conn is not None and not slot.conn.closed:
+                self._retire(slot)
             raise
 
-    def _pk_return(self, conn: CT, now: float) -> None:
+    def _not_mine(self, conn: Any) -> None:
+        owner = _psycopg.get_pool(conn)
+        if owner is None:
+            raise ValueError(
+                f"can't return connection to pool {self.name!r}, it doesn't belong to any "
+                "pool (returned twice?)"
+            )
+        raise ValueError(
+            f"can't return connection to pool {self.name!r}, it belongs to pool "
+            f"{getattr(owner, 'name', owner)!r}"
+        )
+
+    def _recycle(self, slot: Slot, now: float) -> bool:
+        """Bring a connection back to a clean idle state; False if it was disposed of."""
+        conn = slot.conn
         pgconn = conn.pgconn
         status = pgconn.transaction_status
-        if status != _IDLE:
-            if status == _UNKNOWN:
-                self._pk_lost(conn, now, bulk=conn.broken)
-                return
+        if status == _UNKNOWN:
+            if conn.broken:
+                self._lost(slot)
+            else:
+                self._retire(slot)  # closed by its borrower
+            return False
+        if self._closed or now >= slot.expire_at or slot.created_at < self._invalid_before:
+            self._retire(slot)
+            return False
+        self._deadlines[id(slot)] = (now + self.timeout, conn)
+        try:
             if status == _ACTIVE:
                 logger.warning("pool %r: connection returned mid-operation: closed", self.name)
-                self._pk_replace(conn)
-                return
-            logger.warning(
-                "pool %r: connection returned inside a transaction: rolled back", self.name
-            )
-            try:
-                conn.rollback()
-            except Exception as ex:
-                logger.warning("pool %r: rollback failed (%s): connection replaced", self.name, ex)
-                self._pk_replace(conn)
-                return
-        if conn._created_at <= self._drained_at or now >= conn._expire_at:
-            self._pk_replace(conn)
-            return
-        if conn._pk_touched or self._pk_restore_always:
-            restore_attrs(conn)
-        if self._pk_reset_callable is not None:
-            self.run_task(_ResetTask(self, conn))
-            return
-        sql = conn._pk_dirty if self._pk_reset_auto else self._pk_reset_sql
-        if sql is not None:
-            # Pipelined: the reset travels now and its answer is read by the next
-            # borrower, so nobody waits a round trip for it.
-            try:
-                pgconn.send_query(sql)
-                pgconn.flush()
-            except Exception:
-                self._pk_lost(conn, now, bulk=True)
-                return
-            conn._pk_pending = sql
-            self._n_resets += 1
-        conn._pk_touched = False
-        conn._pk_dirty = None
-        conn._pk_returned_at = now
-        self._add_to_pool(conn)
-
-    def _pk_give_back(self, conn: CT) -> None:
-        """Return a connection that was handed to a waiter who is gone."""
-        conn._pk_returned_at = monotonic()
-        self._add_to_pool(conn)
-
-    def _add_to_pool(self, conn: CT) -> None:
-        conn._pool = None
-        with self._lock:
-            if not self._closed:
-                if self._pk_hand_off(conn):
-                    return
-                self._pool.append(conn)
-                if self._pool_full_event and len(self._pool) >= self._min_size:
-                    self._pool_full_event.set()
-                return
-        self._close_connection(conn)
-
-    # -- disposal ----------------------------------------------------------------------
-
-    def _pk_replace(self, conn: CT, shrink: bool = False) -> None:
-        # Book the replacement before closing: an interruption during close must not
-        # cost the pool its slot.
-        if shrink:
-            with self._lock:
-                self._nconns -= 1
-        else:
-            self.run_task(AddConnection(self))
-        self._close_connection(conn)
-
-    def _pk_lost(self, conn: CT, now: float, bulk: bool) -> None:
-        """A connection is found broken; with bulk, so is every idle one older than now."""
-        with self._lock:
-            self._n_lost += 1
-            stale = self._pk_invalidate_older(now) if bulk else []
-        self._pk_event("connection-lost", f"{len(stale)} older idle connections invalidated")
-        logger.warning(
-            "pool %r: connection lost; replacing it and %d older idle connections",
-            self.name,
-            len(stale),
-        )
-        for c in (conn, *stale):
-            self._pk_replace(c)
-
-    def _pk_abandon(self, conn: CT) -> None:
-        conn._pool = None
-        self._n_closed += 1
-        with contextlib.suppress(Exception):  # already gone
-            conn.pgconn.finish()
-        self.run_task(AddConnection(self))
-
-    def _close_connection(self, conn: CT) -> None:
-        self._n_closed += 1
-        conn._pool = None
-        try:
-            conn.close()
-        except Exception as ex:  # a dead socket must not break the caller
-            logger.debug("pool %r: error closing connection: %s", self.name, ex)
-
-    def _connect(self, timeout: float | None = None) -> CT:
-        t0 = monotonic()
-        try:
-            conn = super()._connect(timeout or self._pk_connect_timeout)
-        except BaseException as ex:
-            self._n_failed += 1
-            self._pk_last_error = mask_conninfo(f"{type(ex).__name__}: {ex}".strip())
-            raise
-        self._pk_new_conn(conn, monotonic() - t0)
-        if self._pk_reset_auto:
-            install_tracking_cursors(conn)
-        remember_attrs(conn)
-        if self._pk_events and self._pk_events[-1][1] == "connection-lost":
-            self._pk_event("recovered", "new connection established")
-        return conn
-
-    def _return_connection(self, conn: CT, from_getconn: bool) -> None:
-        self._pk_return(conn, monotonic())
-
-    # -- housekeeping ------------------------------------------------------------------
-
-    def _start_initial_tasks(self) -> None:
-        super()._start_initial_tasks()
-        self.run_task(Schedule(self, _Housekeeping(self), self.housekeeping_interval))
-
-    def _pk_give_back_reclaimed(self) -> None:
-        with self._lock:
-            lost = self._pk_take_reclaimed()
-        for _ in lost:
-            self.run_task(AddConnection(self))
-
-    def _pk_housekeep(self) -> None:
-        if self._pk_reclaim:
-            self._pk_give_back_reclaimed()
-        self._pk_fold()
-        self._pk_leak_scan(monotonic())
-        interval = self.config.keepalive_interval
-        if interval:
-            self._pk_keepalive(interval)
-
-    def _pk_keepalive(self, interval: float) -> None:
-        now = monotonic()
-        with self._lock:
-            due = [c for c in self._pool if now - c._pk_returned_at >= interval]
-        for conn in due:
-            with self._lock:
+                self._retire(slot)
+                return False
+            if status != _IDLE:
+                logger.warning(
+                    "pool %r: connection returned inside a transaction: rolled back", self.name
+                )
                 try:
-                    self._pool.remove(conn)
-                except ValueError:
-                    continue  # borrowed meanwhile
-            if conn._pk_pending is None:
-                self._n_valid_run += 1
+                    conn.rollback()
+                except Exception as ex:
+                    logger.warning(
+                        "pool %r: rollback failed (%s): connection replaced", self.name, ex
+                    )
+                    self._retire(slot)
+                    return False
+            if _psycopg.snapshot(conn) != slot.attrs:
+                self._restore(conn, slot.attrs)
+            if self._reset_fn is not None:
                 try:
-                    check_result(conn.wait(ping_gen(conn.pgconn), timeout=self.timeout))
+                    ensure(self._reset_fn(cast(CT, conn)))
+                    if pgconn.transaction_status != _IDLE:
+                        raise ProgrammingError("the reset function left a transaction open")
+                except Exception as ex:
+                    logger.warning("pool %r: reset failed (%s): connection replaced", self.name, ex)
+                    self._retire(slot)
+                    return False
+                with self._lock:
+                    self._n_resets += 1
+            sql = self._reset_sql
+            if self._auto:
+                mask = _psycopg.DIRTY.pop(id(conn), 0)
+                sql = _reset.auto_sql(mask) if mask else None
+            if sql is not None:
+                # Pipelined: the reset travels now and its answer is read by the next
+                # borrower, so nobody waits a round trip for it.
+                try:
+                    pgconn.send_query(sql)
+                    pgconn.flush()
                 except Exception:
-                    self._n_valid_fail += 1
-                    self._pk_lost(conn, monotonic(), bulk=True)
-                    continue
-                conn._pk_touched = False
-            elif not self._pk_ready(conn, now, now + self.timeout):
-                continue
-            conn._pk_returned_at = monotonic()
-            self._add_to_pool(conn)
+                    self._lost(slot)
+                    return False
+                if _reset.drops_prepared(sql):
+                    _psycopg.forget_prepared(conn)
+                slot.pending = sql
+                with self._lock:
+                    self._n_resets += 1
+        finally:
+            self._deadlines.pop(id(slot), None)
+        slot.returned_at = monotonic()
+        if status == _IDLE:
+            slot.last_good = now
+        _psycopg.guard(conn, slot.guards)
+        return True
 
-    def check(self) -> None:
-        """Validate every idle connection now; replace the broken ones."""
-        with self._lock:
-            conns = list(self._pool)
-            self._pool.clear()
-        now = monotonic()
-        for conn in conns:
-            conn._pk_returned_at = min(conn._pk_returned_at, now - self._pk_bypass - 1.0)
-            saved, self._pk_validate = self._pk_validate, True
-            try:
-                ok = self._pk_ready(conn, now, now + self.timeout)
-            finally:
-                self._pk_validate = saved
-            if ok:
-                conn._pk_returned_at = monotonic()
-                self._add_to_pool(conn)
+    def _restore(self, conn: Any, attrs: tuple[Any, ...]) -> None:
+        """Undo a borrow's client-side changes through psycopg's public setters.
 
-    # -- shutdown and fork -------------------------------------------------------------
+        The setters also drop psycopg's cached BEGIN statement, which direct writes
+        would leave behind (the next transaction would run READ ONLY, say).
+        """
+        autocommit, isolation, read_only, deferrable, rows, cursors, server, threshold = attrs
+        if conn.autocommit != autocommit:
+            conn.set_autocommit(autocommit)
+        if conn.isolation_level != isolation:
+            conn.set_isolation_level(isolation)
+        if conn.read_only != read_only:
+            conn.set_read_only(read_only)
+        if conn.deferrable != deferrable:
+            conn.set_deferrable(deferrable)
+        conn.row_factory = rows
+        conn.cursor_factory = cursors
+        conn.server_cursor_factory = server
+        conn.prepare_threshold = threshold
 
-    def _pk_raise_closed(self) -> None:
-        if self._pk_draining and not self._closed:
-            raise PoolClosed(f"the pool {self.name!r} is closing: it lends no more connections")
-        self._check_open_getconn()
-        raise PoolClosed(f"the pool {self.name!r} is closed")
-
-    def wait(self, timeout: float = 30.0) -> None:
-        """Wait until min_size connections are open; on failure say why."""
+    def _end_transaction(self, conn: CT, ok: bool, status: int) -> None:
+        """Commit or roll back at the end of a `connection()` block, within a deadline."""
+        key = id(conn)
+        self._deadlines[key] = (monotonic() + self.timeout, conn)
         try:
-            super().wait(timeout)
-        except PoolTimeout:
-            why = f": {self._pk_last_error}" if self._pk_last_error else ""
-            raise PoolTimeout(
-                f"pool {self.name!r} could not open {self._min_size} connection(s) to "
-                f"{mask_conninfo(self._pk_dsn())} within {timeout} s{why}"
-            ) from None
+            if ok and status == _INERROR:
+                conn.rollback()
+                raise InFailedSqlTransaction(_FAILED_TX)
+            if ok:
+                conn.commit()
+            else:
+                try:
+                    conn.rollback()
+                except Exception as ex:
+                    logger.warning("pool %r: rollback failed: %s", self.name, ex)
+        finally:
+            self._deadlines.pop(key, None)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop lending, wait up to `timeout` (default: drain_timeout) for borrowers, close."""
-        if self._closed:
-            return
-        if timeout is None:
-            timeout = self.config.drain_timeout
-        self._pk_draining = True
+    # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
+
+    def _park(self, conn: CT) -> None:
+        """End a borrow but keep `conn` reserved for its borrower, unless someone needs it.
+
+        The pool takes a parked connection back when a borrower would otherwise wait at
+        max_size; `_unpark()` tells the parker whether it still has it.
+        """
+        now = monotonic()
         with self._lock:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            for w in waiting:
-                w.fail_now(PoolClosed(f"the pool {self.name!r} is closing"))
-        # The caller's own borrows cannot come back while it waits here: wait for others'.
-        me = _get_ident()
-        deadline = monotonic() + timeout
-        while (left := deadline - monotonic()) > 0 and any(
-            r[OWNER] != me for r in list(self._pk_borrowed.values())
-        ):
-            self._pk_drained.wait(min(left, 0.05))
-        if self._pk_borrowed:
-            # close(timeout=0) means "now": worth a note, not a warning.
-            (leak_logger.warning if timeout > 0 else leak_logger.info)(
-                "pool %r: closing with %d connection(s) still borrowed after a %.1f s drain: %s",
-                self.name,
-                len(self._pk_borrowed),
-                timeout,
-                "; ".join(f"{b.site} ({b.held_for:.1f} s)" for b in self.borrowed()),
-            )
-        super().close(timeout=5.0)
+            slot = self._lent.pop(id(conn), None)
+            if slot is not None and self._waiting:
+                self._lent[id(conn)] = slot
+                slot = None
+                give_back = True
+            else:
+                give_back = False
+            if slot is not None:
+                slot.parked = True
+                slot.returned_at = now
+                self._parked[id(conn)] = slot
+        if give_back:
+            self._return(conn, _getframe(1))
+            return
+        if slot is None:
+            self._not_mine(conn)
+            return
+        self._account_return(slot, now)
+
+    def _unpark(self, conn: CT, tag: str | None = None, site: Site = None) -> bool:
+        """Take back a parked connection: False if the pool gave it to someone else."""
+        now = monotonic()
+        with self._lock:
+            slot = self._parked.pop(id(conn), None)
+            if slot is None or slot.wr is None or slot.wr() is not conn:
+                if slot is not None:
+                    self._parked[id(conn)] = slot
+                return False
+            slot.parked = False
+            slot.wr = None
+            slot.conn = conn
+        self._lend(slot, now, tag, site if site is not None else _getframe(1), None)
+        return True
+
+    def _check_failed(self, slot: Slot, error: Exception) -> None:
+        with self._lock:
+            self._n_valid_fail += 1
+            fresh = not slot.checked
+        logger.warning("pool %r: check failed: %s", self.name, describe_error(error))
+        self._retire(slot)
+        if fresh:
+            # A brand-new connection failing its check: retry connecting with backoff,
+            # as for a failed connection attempt, instead of a tight loop.
+            self._note_connect_failure(error, monotonic())
+
+    def __enter__(self) -> Pool[CT]:
+        self.open(wait=True, timeout=self.config.open_timeout or 30.0)
+        return self
 
     def __exit__(
         self,
@@ -669,62 +608,3 @@ class Pool(PoolCore, ConnectionPool[CT]):
         exc_tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _pk_rebuild_after_fork(self) -> None:
-        # Several threads may reach a forked pool at once: one rebuilds, the others wait,
-        # and the flag drops only when the new state is complete.
-        with self._pk_fork_lock:
-            if not self._pk_forked:
-                return
-            was_open = not self._closed
-            # The parent's lock may have been held by a thread that does not exist here.
-            self._lock = threading.RLock()
-            self._pool = deque()
-            self._waiting = deque()
-            self._pk_borrowed = {}
-            self._pk_reclaim = deque()
-            self._pk_drained = threading.Event()
-            self._workers = []
-            self._sched_runner = None
-            self._pool_full_event = None
-            self._nconns = self._nconns_min = self._min_size
-            self._growing = False
-            self._closed, self._opened = True, False
-            logger.info("pool %r: rebuilt in a forked child process", self.name)
-            if was_open:
-                self.open()
-            self._pk_forked = False
-
-
-class _Housekeeping(MaintenanceTask):
-    """Periodic: give back slots of garbage-collected borrows, warn about leaks, keepalive."""
-
-    def _run(self, pool: ConnectionPool[Any]) -> None:
-        assert isinstance(pool, Pool)
-        pool.schedule_task(self, pool.housekeeping_interval)
-        pool._pk_housekeep()
-
-
-class _ResetTask(MaintenanceTask):
-    """Run a user reset callable off the borrower's path, then put the connection back."""
-
-    def __init__(self, pool: Pool[Any], conn: Any) -> None:
-        super().__init__(pool)
-        self.conn = conn
-
-    def _run(self, pool: ConnectionPool[Any]) -> None:
-        assert isinstance(pool, Pool)
-        conn = self.conn
-        try:
-            assert pool._pk_reset_callable is not None
-            pool._pk_reset_callable(conn)
-            if conn.pgconn.transaction_status != _IDLE:
-                raise RuntimeError("reset function left the connection inside a transaction")
-        except Exception as ex:
-            logger.warning("pool %r: reset failed (%s): connection replaced", pool.name, ex)
-            pool._pk_replace(conn)
-            return
-        pool._n_resets += 1
-        conn._pk_touched = False
-        conn._pk_returned_at = monotonic()
-        pool._add_to_pool(conn)

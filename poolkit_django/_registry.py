@@ -123,9 +123,6 @@ def open_entry(entry: Entry) -> Pool[Any]:
 # -- lending -------------------------------------------------------------------------
 
 
-# The core's borrow entry point naming the borrow site (getconn() would record Django's
-# connect() as the borrower; the leak tracker must name the application code instead).
-_BORROW = "_borrow" if hasattr(Pool, "_borrow") else "_pk_borrow"
 # Whether the pool can keep a connection reserved for a thread between requests
 # (CONN_MAX_AGE != 0) while still able to take it back.
 PARKING = hasattr(Pool, "_park") and hasattr(Pool, "_unpark")
@@ -134,7 +131,9 @@ PARKING = hasattr(Pool, "_park") and hasattr(Pool, "_unpark")
 def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     """Borrow a connection for `wrapper` and remember it, so a dying thread gives it back."""
     pool = open_entry(entry)
-    conn = getattr(pool, _BORROW)(None, current_tag.get(), _user_frame(frame))
+    # _borrow instead of getconn(): getconn() records its caller, Django's connect(), as
+    # the borrow site; the leak tracker must name the application code instead.
+    conn = pool._borrow(None, current_tag.get(), _user_frame(frame))
     wrapper._pk_lease = entry
     if not wrapper._pk_guarded:
         # Once per wrapper (wrappers live in one thread): the thread's guard watches it.

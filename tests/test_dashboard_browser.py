@@ -82,8 +82,8 @@ def test_snapshot_masks_secrets_in_event_details(app_dsn: str, dsn: str) -> None
     secret = _password(dsn)
     with Pool(app_dsn, min_size=1, max_size=1, name="ev") as pool:
         # an event detail quoting a connection string, as a future message might
-        pool._pk_event("connection-lost", f"could not reach {dsn}")
-        pool._pk_event("timeout", f"host=x password={secret} dbname=y")
+        pool._event("connection-lost", f"could not reach {dsn}")
+        pool._event("timeout", f"host=x password={secret} dbname=y")
         encoded = json.dumps(dashboard_snapshot({"ev": pool}))
         assert secret not in encoded
         assert encoded.count("***") >= 3  # conninfo and both details

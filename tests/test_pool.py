@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from poolkit import Pool, PoolClosed, PoolTimeout, TooManyRequests
+from poolkit import ConnectFailed, Pool, PoolClosed, PoolTimeout, TooManyRequests
 from tests._helpers import backend_count, backend_pids, terminate_backends, wait_until
 from tests._proxy import TcpProxy
 
@@ -324,7 +324,7 @@ def test_graceful_drain_waits_for_borrowers(
     assert borrowed.wait(10)
     closer = threading.Thread(target=pool.close, kwargs={"timeout": 20})
     closer.start()
-    wait_until(lambda: pool._pk_draining, what="draining")
+    wait_until(lambda: pool._draining, what="draining")
     with pytest.raises(PoolClosed, match="closing"):
         pool.getconn(timeout=1)
     assert closer.is_alive()  # still waiting for the borrower
@@ -440,7 +440,7 @@ def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> None:
     pool = make_pool(min_size=1, max_size=1)
     with pool.connection() as conn:
         conn.execute("SELECT 1")
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_scratch (v int)")
+        conn.execute("SELECT now()")
     assert pool.stats()["resets"] == 0  # nothing session-level was SET: no round trip
     with pool.connection() as conn:
         conn.execute("LISTEN pk_channel")
@@ -468,12 +468,14 @@ def test_open_timeout_names_the_connection_error(app_dsn: str) -> None:
     pool: Pool[Any] = Pool(bad, min_size=1, open=False)
     pool.open()
     try:
-        with pytest.raises(PoolTimeout) as ei:
-            pool.wait(timeout=3)
+        # A wrong password is permanent: the first attempt's answer, not the timeout.
+        with pytest.raises(ConnectFailed) as ei:
+            pool.wait(timeout=60)
     finally:
         pool.close(timeout=0)
     msg = str(ei.value)
-    assert "password authentication failed" in msg
+    assert msg.startswith("FATAL: password authentication failed"), msg
+    assert "check the user and password" in msg
     assert "wrong-secret" not in msg
 
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from poolkit import AsyncPool, PoolClosed, PoolTimeout, TooManyRequests
+from poolkit import AsyncPool, ConnectFailed, PoolClosed, PoolTimeout, TooManyRequests
 from tests._helpers import backend_count, backend_pids, terminate_backends, wait_until
 from tests._proxy import TcpProxy
 
@@ -351,7 +351,7 @@ async def test_graceful_drain_waits_for_borrowers(
     task = asyncio.create_task(borrower())
     await asyncio.wait_for(borrowed.wait(), 10)
     closer = asyncio.create_task(pool.close(timeout=20))
-    await await_until(lambda: pool._pk_draining, what="draining")
+    await await_until(lambda: pool._draining, what="draining")
     with pytest.raises(PoolClosed, match="closing"):
         await pool.getconn(timeout=1)
     assert not closer.done()  # still waiting for the borrower
@@ -479,7 +479,7 @@ async def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> Non
     pool = await make_pool(min_size=1, max_size=1)
     async with pool.connection() as conn:
         await conn.execute("SELECT 1")
-        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_scratch (v int)")
+        await conn.execute("SELECT now()")
     assert pool.stats()["resets"] == 0  # nothing session-level was SET: no round trip
     async with pool.connection() as conn:
         await conn.execute("LISTEN pk_channel")
@@ -510,12 +510,14 @@ async def test_open_timeout_names_the_connection_error(app_dsn: str) -> None:
     pool: AsyncPool[Any] = AsyncPool(bad, min_size=1, open=False)
     await pool.open()
     try:
-        with pytest.raises(PoolTimeout) as ei:
-            await pool.wait(timeout=3)
+        # A wrong password is permanent: the first attempt's answer, not the timeout.
+        with pytest.raises(ConnectFailed) as ei:
+            await pool.wait(timeout=60)
     finally:
         await pool.close(timeout=0)
     msg = str(ei.value)
-    assert "password authentication failed" in msg
+    assert msg.startswith("FATAL: password authentication failed"), msg
+    assert "check the user and password" in msg
     assert "wrong-secret" not in msg
 
 

@@ -11,8 +11,6 @@ from ._options import is_ours, release_per_transaction
 
 
 def check_databases(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    from ._registry import PARKING
-
     messages: list[checks.CheckMessage] = []
     for alias, db in settings.DATABASES.items():
         if not is_ours(db) or not (db.get("OPTIONS") or {}).get("pool", True):
@@ -32,15 +30,6 @@ def check_databases(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
                         "a connection parked with each thread."
                     ),
                     id="poolkit_django.W001",
-                )
-            )
-        elif not PARKING:
-            messages.append(
-                checks.Warning(
-                    f"DATABASES[{alias!r}]['CONN_MAX_AGE']={max_age!r}: this poolkit cannot "
-                    "park connections; each request returns its connection instead.",
-                    hint="Upgrade poolkit, or set CONN_MAX_AGE to 0.",
-                    id="poolkit_django.W002",
                 )
             )
     return messages

@@ -7,8 +7,6 @@ from typing import Any
 from django.db.backends.postgresql.features import DatabaseFeatures as PgFeatures
 from django.utils.functional import cached_property
 
-from . import _registry
-
 # Django skips these two under OPTIONS["pool"] because its pool checks connections by
 # itself. poolkit_django keeps Django's per-request health check (CONN_HEALTH_CHECKS) for a
 # connection parked between requests, so they apply again.
@@ -19,6 +17,5 @@ class DatabaseFeatures(PgFeatures):
     @cached_property
     def django_test_skips(self) -> dict[str, set[str]]:  # type: ignore[override]
         skips: dict[str, Any] = dict(super().django_test_skips)
-        if _registry.PARKING:
-            skips.pop(_HEALTH_CHECK_SKIP, None)
+        skips.pop(_HEALTH_CHECK_SKIP, None)
         return skips

@@ -20,7 +20,7 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 
 import poolkit
-from poolkit import ConfigError, Pool, PoolConfig
+from poolkit import ConfigError, Pool, PoolConfig, _psycopg
 from poolkit._dashboard import CONFIG_FIELDS
 
 from ._options import rename_kwargs_error
@@ -123,11 +123,6 @@ def open_entry(entry: Entry) -> Pool[Any]:
 # -- lending -------------------------------------------------------------------------
 
 
-# Whether the pool can keep a connection reserved for a thread between requests
-# (CONN_MAX_AGE != 0) while still able to take it back.
-PARKING = hasattr(Pool, "_park") and hasattr(Pool, "_unpark")
-
-
 def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     """Borrow a connection for `wrapper` and remember it, so a dying thread gives it back."""
     pool = open_entry(entry)
@@ -152,11 +147,24 @@ def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
     entry.pool.putconn(conn)
 
 
-def park(wrapper: DatabaseWrapper, conn: Any) -> None:
-    """Keep `conn` reserved for `wrapper`'s thread until its next use (CONN_MAX_AGE)."""
+def park(wrapper: DatabaseWrapper, conn: Any) -> bool:
+    """Keep `conn` reserved for `wrapper`'s thread until its next use (CONN_MAX_AGE).
+
+    False, and nothing done, when the session must be reset first: the pool resets on
+    return and _park() does not, so such a connection goes back with putconn() instead
+    (the request that changed its session loses its place, nothing crosses).
+    """
     entry = wrapper._pk_lease
     assert entry is not None
-    entry.pool._park(conn)  # type: ignore[attr-defined]  # core hook
+    pool = entry.pool
+    reset = pool.config.resolved_reset
+    if reset == "auto":
+        if id(conn) in _psycopg.DIRTY:  # the command tags showed a session change
+            return False
+    elif reset != "none":
+        return False  # a reset on every return (reset_all, discard_all, a callable)
+    pool._park(conn)
+    return True
 
 
 def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
@@ -165,8 +173,7 @@ def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
     if entry is None:
         return False
     try:
-        pool: Any = entry.pool  # _unpark: core hook (PARKING)
-        back = bool(pool._unpark(conn, current_tag.get(), _user_frame(frame)))
+        back = bool(entry.pool._unpark(conn, current_tag.get(), _user_frame(frame)))
     except Exception:  # a closed or rebuilt pool: the connection is gone either way
         logger.debug("pool %r: unpark failed", entry.pool.name, exc_info=True)
         back = False
@@ -179,9 +186,8 @@ def release_parked(wrapper: DatabaseWrapper, conn: Any) -> None:
     """Give a parked connection back to the pool for good (close(), CONN_MAX_AGE passed)."""
     entry = wrapper._pk_lease
     wrapper._pk_lease = None
-    pool: Any = None if entry is None else entry.pool
-    if pool is not None and pool._unpark(conn, None, None):
-        pool.putconn(conn)
+    if entry is not None and entry.pool._unpark(conn, None, None):
+        entry.pool.putconn(conn)
 
 
 _local = threading.local()

@@ -211,7 +211,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             return
         if self._pk_conn is None:
             return
-        if self._pk_release_tx or not _registry.PARKING or self.settings_dict["CONN_MAX_AGE"] == 0:
+        if self._pk_release_tx or self.settings_dict["CONN_MAX_AGE"] == 0:
             self.close()
             return
         # Persistent connections (CONN_MAX_AGE): Django's rules, then park instead of keep.
@@ -240,8 +240,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 self.close()
                 return
             self.needs_rollback = False
-        _registry.park(self, conn)
-        self._pk_parked = True
+        if _registry.park(self, conn):
+            self._pk_parked = True
+        else:
+            self.close()
 
     def close_if_health_check_failed(self) -> None:
         # Django's rule (a check at the first query of a request, with CONN_HEALTH_CHECKS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
 
     if TYPE_CHECKING:  # Django internals the stubs leave out
         _thread_ident: int
+        health_check_enabled: bool
 
         def _configure_connection(self, connection: Any) -> bool: ...
 
@@ -216,12 +218,13 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             return
         # Persistent connections (CONN_MAX_AGE): Django's rules, then park instead of keep.
         self.health_check_done = False
-        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"] or (
-            self.errors_occurred and not self.is_usable()
-        ):
+        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"]:
             self.close()
             return
         if self.errors_occurred:
+            if not self.is_usable():
+                self._pk_close_unusable()
+                return
             self.errors_occurred = False
             self.health_check_done = True
         if self.close_at is not None and time.monotonic() >= self.close_at:
@@ -249,7 +252,20 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         # Django's rule (a check at the first query of a request, with CONN_HEALTH_CHECKS,
         # on a connection kept from an earlier request), not PostgreSQL's: its `if
         # self.pool` would build the pool. A fresh borrow needs none: the pool validated it.
-        BaseDatabaseWrapper.close_if_health_check_failed(self)
+        if self.connection is None or not self.health_check_enabled or self.health_check_done:
+            return
+        if not self.is_usable():
+            self._pk_close_unusable()
+        self.health_check_done = True
+
+    def _pk_close_unusable(self) -> None:
+        # Django judged it unusable: the pool must not lend it again, so it goes back closed
+        # (the pool replaces it).
+        conn = self._pk_conn
+        if self._pk_lease is not None and conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self.close()
 
     # -- release="transaction" -----------------------------------------------------------
 

@@ -39,7 +39,10 @@ current_tag: ContextVar[str | None] = ContextVar("poolkit_django_tag", default=N
 class Entry:
     """One alias's pool and the connection settings it was built for."""
 
-    __slots__ = ("__weakref__", "alias", "extra", "opened", "params", "pid", "pool")
+    __slots__ = (
+        "__weakref__", "alias", "auto_reset", "extra", "opened", "params", "parkable", "pid",
+        "pool",
+    )  # fmt: skip
 
     def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool[Any]):
         self.alias = alias
@@ -48,6 +51,10 @@ class Entry:
         self.pool = pool
         self.opened = False
         self.pid = os.getpid()
+        # Parking skips the reset the pool runs on return: only without one on every return.
+        reset = pool.config.resolved_reset
+        self.parkable = reset in ("auto", "none")
+        self.auto_reset = reset == "auto"
 
     def __repr__(self) -> str:
         return (
@@ -156,14 +163,9 @@ def park(wrapper: DatabaseWrapper, conn: Any) -> bool:
     """
     entry = wrapper._pk_lease
     assert entry is not None
-    pool = entry.pool
-    reset = pool.config.resolved_reset
-    if reset == "auto":
-        if id(conn) in _psycopg.DIRTY:  # the command tags showed a session change
-            return False
-    elif reset != "none":
-        return False  # a reset on every return (reset_all, discard_all, a callable)
-    pool._park(conn)
+    if not entry.parkable or (entry.auto_reset and id(conn) in _psycopg.DIRTY):
+        return False  # a reset on every return, or the command tags showed a session change
+    entry.pool._park(conn)
     return True
 
 

@@ -218,7 +218,8 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             return
         # Persistent connections (CONN_MAX_AGE): Django's rules, then park instead of keep.
         self.health_check_done = False
-        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"]:
+        # self.autocommit, not get_autocommit(): the connection is held, nothing to ensure.
+        if self.autocommit != self.settings_dict["AUTOCOMMIT"]:
             self.close()
             return
         if self.errors_occurred:

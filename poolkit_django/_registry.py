@@ -95,6 +95,10 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
     return entry
 
 
+def current_entry(alias: str) -> Entry | None:
+    return _entries.get(alias)
+
+
 def _build(
     wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: PoolConfig, extra: Any
 ) -> Entry:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg
+from django.db.backends.signals import connection_created
 from django.utils.asyncio import async_unsafe
 from psycopg import IsolationLevel, sql
 from psycopg.pq import TransactionStatus
@@ -63,6 +64,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     _pk_cursors = 0  # open cursors (release="transaction")
     _pk_gen = 0  # borrows so far: a cursor from an earlier borrow does not count
     _pk_connecting = False  # inside connect(): its own queries must not release
+    # release="transaction": the pool entry to borrow from again, without Django's
+    # connect(), while a request runs between two statements.
+    _pk_between: _registry.Entry | None = None
+    _pk_isolation = False  # OPTIONS["isolation_level"] is set on each borrowed connection
 
     if TYPE_CHECKING:  # Django internals the stubs leave out
         _thread_ident: int
@@ -142,6 +147,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 ) from None
         entry = _registry.entry_for(self, conn_params, config)
         connection = _registry.lend(self, entry, sys._getframe(1))
+        self._pk_isolation = set_isolation_level
         self._pk_release_tx = release_per_transaction(self.settings_dict)
         self._pk_pinned = 0
         self._pk_used = False
@@ -167,7 +173,37 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         finally:
             self._pk_connecting = False
 
+    @async_unsafe
+    def ensure_connection(self) -> None:
+        if self._pk_between is not None and self._pk_conn is None:
+            self._pk_reborrow()
+            return
+        super().ensure_connection()
+
+    def _pk_reborrow(self) -> None:
+        """The next statement of a request after a release: borrow again, keeping the
+        state Django's connect() would rebuild (settings checked, version known, autocommit
+        on, no transaction open), which a release outside atomic() leaves as it was."""
+        entry, self._pk_between = self._pk_between, None
+        assert entry is not None
+        if _registry.current_entry(self.alias) is not entry:
+            super().ensure_connection()  # settings changed meanwhile: the full path
+            return
+        conn = _registry.lend(self, entry, sys._getframe(2))
+        if self._pk_isolation:
+            conn.isolation_level = self.isolation_level
+        self._pk_pinned = 0
+        self._pk_used = False
+        self._pk_cursors = 0
+        self._pk_gen += 1
+        self.connection = conn
+        self.run_on_commit = []
+        self.health_check_done = True
+        if connection_created.receivers:  # e.g. django.contrib.postgres type handlers
+            connection_created.send(sender=self.__class__, connection=self)
+
     def close(self) -> None:
+        self._pk_between = None
         if self._pk_parked:
             # Not Django's close(): reading self.connection would take it back first.
             self.validate_thread_sharing()
@@ -204,6 +240,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
 
     def close_if_unusable_or_obsolete(self) -> None:
         # Start and end of every request (Django's request_started/request_finished).
+        self._pk_between = None
         if self._pk_lease is None:
             super().close_if_unusable_or_obsolete()
             return
@@ -320,7 +357,9 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             and not self._pk_parked
             and conn.pgconn.transaction_status == _IDLE
         ):
+            entry = self._pk_lease
             self.close()
+            self._pk_between = entry
 
     def _configure_role(self, connection: Any) -> bool:
         # Django's version renders SQL through this wrapper's cursor, which fails when the

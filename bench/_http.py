@@ -118,9 +118,7 @@ def load_tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
 
-def load(
-    url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1
-) -> Result:
+def load(url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1) -> Result:
     """Drive `url` with `conns` keep-alive connections for `seconds`, from another process
     (`threads` wrk threads; the httpx fallback ignores it)."""
     if load_tool() == "wrk":

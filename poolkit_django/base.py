@@ -105,10 +105,14 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     @property
     def connection(self) -> Any:
         # Every use of a parked connection (a query, commit, is_usable, user code reading
-        # connection.connection) first takes it back from the pool.
+        # connection.connection) first takes it back from the pool; with
+        # release="transaction", every use between two statements borrows again.
         if self._pk_parked:
             return self._pk_unpark()
-        return self._pk_conn
+        conn = self._pk_conn
+        if conn is None and self._pk_between is not None:
+            return self._pk_reborrow()
+        return conn
 
     @connection.setter
     def connection(self, value: Any) -> None:
@@ -173,22 +177,13 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         finally:
             self._pk_connecting = False
 
-    @async_unsafe
-    def ensure_connection(self) -> None:
-        if self._pk_between is not None and self._pk_conn is None:
-            self._pk_reborrow()
-            return
-        super().ensure_connection()
-
-    def _pk_reborrow(self) -> None:
+    def _pk_reborrow(self) -> Any:
         """The next statement of a request after a release: borrow again, keeping the
         state Django's connect() would rebuild (settings checked, version known, autocommit
         on, no transaction open), which a release outside atomic() leaves as it was."""
         entry, self._pk_between = self._pk_between, None
-        assert entry is not None
-        if _registry.current_entry(self.alias) is not entry:
-            super().ensure_connection()  # settings changed meanwhile: the full path
-            return
+        if entry is None or _registry.current_entry(self.alias) is not entry:
+            return None  # settings changed meanwhile: Django's connect() does it all
         conn = _registry.lend(self, entry, sys._getframe(2))
         if self._pk_isolation:
             conn.isolation_level = self.isolation_level
@@ -201,6 +196,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         self.health_check_done = True
         if connection_created.receivers:  # e.g. django.contrib.postgres type handlers
             connection_created.send(sender=self.__class__, connection=self)
+        return conn
 
     def close(self) -> None:
         self._pk_between = None

@@ -195,7 +195,11 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         self.run_on_commit = []
         self.health_check_done = True
         if connection_created.receivers:  # e.g. django.contrib.postgres type handlers
-            connection_created.send(sender=self.__class__, connection=self)
+            self._pk_connecting = True  # a receiver's query must not release it
+            try:
+                connection_created.send(sender=self.__class__, connection=self)
+            finally:
+                self._pk_connecting = False
         return conn
 
     def close(self) -> None:

@@ -167,3 +167,26 @@ def test_gthread_server_serves_more_waiting_requests_than_connections(
     assert stats["timeouts"] == 0
     assert stats["in_use"] == 0
     assert stats["size"] == 2
+
+
+def test_a_connection_created_receiver_that_queries_does_not_release(tx: Any) -> None:
+    """django.contrib.postgres-style receivers query the new connection; the statement that
+    made the borrow must still get a connection."""
+    from django.db.backends.signals import connection_created
+
+    seen: list[Any] = []
+
+    def receiver(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if connection.alias == "tx":
+            with connection.cursor() as cur:
+                cur.execute("SELECT 1")
+            seen.append(connection.alias)
+
+    connection_created.connect(receiver)
+    try:
+        assert run(tx, "SELECT 2") == (2,)  # the full connect()
+        assert run(tx, "SELECT 3") == (3,)  # the re-borrow
+    finally:
+        connection_created.disconnect(receiver)
+    assert seen == ["tx", "tx"]
+    assert in_use() == 0

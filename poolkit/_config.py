@@ -21,6 +21,7 @@ from ._rules import (
     check_bool,
     check_conninfo,
     check_kwarg,
+    check_lend_order,
     check_name,
     check_number,
     check_reset,
@@ -65,6 +66,7 @@ class PoolConfig:
     open_timeout: float | None = 30.0
     keepalive_interval: float | None = None
     pgbouncer: bool = False
+    lend_order: str = "lifo"
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -86,6 +88,7 @@ class PoolConfig:
         found += [check_bool(name, getattr(self, name)) for name in BOOLS]
         found += [check_name(name, getattr(self, name)) for name in NAMES]
         found += [check_reset(self.reset, self.pgbouncer), *self._check_kwargs()]
+        found.append(check_lend_order(self.lend_order))
         problems = [p for p in found if p is not None]
         # Comparing sizes only makes sense once each is valid on its own.
         if not {"min_size", "max_size"} & {p.setting for p in problems}:

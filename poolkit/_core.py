@@ -11,12 +11,11 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
-from . import _fork
+from . import _fork, _psycopg
 from ._config import PoolConfig, mask_conninfo
 from ._errors import ConnectionReturned, PoolClosed
 from ._leaks import BorrowInfo, borrow_infos, note_late_return, warn_leak
 from ._messages import state_line
-from ._psycopg import GUARDED
 from ._slot import Slot
 from ._stats import Histogram, PoolStats
 
@@ -64,7 +63,7 @@ class PoolCore:
         self.max_idle = config.max_idle
         self.reconnect_timeout = config.reconnect_timeout
         self.num_workers = config.num_workers
-        self._fifo = getattr(config, "lend_order", "lifo") == "fifo"
+        self._fifo = config.lend_order == "fifo"
         self._leak_threshold = config.leak_threshold or 0.0
         self._capture_stack = config.leak_capture_stack
         self._bypass = config.validation_bypass if config.validate else float("inf")
@@ -74,6 +73,7 @@ class PoolCore:
         self._lock = threading.Lock()
         self._reset_state()
         self._gc_cb = _gc_callback(weakref.ref(self))
+        self._guarded: dict[type, type] = {}
         _fork.track(self)
 
     def _reset_state(self) -> None:
@@ -102,6 +102,7 @@ class PoolCore:
         self._wait_q: deque[float] = deque()
         self._hold_q: deque[tuple[str | None, float]] = deque()
         self._fold_lock = threading.Lock()
+        self._pop_lock = threading.Lock()  # one pop_stats() at a time
         self._popped: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._n_fast = 0  # borrows served from idle with no wait and no round trip
         self._n_queued = 0
@@ -146,27 +147,39 @@ class PoolCore:
 
     # -- guards and slots ----------------------------------------------------------------
 
-    def _make_guards(self, slot: Slot) -> dict[str, Any]:
-        name = self.name
+    def _guarded_class(self, cls: type[Any]) -> type[Any]:
+        """The class a returned connection of class `cls` wears (refusing any use)."""
+        sub = self._guarded.get(cls)
+        if sub is None:
+            pool_ref = weakref.ref(self)
 
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise ConnectionReturned(
-                f"this connection was returned to pool {name!r} (borrowed at {slot.site}, "
-                f"returned at {slot.return_site}) and may belong to another borrower now: "
-                "nothing was sent. Keep using a connection only inside its "
-                "`with pool.connection()` block, or until putconn()."
-            )
+            def refuse(conn: Any) -> BaseException:
+                pool = pool_ref()
+                if pool is None:
+                    return ConnectionReturned("this connection was returned to a closed pool")
+                return pool._refuse_returned(conn)
 
-        return dict.fromkeys(GUARDED, refuse)
+            sub = self._guarded[cls] = _psycopg.guarded_class(cls, refuse)
+        return sub
+
+    def _refuse_returned(self, conn: Any) -> ConnectionReturned:
+        """The error for any use of `conn` after its return (see _psycopg.guarded_class)."""
+        slot = next((s for s in self._idle if s.conn is conn), None)
+        where = ""
+        if slot is not None:
+            where = f" (borrowed at {slot.site}, returned at {slot.return_site})"
+        return ConnectionReturned(
+            f"this connection was returned to pool {self.name!r}{where} and may belong to "
+            "another borrower now: nothing was sent. Use a connection only inside its "
+            "`with pool.connection()` block, or until putconn()."
+        )
 
     # -- accounting (called with the lock held) ----------------------------------------
 
-    def _account_return(self, slot: Slot, now: float) -> None:
+    def _late_return(self, slot: Slot, now: float) -> None:
         held = now - slot.t0
-        self._hold_q.append((slot.tag, held))
-        if slot.warned:
-            note_late_return(self.name, slot, held)
-            self._event("leak-returned", f"{slot.site} after {held:.1f} s")
+        note_late_return(self.name, slot, held)
+        self._event("leak-returned", f"{slot.site} after {held:.1f} s")
 
     def _event(self, kind: str, detail: str) -> None:
         self._events.append((monotonic(), kind, mask_conninfo(detail)))
@@ -331,7 +344,7 @@ class PoolCore:
 
     def pop_stats(self) -> dict[str, int]:
         """Like get_stats(), then start the counters again from zero."""
-        with self._fold_lock:
+        with self._pop_lock:
             now = self._psycopg_stats()
             out = dict(now)
             for key in _COUNTERS:
@@ -371,13 +384,18 @@ class PoolCore:
         """
         slots = [*self._idle, *self._lent.values(), *self._parked.values()]
         was_open = not self._closed
-        _fork.orphan([s.conn if s.conn is not None else (s.wr and s.wr()) for s in slots])
+        _fork.orphan([s.conn if s.conn is not None else s.wr() for s in slots])
         self._lock = threading.Lock()
         self._reset_state()
-        self._worker = None
+        # The parent's events, worker handles and deadlines are not ours either (a lock
+        # inside an event may have been held by a parent thread at the fork).
+        self._init_lifecycle()
         self._closed = not was_open
         self._opened = was_open
         self._forked = was_open
+
+    def _init_lifecycle(self) -> None:
+        """The lifecycle's own state (see AsyncLifecycle/Lifecycle)."""
 
     def _take_reclaimed(self) -> list[Slot]:
         """Slots of garbage-collected borrows, taken off the books (lock held)."""
@@ -388,7 +406,6 @@ class PoolCore:
                 for key, slot in book.items():
                     if slot.wr is wr:
                         del book[key]
-                        slot.wr = None
                         out.append(slot)
                         break
         self._nconns -= len(out)

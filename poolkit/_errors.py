@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from psycopg import InterfaceError, OperationalError
+from psycopg import InterfaceError
 from psycopg_pool import PoolClosed, PoolTimeout, TooManyRequests
 
 __all__ = [
@@ -119,8 +119,11 @@ class ConnectionReturned(PoolkitError, InterfaceError):
     __module__ = "poolkit"
 
 
-class ConnectFailed(PoolkitError, OperationalError):
+class ConnectFailed(PoolkitError, PoolTimeout):
     """The pool cannot connect for a reason that waiting will not fix.
+
+    A PoolTimeout (so code written for psycopg_pool's `wait()` catches it), raised at once
+    instead of after the timeout.
 
     Wrong password, unknown role or database, a host name that does not resolve, a bad
     TLS setting: the message starts with the server's reason, then the setting to change.

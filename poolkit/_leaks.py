@@ -50,11 +50,23 @@ SKIP_PREFIXES: tuple[str, ...] = tuple(
 
 Site = FrameType | CodeType | None
 
+FRAMEWORK_FILES: dict[str, bool] = {}
+
+
+def is_framework(filename: str) -> bool:
+    """True for poolkit's, the frameworks' and the stdlib's files (cached: called per borrow)."""
+    known = FRAMEWORK_FILES.get(filename)
+    if known is None:
+        if len(FRAMEWORK_FILES) > 10_000:
+            FRAMEWORK_FILES.clear()
+        known = FRAMEWORK_FILES[filename] = filename.startswith(SKIP_PREFIXES)
+    return known
+
 
 def user_frame(f: FrameType) -> FrameType:
     """The first frame, from f outwards, outside poolkit, the frameworks and the stdlib."""
     for _ in range(12):
-        if not f.f_code.co_filename.startswith(SKIP_PREFIXES) or f.f_back is None:
+        if not is_framework(f.f_code.co_filename) or f.f_back is None:
             return f
         f = f.f_back
     return f

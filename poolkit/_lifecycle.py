@@ -7,23 +7,23 @@ Generated from poolkit/_lifecycle_async.py: edit that file, not this one.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, Generic, TypeVar, cast
+from weakref import ref
 
 from psycopg import Connection, ProgrammingError
 from psycopg.pq import TransactionStatus
 
-from . import _psycopg, _reset
-from ._compat import Event, Waiter, current_owner, ensure, sleep, spawn
-from ._core import PoolCore
+from . import _psycopg
+from ._compat import Event, Worker, current_owner, ensure, sleep, spawn
 from ._errors import ConnectFailed, PoolClosed, PoolTimeout
 from ._leaks import leak_logger, logger
 from ._messages import describe_error, permanent_fix
 from ._peek import cut
 from ._slot import Slot
+from ._upkeep import Upkeep
 
 CT = TypeVar("CT", bound=Connection[Any])
 
@@ -36,13 +36,12 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 
 
-class Lifecycle(PoolCore, Generic[CT]):
+class Lifecycle(Upkeep[CT], Generic[CT]):
     """The pool's own background worker and the connections' life from connect to close."""
 
     conninfo: str | Callable[..., Any]
     kwargs: dict[str, Any] | Callable[..., Any]
     connection_class: type[CT]
-    _configure: Callable[[CT], Any] | None
     _check: Callable[[CT], Any] | None
     _reconnect_failed: Callable[..., Any] | None
     _auto: bool
@@ -54,13 +53,15 @@ class Lifecycle(PoolCore, Generic[CT]):
         self._filled = Event()
         self._worker = None
         self._forked = False
+        self._connectors: set[Worker] = set()  # connection attempts in flight
         # Return-path I/O (commit, rollback, reset) in flight: key -> (deadline, conn).
         # The worker cuts the socket of any that overruns (a black-holed network).
         self._deadlines: dict[int, tuple[float, Any]] = {}
         self._failures = 0
+        self._retries = 0
+        self._outage = False  # from a lost connection or a failed connect to the next success
         self._last_attempt = 0.0
-        self._reported_failure = False
-        self._next_housekeeping = 0.0
+        self._last_housekeeping = 0.0
 
     # -- open / wait / close -----------------------------------------------------------
 
@@ -77,7 +78,10 @@ class Lifecycle(PoolCore, Generic[CT]):
             raise PoolClosed(f"the pool {self.name!r} was closed and cannot be reopened")
         self._closed = False
         self._opened = True
-        self._worker = spawn(self._run, name=f"{self.name}-worker")
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._worker = spawn(_maintain, ref(self), name=f"{self.name}-worker")
 
     def wait(self, timeout: float = 30.0) -> None:
         """Wait until min_size connections are open; fail at once if connecting cannot work.
@@ -144,30 +148,19 @@ class Lifecycle(PoolCore, Generic[CT]):
             self._idle.clear()
             self._parked.clear()
         for slot in idle:
-            conn = slot.conn if slot.conn is not None else (slot.wr and slot.wr())
+            conn = slot.conn if slot.conn is not None else slot.wr()
             slot.conn = conn
             self._retire(slot)
         self._wakeup.set()
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.join(5.0)
+        # A connection still being opened is closed as soon as it arrives; wait for it so
+        # nothing outlives close() (an abandoned attempt would leak its connection).
+        for attempt in list(self._connectors):
+            attempt.join(max(1.0, float(self._connect_timeout or 10)))
 
     # -- the background worker ---------------------------------------------------------
-
-    def _run(self) -> None:
-        """Background: connect, refill, expire, keep alive, watch deadlines, report leaks."""
-        while not self._closed:
-            self._wakeup.clear()
-            try:
-                delay = self._tick()
-            except BaseException as ex:
-                if self._closed:
-                    return
-                if not isinstance(ex, Exception):
-                    raise
-                logger.exception("pool %r: maintenance failed (continuing): %s", self.name, ex)
-                delay = 1.0
-            self._wakeup.wait(delay)
 
     def _tick(self) -> float:
         now = monotonic()
@@ -184,15 +177,18 @@ class Lifecycle(PoolCore, Generic[CT]):
                 )
                 self._deadlines.pop(key, None)
                 cut(conn)
-        if now >= self._next_housekeeping:
-            self._next_housekeeping = now + self.housekeeping_interval
+        # Read each time: tests (and users) may change the interval on a live pool.
+        if now >= self._last_housekeeping + self.housekeeping_interval:
+            self._last_housekeeping = now
             self._fold()
             self._leak_scan(now)
             self._expire(now)
             interval = self.config.keepalive_interval
             if interval:
                 self._keepalive(now, interval)
-        return min(self._plan_connects(now), self._next_housekeeping - now)
+        return min(
+            self._plan_connects(now), self._last_housekeeping + self.housekeeping_interval - now
+        )
 
     def _plan_connects(self, now: float) -> float:
         """Start the connection attempts the pool needs; seconds until the next decision."""
@@ -208,7 +204,9 @@ class Lifecycle(PoolCore, Generic[CT]):
                 if self._waiting:
                     wait = RETRY_WHILE_WAITING
                 else:
-                    wait = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self._failures - 1))
+                    # Doubling per retry made while failing (attempts made together at the
+                    # start fail together and count once).
+                    wait = min(MAX_BACKOFF, FIRST_BACKOFF * 2**self._retries)
                     wait *= random.uniform(0.8, 1.0)
                     if self._connecting:
                         return self.housekeeping_interval
@@ -217,13 +215,17 @@ class Lifecycle(PoolCore, Generic[CT]):
                     return wait
                 # While failing, one attempt at a time.
                 need = 0 if self._connecting else 1
+                self._retries += need
             self._connecting += need
             self._last_attempt = now
+        self._connectors = {w for w in self._connectors if w.is_alive()}
         for _ in range(need):
-            spawn(self._add_connection, name=f"{self.name}-connect")
+            worker = spawn(_connect_worker, ref(self), name=f"{self.name}-connect")
+            self._connectors.add(worker)
         return self.housekeeping_interval
 
-    def _add_connection(self) -> None:
+    def _add_connection(self) -> bool:
+        """One connection attempt; True if the pool now holds min_size connections."""
         t0 = monotonic()
         try:
             conn = self._connect()
@@ -231,38 +233,38 @@ class Lifecycle(PoolCore, Generic[CT]):
             with self._lock:
                 self._connecting -= 1
             if self._closed:
-                return
+                return False
             self._note_connect_failure(ex, t0)
             if not isinstance(ex, Exception):
                 raise
-            return
+            return False
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
-        slot.attrs = _psycopg.snapshot(conn)
-        slot.guards = self._make_guards(slot)
-        _psycopg.guard(conn, slot.guards)
+        slot.guarded = self._guarded_class(slot.cls)
+        slot.wr = ref(conn, self._gc_cb)
+        conn.__class__ = slot.guarded
         with self._lock:
             self._connecting -= 1
             if self._closed:
                 _psycopg.close_now(conn)
-                return
+                return False
             self._nconns += 1
             self._n_created += 1
-            was_failing = self._failures > 0
+            was_failing = self._outage
+            self._outage = False
             self._failures = 0
+            self._retries = 0
             self._last_error = ""
             self._permanent_fix = None
             self._failing_since = 0.0
-            self._reported_failure = False
             self._connect_hist.add(took)
             self._put_idle_locked(slot)
             full = self._nconns >= self._min_size
         if was_failing:
             self._event("recovered", "new connection established")
             logger.info("pool %r: connecting works again", self.name)
-        if full:
-            self._filled.set()
         self._wakeup.set()
+        return full
 
     def _connect(self) -> CT:
         """A new connection, configured: the one place where the pool connects."""
@@ -278,7 +280,7 @@ class Lifecycle(PoolCore, Generic[CT]):
             kwargs["connect_timeout"] = self._connect_timeout
         conn = self.connection_class.connect(cast(str, conninfo), **kwargs)
         try:
-            _psycopg.set_pool(conn, None)
+            _psycopg.set_pool(conn, None)  # pooled, not lent (psycopg's convention)
             if self._auto:
                 _psycopg.install_tracking(conn)
             if self._configure is not None:
@@ -300,18 +302,19 @@ class Lifecycle(PoolCore, Generic[CT]):
         with self._lock:
             self._n_failed += 1
             self._failures += 1
-            self._last_attempt = t0
+            self._last_attempt = max(self._last_attempt, t0)
             self._last_error = describe_error(error)
             self._permanent_fix = fix
             if not self._failing_since:
                 self._failing_since = t0
-            first = self._failures == 1
-            give_up = (
-                not self._reported_failure
-                and monotonic() - self._failing_since >= self.reconnect_timeout
-            )
+            new_outage = not self._outage
+            self._outage = True
+            give_up = monotonic() - self._failing_since >= self.reconnect_timeout
             if give_up:
-                self._reported_failure = True
+                # Told once per reconnect_timeout of failures (psycopg_pool tells each
+                # time it gives up); retrying goes on, its backoff started afresh.
+                self._failing_since = monotonic()
+                self._retries = 0
             if fix is not None and not self._nconns:
                 # Waiting cannot help: tell every waiter now, cause first.
                 error_now = ConnectFailed(self._connect_failed_message())
@@ -319,18 +322,29 @@ class Lifecycle(PoolCore, Generic[CT]):
                 self._waiting.clear()
                 for w in waiting:
                     w.fail(error_now)
-        (logger.warning if first else logger.debug)(
+        (logger.warning if new_outage else logger.debug)(
             "pool %r: connecting to %s failed: %s", self.name, self._dsn(), self._last_error
         )
-        if first:
+        if new_outage:
             self._event("connect-failed", self._last_error)
         self._filled.set()
         self._wakeup.set()
         if give_up and self._reconnect_failed is not None:
             try:
-                self._reconnect_failed(self)
+                ensure(self._reconnect_failed(self))
             except Exception as ex:
                 logger.warning("pool %r: reconnect_failed callback failed: %s", self.name, ex)
+
+    def _check_failed(self, slot: Slot, error: Exception) -> None:
+        with self._lock:
+            self._n_valid_fail += 1
+            fresh = not slot.checked
+        logger.warning("pool %r: check failed: %s", self.name, describe_error(error))
+        self._retire(slot)
+        if fresh:
+            # A brand-new connection failing its check: retry connecting with backoff,
+            # as for a failed connection attempt, instead of a tight loop.
+            self._note_connect_failure(error, monotonic())
 
     def _connect_failed_message(self) -> str:
         return (
@@ -338,199 +352,46 @@ class Lifecycle(PoolCore, Generic[CT]):
             f"{self._permanent_fix}; the pool keeps retrying in the background"
         )
 
-    # -- idle connections ----------------------------------------------------------------
-
-    def _put_idle_locked(self, slot: Slot) -> None:
-        """Hand a ready slot to the first waiter still waiting, or make it idle (lock held)."""
-        if self._closed:
-            self._idle.append(slot)  # close() or the next tick disposes of it
-            return
-        waiting = self._waiting
-        while waiting:
-            if waiting.popleft().set(slot):
-                return
-        self._idle.append(slot)
-
-    def _new_waiter(self) -> Waiter:
-        return Waiter()
-
-    def _forget_waiter(self, waiter: Waiter) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiting.remove(waiter)
-
-    def _expire(self, now: float) -> None:
-        """Close idle and parked connections past max_lifetime, or past max_idle above min."""
-        with self._lock:
-            old = []
-            extra = self._nconns - self._min_size
-            for s in list(self._idle):
-                if s.pending is not None and now - s.returned_at < 1.0:
-                    continue
-                if now >= s.expire_at or s.created_at < self._invalid_before:
-                    old.append(s)
-                elif now - s.returned_at > self.max_idle and extra > 0:
-                    old.append(s)
-                    extra -= 1
-            for s in old:
-                self._idle.remove(s)
-            for key, s in list(self._parked.items()):
-                if now >= s.expire_at or now - s.returned_at > self.max_idle:
-                    del self._parked[key]
-                    s.parked = False
-                    s.conn = s.wr() if s.wr is not None else None
-                    s.wr = None
-                    old.append(s)
-        for s in old:
-            self._retire(s)
-
-    def _keepalive(self, now: float, interval: float) -> None:
-        with self._lock:
-            due = [s for s in self._idle if now - s.returned_at >= interval]
-            for s in due:
-                self._idle.remove(s)
-        for slot in due:
-            if self._ping(slot, now + self.timeout):
-                slot.returned_at = monotonic()
-                _psycopg.guard(slot.conn, slot.guards)
-                with self._lock:
-                    self._put_idle_locked(slot)
-
-    def _ping(self, slot: Slot, deadline: float) -> bool:
-        """One round trip on an idle slot (after reading any pending reset)."""
-        from ._conn import check_result, ping_gen
-
-        conn = slot.conn
-        _psycopg.unguard(conn)
-        try:
-            if slot.pending is not None and not self._drain_reset(slot, deadline):
-                return False
-            with self._lock:
-                self._n_valid_run += 1
-            try:
-                check_result(
-                    conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - monotonic()))
-                )
-            except Exception:
-                with self._lock:
-                    self._n_valid_fail += 1
-                self._lost(slot)
-                return False
-        except BaseException:
-            if slot.conn is not None:
-                self._retire(slot)
-            raise
-        slot.last_good = monotonic()
-        return True
-
-    def check(self) -> None:
-        """Validate every idle connection now; replace the broken ones, refill to min_size."""
-        with self._lock:
-            slots = list(self._idle)
-            self._idle.clear()
-        now = monotonic()
-        for slot in slots:
-            if self._ping(slot, now + self.timeout):
-                slot.returned_at = monotonic()
-                _psycopg.guard(slot.conn, slot.guards)
-                with self._lock:
-                    self._put_idle_locked(slot)
-        with self._lock:
-            self._last_attempt = 0.0  # a refill may start at once
-        self._wakeup.set()
-
-    def resize(self, min_size: int, max_size: int | None = None) -> None:
-        """Change the pool's size limits; the worker grows or shrinks it to match."""
-        if max_size is None:
-            max_size = min_size
-        if min_size < 0 or max_size < min_size or max_size < 1:
-            raise ValueError(f"bad sizes: min_size={min_size}, max_size={max_size}")
-        with self._lock:
-            self._min_size, self._max_size = min_size, max_size
-        self._wakeup.set()
-
-    def drain(self) -> None:
-        """Replace every connection: idle ones now, lent ones when they come back."""
-        with self._lock:
-            self._invalid_before = monotonic()
-            slots = list(self._idle)
-            self._idle.clear()
-        for s in slots:
-            self._retire(s)
-
-    @staticmethod
-    def check_connection(conn: CT) -> None:
-        """A `check=` callback that runs an empty query (psycopg_pool's name)."""
-        from ._conn import check_result, ping_gen
-
-        check_result(conn.wait(ping_gen(conn.pgconn)))
-
-    # -- disposal ----------------------------------------------------------------------
-
-    def _retire(self, slot: Slot) -> None:
-        """Close a connection now (no I/O wait) and take it off the books."""
-        conn = slot.conn
-        slot.conn = None
-        with self._lock:
-            self._nconns -= 1
-            self._n_closed += 1
-        if conn is not None:
-            _psycopg.close_now(conn)
-            _psycopg.DIRTY.pop(id(conn), None)
-        self._wakeup.set()
-
-    def _lost(self, slot: Slot) -> None:
-        """A connection is found broken: so is every idle one older than its last success.
-
-        Only those: a connection opened after the lost one last worked may well be fine,
-        and closing it too would start a reconnect storm after an outage.
-        """
-        with self._lock:
-            self._n_lost += 1
-            self._invalid_before = max(self._invalid_before, slot.last_good)
-            stale = [s for s in self._idle if s.created_at < self._invalid_before]
-            for s in stale:
-                self._idle.remove(s)
-        self._event("connection-lost", f"{len(stale)} older idle connections invalidated")
-        logger.warning(
-            "pool %r: connection lost; replacing it and %d older idle connections",
-            self.name,
-            len(stale),
-        )
-        for s in (slot, *stale):
-            self._retire(s)
-
-    def _drain_reset(self, slot: Slot, deadline: float) -> bool:
-        """Read the answer to the reset sent when the connection came back."""
-        from ._conn import check_result, drain_gen
-
-        conn = slot.conn
-        sql = slot.pending
-        try:
-            timeout = max(0.001, deadline - monotonic())
-            check_result(conn.wait(drain_gen(conn.pgconn), timeout=timeout))
-            slot.pending = None
-            if self._configure is not None and sql is not None and _reset.undoes_configure(sql):
-                ensure(self._configure(cast(CT, conn)))
-                if conn.pgconn.transaction_status != _IDLE:
-                    raise ProgrammingError("configure function left a transaction open")
-            _psycopg.DIRTY.pop(id(conn), None)
-        except Exception:
-            self._lost(slot)
-            return False
-        slot.last_good = monotonic()
-        return True
-
-    def _report_reclaimed(self, slots: list[Slot]) -> None:
-        from ._leaks import warn_reclaimed
-
-        for slot in slots:
-            warn_reclaimed(self.name, slot)
-            self._event("leak-reclaimed", slot.site)
-        if slots:
-            self._wakeup.set()
-
 
 def _ident() -> int:
     from threading import get_ident
 
     return get_ident()
+
+
+def _maintain(pool_ref: ref[Lifecycle[Any]]) -> None:
+    """The pool's background worker: connect, refill, expire, keep alive, watch deadlines.
+
+    It holds the pool only between two ticks, through a weak reference: a pool dropped
+    without close() is collected, and its worker ends.
+    """
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._closed:
+            return
+        wakeup = pool._wakeup
+        wakeup.clear()
+        try:
+            delay = pool._tick()
+        except BaseException as ex:
+            if pool._closed:
+                return
+            if not isinstance(ex, Exception):
+                raise
+            logger.exception("pool %r: maintenance failed (continuing): %s", pool.name, ex)
+            delay = 1.0
+        del pool
+        wakeup.wait(delay)
+
+
+def _connect_worker(pool_ref: ref[Lifecycle[Any]]) -> None:
+    """One background connection attempt, holding the pool no longer than it needs to."""
+    pool = pool_ref()
+    if pool is None:
+        return
+    filled = pool._filled
+    full = pool._add_connection()
+    del pool
+    # After letting go of the pool: wait() may return, and the caller drop the pool, now.
+    if full:
+        filled.set()

@@ -12,38 +12,27 @@ from collections.abc import Callable
 from sys import _getframe
 from threading import get_ident
 from time import monotonic
+from traceback import format_stack
 from types import CodeType, FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
-from weakref import ref
 
-from psycopg import Connection, ProgrammingError
-from psycopg.errors import InFailedSqlTransaction
+from psycopg import Connection
 from psycopg.pq import TransactionStatus
 
 from . import _psycopg, _reset
-from ._compat import ASYNC, current_owner, ensure, spawn
+from ._compat import ASYNC, ensure
 from ._config import PoolConfig, config_for_pool
 from ._conn import check_result, connect_timeout_default, ping_gen
-from ._core import PoolCore
 from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
-from ._leaks import SKIP_PREFIXES, Site, logger, user_frame
-from ._lifecycle import Lifecycle
-from ._messages import describe_error
+from ._leaks import FRAMEWORK_FILES, Site, is_framework, logger, user_frame
 from ._peek import PEEK_AFTER
+from ._returns import Returns
 from ._slot import Slot
 
 CT = TypeVar("CT", bound=Connection[Any])
 
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
-_ACTIVE = TransactionStatus.ACTIVE
-_INERROR = TransactionStatus.INERROR
-# psycopg's commit() of a failed transaction rolls back silently; a block that swallowed
-# a database error must not look committed.
-_FAILED_TX = (
-    "a statement failed inside this connection() block and its error was caught: "
-    "the transaction was rolled back, nothing was committed"
-)
 
 
 class _ConnectionBlock(Generic[CT]):
@@ -77,7 +66,7 @@ class _ConnectionBlock(Generic[CT]):
             pool._return(conn, None)
 
 
-class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
+class Pool(Returns[CT], Generic[CT]):
     """An asyncio PostgreSQL pool, drop-in for psycopg_pool.ConnectionPool.
 
     Adds validation with a bypass window, recovery without backoff lag while borrowers
@@ -120,6 +109,10 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         self._auto = policy == "auto"
         self._reset_sql = None if callable(policy) or self._auto else _reset.FIXED[policy]
         self._peek = cfg.validate
+        # Back for less than this: lent without even the socket peek (see PEEK_AFTER).
+        self._instant_window = min(PEEK_AFTER, self._fast_window)
+        # No reset statement or callback on every return ("auto" decides per borrow).
+        self._no_reset = self._reset_sql is None and self._reset_fn is None
         self._connect_timeout = connect_timeout_default(cfg)
         self._init_lifecycle()
         self._open_implicit = False
@@ -150,11 +143,17 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
     def _borrow(self, timeout: float | None, tag: str | None, site: Site) -> CT:
         """Borrow, attributing the borrow to `site` (a frame, a function's code, or None)."""
         now = monotonic()
+        slot: Slot | None = None
         with self._lock:
             if self._idle and not self._draining:
-                slot: Slot | None = self._idle.popleft() if self._fifo else self._idle.pop()
-            else:
-                slot = None
+                slot = self._idle.popleft() if self._fifo else self._idle.pop()
+                if self._lendable_now(slot, now):
+                    # Back a moment ago: nothing to check, book it in the same lock.
+                    conn = slot.conn
+                    self._lent[id(conn)] = slot
+                    self._n_fast += 1
+                    conn.__class__ = slot.cls
+                    return self._lend(slot, now, tag, site, None, True)
         if slot is not None:
             conn = slot.conn
             idle_for = now - slot.returned_at
@@ -163,46 +162,66 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                 and idle_for < self._fast_window
                 and now < slot.expire_at
                 and slot.created_at >= self._invalid_before
-                and (not self._check or slot.checked)
-                and (idle_for < PEEK_AFTER or not self._peek or not slot.peek.broken(conn))
+                and (slot.checked or not self._check)
+                and not (self._peek and not slot.peek.quiet(conn))
             ):
-                _psycopg.unguard(conn)
-                self._lend(slot, now, tag, site, None)
-                return cast(CT, conn)
+                conn.__class__ = slot.cls
+                return self._lend(slot, now, tag, site, None, False)
         return self._borrow_slow(now, timeout, tag, site, slot)
 
+    def _lendable_now(self, slot: Slot, now: float) -> bool:
+        """True if `slot` may be lent with no check at all: back a moment ago, nothing
+        pending, within its lifetime, not invalidated, and past the user's check once."""
+        return (
+            now - slot.returned_at < self._instant_window
+            and slot.pending is None
+            and now < slot.expire_at
+            and slot.created_at >= self._invalid_before
+            and (slot.checked or not self._check)
+        )
+
     def _lend(
-        self, slot: Slot, now: float, tag: str | None, site: Site, waited: float | None
-    ) -> None:
-        """Book `slot` as lent to the caller (the connection is unguarded already)."""
-        conn = slot.conn
+        self,
+        slot: Slot,
+        now: float,
+        tag: str | None,
+        site: Site,
+        waited: float | None,
+        booked: bool,
+    ) -> CT:
+        """Record the borrow on `slot` (booked: already in _lent); the connection is unguarded.
+
+        While lent, the pool holds the connection only through the slot's weak reference:
+        a borrower that drops it lets it be collected, and the slot comes back (_reclaim).
+        """
+        conn: CT = slot.conn
         if site is None:
             site = _getframe(2)
-        if type(site) is CodeType:
+        if site.__class__ is CodeType:
             slot.code, slot.lineno = site, site.co_firstlineno
         else:
-            f = site
-            if f.f_code.co_filename.startswith(SKIP_PREFIXES):
+            f = cast(FrameType, site)
+            skip = FRAMEWORK_FILES.get(f.f_code.co_filename)
+            if skip or (skip is None and is_framework(f.f_code.co_filename)):
                 f = user_frame(f)
             slot.code, slot.lineno = f.f_code, f.f_lineno
             if self._capture_stack:
-                import traceback
-
-                slot.stack = traceback.format_stack(f)
+                slot.stack = format_stack(f)
         slot.t0 = now
         slot.owner = get_ident()
-        slot.task = current_owner()
+        slot.task = None
         slot.tag = tag
         slot.warned = False
-        slot.wr = ref(conn, self._gc_cb)
         slot.conn = None
         _psycopg.set_pool(conn, self)
-        with self._lock:
-            self._lent[id(conn)] = slot
-            if waited is None:
-                self._n_fast += 1
+        if not booked:
+            with self._lock:
+                self._lent[id(conn)] = slot
+                if waited is None:
+                    self._n_fast += 1
         if waited is not None:
             self._wait_q.append(waited)
+        return conn
 
     def _borrow_slow(
         self, t0: float, timeout: float | None, tag: str | None, site: Site, slot: Slot | None
@@ -213,10 +232,14 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         while True:
             if slot is None:
                 slot = self._take_slot(t0, deadline)
+                now = monotonic()
+                if self._lendable_now(slot, now):
+                    # Handed over as it came back (the common case under contention).
+                    slot.conn.__class__ = slot.cls
+                    return self._lend(slot, now, tag, site, now - t0, False)
             if self._ready(slot, deadline):
-                conn = slot.conn
-                self._lend(slot, monotonic(), tag, site, monotonic() - t0)
-                return cast(CT, conn)
+                now = monotonic()
+                return self._lend(slot, now, tag, site, now - t0, False)
             slot = None
 
     def _take_slot(self, t0: float, deadline: float) -> Slot:
@@ -244,7 +267,7 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                 raise self._closed_error()
             if self._forked:
                 self._forked = False
-                self._worker = spawn(self._run, name=f"{self.name}-worker")
+                self._start_worker()
             gone = self._take_reclaimed()
             if self._idle:
                 return self._idle.popleft() if self._fifo else self._idle.pop()
@@ -253,8 +276,7 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                 # between two requests (Django's CONN_MAX_AGE) rather than wait.
                 _, stolen = self._parked.popitem()
                 stolen.parked = False
-                stolen.conn = stolen.wr() if stolen.wr is not None else None
-                stolen.wr = None
+                stolen.conn = stolen.wr()
                 self._n_stolen += 1
                 if stolen.conn is None:
                     self._nconns -= 1
@@ -271,11 +293,15 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                 waiter = self._new_waiter()
                 self._waiting.append(waiter)
                 self._n_queued += 1
+                # Wake the worker only if it can open a connection for this borrower: at
+                # max_size, a return hands one over without it.
+                grow = self._nconns + self._connecting < self._max_size
         self._report_reclaimed(gone)
         if stolen is not None:
             self._recycle(stolen, monotonic())
             return stolen
-        self._wakeup.set()
+        if grow:
+            self._wakeup.set()
         try:
             waiter.wait(deadline)
         except BaseException:
@@ -312,7 +338,7 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         connection and gives its slot back to the pool's books (never lost).
         """
         conn = slot.conn
-        _psycopg.unguard(conn)
+        conn.__class__ = slot.cls
         try:
             now = monotonic()
             if slot.pending is not None and not self._drain_reset(slot, deadline):
@@ -336,27 +362,35 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
                     return False
                 slot.checked = True
                 slot.last_good = monotonic()
-            elif idle_for >= self._bypass:
-                with self._lock:
-                    self._n_valid_run += 1
-                try:
-                    check_result(
-                        conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
-                    )
-                except Exception:
+            else:
+                # Outside the bypass window, or a socket that spoke while idle: make sure.
+                broken = (
+                    self._peek
+                    and idle_for >= PEEK_AFTER
+                    and not slot.peek.quiet(conn)
+                    and slot.peek.broken(conn)
+                )
+                if broken:
                     with self._lock:
                         self._n_valid_fail += 1
                     self._lost(slot)
                     return False
-                slot.last_good = monotonic()
-            elif self._peek and idle_for >= PEEK_AFTER and slot.peek.broken(conn):
-                with self._lock:
-                    self._n_valid_fail += 1
-                self._lost(slot)
-                return False
-            else:
-                with self._lock:
-                    self._n_valid_skip += 1
+                if idle_for >= self._bypass or broken is None:
+                    with self._lock:
+                        self._n_valid_run += 1
+                    try:
+                        check_result(
+                            conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
+                        )
+                    except Exception:
+                        with self._lock:
+                            self._n_valid_fail += 1
+                        self._lost(slot)
+                        return False
+                    slot.last_good = monotonic()
+                else:
+                    with self._lock:
+                        self._n_valid_skip += 1
         except BaseException:
             self._retire(slot)
             raise
@@ -370,177 +404,6 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
             self._retire(slot)
             return False
         return True
-
-    # -- return ------------------------------------------------------------------------
-
-    def putconn(self, conn: CT) -> None:
-        """Give back a connection obtained with `getconn()`."""
-        self._return(conn, _getframe(1))
-
-    def _return(self, conn: CT, f: FrameType | None) -> None:
-        now = monotonic()
-        with self._lock:
-            slot = self._lent.pop(id(conn), None)
-            if slot is not None and (slot.wr is None or slot.wr() is not conn):
-                self._lent[id(conn)] = slot
-                slot = None
-        if slot is None:
-            self._not_mine(conn)
-            return
-        slot.wr = None
-        slot.conn = conn
-        if f is not None:
-            slot.returned_code, slot.returned_line = f.f_code, f.f_lineno
-        else:
-            slot.returned_code, slot.returned_line = slot.code, slot.lineno
-        self._account_return(slot, now)
-        _psycopg.set_pool(conn, None)
-        if (
-            conn.pgconn.transaction_status == _IDLE
-            and not self._closed
-            and now < slot.expire_at
-            and slot.created_at >= self._invalid_before
-            and _psycopg.snapshot(conn) == slot.attrs
-            and self._reset_sql is None
-            and self._reset_fn is None
-            and (not self._auto or id(conn) not in _psycopg.DIRTY)
-        ):
-            slot.returned_at = slot.last_good = now
-            _psycopg.guard(conn, slot.guards)
-            with self._lock:
-                self._put_idle_locked(slot)
-            return
-        try:
-            if self._recycle(slot, now):
-                with self._lock:
-                    self._put_idle_locked(slot)
-        except BaseException:
-            # Cancelled mid-return (anyio cancel scopes cancel every await): close it
-            # and give the slot back to the books.
-            if slot.conn is not None and not slot.conn.closed:
-                self._retire(slot)
-            raise
-
-    def _not_mine(self, conn: Any) -> None:
-        owner = _psycopg.get_pool(conn)
-        if owner is None:
-            raise ValueError(
-                f"can't return connection to pool {self.name!r}, it doesn't belong to any "
-                "pool (returned twice?)"
-            )
-        raise ValueError(
-            f"can't return connection to pool {self.name!r}, it belongs to pool "
-            f"{getattr(owner, 'name', owner)!r}"
-        )
-
-    def _recycle(self, slot: Slot, now: float) -> bool:
-        """Bring a connection back to a clean idle state; False if it was disposed of."""
-        conn = slot.conn
-        pgconn = conn.pgconn
-        status = pgconn.transaction_status
-        if status == _UNKNOWN:
-            if conn.broken:
-                self._lost(slot)
-            else:
-                self._retire(slot)  # closed by its borrower
-            return False
-        if self._closed or now >= slot.expire_at or slot.created_at < self._invalid_before:
-            self._retire(slot)
-            return False
-        self._deadlines[id(slot)] = (now + self.timeout, conn)
-        try:
-            if status == _ACTIVE:
-                logger.warning("pool %r: connection returned mid-operation: closed", self.name)
-                self._retire(slot)
-                return False
-            if status != _IDLE:
-                logger.warning(
-                    "pool %r: connection returned inside a transaction: rolled back", self.name
-                )
-                try:
-                    conn.rollback()
-                except Exception as ex:
-                    logger.warning(
-                        "pool %r: rollback failed (%s): connection replaced", self.name, ex
-                    )
-                    self._retire(slot)
-                    return False
-            if _psycopg.snapshot(conn) != slot.attrs:
-                self._restore(conn, slot.attrs)
-            if self._reset_fn is not None:
-                try:
-                    ensure(self._reset_fn(cast(CT, conn)))
-                    if pgconn.transaction_status != _IDLE:
-                        raise ProgrammingError("the reset function left a transaction open")
-                except Exception as ex:
-                    logger.warning("pool %r: reset failed (%s): connection replaced", self.name, ex)
-                    self._retire(slot)
-                    return False
-                with self._lock:
-                    self._n_resets += 1
-            sql = self._reset_sql
-            if self._auto:
-                mask = _psycopg.DIRTY.pop(id(conn), 0)
-                sql = _reset.auto_sql(mask) if mask else None
-            if sql is not None:
-                # Pipelined: the reset travels now and its answer is read by the next
-                # borrower, so nobody waits a round trip for it.
-                try:
-                    pgconn.send_query(sql)
-                    pgconn.flush()
-                except Exception:
-                    self._lost(slot)
-                    return False
-                if _reset.drops_prepared(sql):
-                    _psycopg.forget_prepared(conn)
-                slot.pending = sql
-                with self._lock:
-                    self._n_resets += 1
-        finally:
-            self._deadlines.pop(id(slot), None)
-        slot.returned_at = monotonic()
-        if status == _IDLE:
-            slot.last_good = now
-        _psycopg.guard(conn, slot.guards)
-        return True
-
-    def _restore(self, conn: Any, attrs: tuple[Any, ...]) -> None:
-        """Undo a borrow's client-side changes through psycopg's public setters.
-
-        The setters also drop psycopg's cached BEGIN statement, which direct writes
-        would leave behind (the next transaction would run READ ONLY, say).
-        """
-        autocommit, isolation, read_only, deferrable, rows, cursors, server, threshold = attrs
-        if conn.autocommit != autocommit:
-            conn.set_autocommit(autocommit)
-        if conn.isolation_level != isolation:
-            conn.set_isolation_level(isolation)
-        if conn.read_only != read_only:
-            conn.set_read_only(read_only)
-        if conn.deferrable != deferrable:
-            conn.set_deferrable(deferrable)
-        conn.row_factory = rows
-        conn.cursor_factory = cursors
-        conn.server_cursor_factory = server
-        conn.prepare_threshold = threshold
-
-    def _end_transaction(self, conn: CT, ok: bool, status: int) -> None:
-        """Commit or roll back at the end of a `connection()` block, within a deadline."""
-        key = id(conn)
-        self._deadlines[key] = (monotonic() + self.timeout, conn)
-        try:
-            if ok and status == _INERROR:
-                conn.rollback()
-                raise InFailedSqlTransaction(_FAILED_TX)
-            if ok:
-                conn.commit()
-            else:
-                try:
-                    conn.rollback()
-                except Exception as ex:
-                    logger.warning("pool %r: rollback failed: %s", self.name, ex)
-        finally:
-            self._deadlines.pop(key, None)
 
     # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
 
@@ -569,36 +432,30 @@ class Pool(Lifecycle[CT], PoolCore, Generic[CT]):
         if slot is None:
             self._not_mine(conn)
             return
-        self._account_return(slot, now)
+        self._hold_q.append((slot.tag, now - slot.t0))
+        if slot.warned:
+            self._late_return(slot, now)
 
     def _unpark(self, conn: CT, tag: str | None = None, site: Site = None) -> bool:
         """Take back a parked connection: False if the pool gave it to someone else."""
         now = monotonic()
         with self._lock:
             slot = self._parked.pop(id(conn), None)
-            if slot is None or slot.wr is None or slot.wr() is not conn:
+            if slot is None or slot.wr() is not conn:
                 if slot is not None:
                     self._parked[id(conn)] = slot
                 return False
             slot.parked = False
-            slot.wr = None
             slot.conn = conn
-        self._lend(slot, now, tag, site if site is not None else _getframe(1), None)
+            self._lent[id(conn)] = slot
+            self._n_fast += 1
+        self._lend(slot, now, tag, site if site is not None else _getframe(1), None, True)
         return True
 
-    def _check_failed(self, slot: Slot, error: Exception) -> None:
-        with self._lock:
-            self._n_valid_fail += 1
-            fresh = not slot.checked
-        logger.warning("pool %r: check failed: %s", self.name, describe_error(error))
-        self._retire(slot)
-        if fresh:
-            # A brand-new connection failing its check: retry connecting with backoff,
-            # as for a failed connection attempt, instead of a tight loop.
-            self._note_connect_failure(error, monotonic())
-
     def __enter__(self) -> Pool[CT]:
-        self.open(wait=True, timeout=self.config.open_timeout or 30.0)
+        """Open the pool (as psycopg_pool does: without waiting; call wait() for that)."""
+        self._open_implicit = False  # used as a context manager: the way to open it
+        self.open()
         return self
 
     def __exit__(

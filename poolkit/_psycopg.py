@@ -14,6 +14,7 @@ Each use is here because psycopg has no public way to do it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
@@ -31,9 +32,15 @@ _SNAPSHOT_ATTRS = (
 _snapshot_dict = itemgetter(*_SNAPSHOT_ATTRS)
 
 
-def snapshot(conn: Any) -> tuple[Any, ...]:
-    """The connection's client-side settings, cheap enough for every return."""
-    return (*_snapshot_dict(conn.__dict__), conn._prepared.prepare_threshold)
+def snapshot(conn: Any) -> tuple[tuple[Any, ...], int | None]:
+    """The connection's client-side settings: the attributes above, and prepare_threshold."""
+    return _snapshot_dict(conn.__dict__), conn._prepared.prepare_threshold
+
+
+def unchanged(conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> bool:
+    """True if no client-side setting differs from `snapshot()`'s (cheap: every return)."""
+    now: tuple[Any, ...] = _snapshot_dict(conn.__dict__)
+    return now == attrs and conn._prepared.prepare_threshold == threshold
 
 
 def set_pool(conn: Any, pool: Any) -> None:
@@ -109,16 +116,19 @@ def install_tracking(conn: Any) -> None:
     conn.server_cursor_factory = tracking_cursor(conn.server_cursor_factory)
 
 
-# Methods shadowed on a returned connection's instance so that any use raises instead of
-# reaching the server: every statement, commit, rollback, transaction, pipeline, COPY and
-# settings change goes through wait(); cursor() and close() are refused before anything.
+# Methods refused on a returned connection: every statement, commit, rollback, transaction,
+# pipeline, COPY and settings change goes through wait(); cursor() and close() are refused
+# before anything. A returned connection's class is swapped for a subclass that refuses
+# them (one attribute write each way: cheaper than any proxy), and swapped back at borrow.
 GUARDED = ("wait", "cursor", "close")
 
 
-def guard(conn: Any, guards: dict[str, Any]) -> None:
-    conn.__dict__.update(guards)
+def guarded_class(cls: type[Any], refuse: Callable[[Any], BaseException]) -> type[Any]:
+    """A subclass of `cls` whose I/O entry points raise `refuse(conn)` (callers cache it)."""
 
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise refuse(self)
 
-def unguard(conn: Any) -> None:
-    d = conn.__dict__
-    del d["wait"], d["cursor"], d["close"]
+    ns: dict[str, Any] = dict.fromkeys(GUARDED, refused)
+    ns.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
+    return type(cls.__name__, (cls,), ns)

@@ -101,6 +101,7 @@ NAMES: Final = {
     "name": "use a short non-empty label such as 'default' (it appears in logs), or None",
 }
 RESETS: Final = ("auto", "reset_all", "discard_all", "none")
+LEND_ORDERS: Final = ("lifo", "fifo")
 # psycopg.connect() arguments that are not libpq keywords.
 CONNECT_ARGS: Final = frozenset(
     {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
@@ -233,3 +234,15 @@ def check_kwarg(
             did_you_mean(key, sorted(connect_arguments())) or "check its spelling",
         )
     return None
+
+
+def check_lend_order(value: object) -> ConfigError | None:
+    if value in LEND_ORDERS:
+        return None
+    return ConfigError(
+        "lend_order",
+        value,
+        "must be 'lifo' or 'fifo'",
+        "use 'lifo' (the default: the most recently returned connection first, so a surplus "
+        "idles out after max_idle) or 'fifo' (psycopg_pool's order: every connection in turn)",
+    )

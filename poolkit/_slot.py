@@ -9,6 +9,7 @@ from time import monotonic
 from types import CodeType
 from typing import Any
 
+from . import _psycopg
 from ._peek import Peeker
 
 
@@ -23,13 +24,14 @@ class Slot:
     __slots__ = (
         "attrs",
         "checked",
+        "cls",
         "code",
         "conn",
         "created_at",
         "deadline",
         "dirty",
         "expire_at",
-        "guards",
+        "guarded",
         "last_good",
         "lineno",
         "owner",
@@ -37,12 +39,12 @@ class Slot:
         "peek",
         "pending",
         "returned_at",
-        "returned_code",
-        "returned_line",
+        "returned_at_frame",
         "stack",
         "t0",
         "tag",
         "task",
+        "threshold",
         "warned",
         "wr",
     )
@@ -55,15 +57,18 @@ class Slot:
         # When the connection last answered a round trip: a failure seen on another
         # connection invalidates only the connections older than this (see _lost()).
         self.last_good = created_at
-        self.attrs: tuple[Any, ...] = ()  # client-side settings to restore on return
+        # Client-side settings to restore on return (see _psycopg.snapshot()).
+        self.attrs, self.threshold = _psycopg.snapshot(conn)
+        # The connection's class while lent, and the one refusing any use while returned.
+        self.cls: type[Any] = type(conn)
+        self.guarded: type[Any] = self.cls
         self.dirty: bytes | None = None  # the reset this borrow made necessary
         self.pending: bytes | None = None  # a reset sent on return, answer not read yet
         self.peek = Peeker(conn)
-        self.wr: weakref.ref[Any] | None = None
+        self.wr: weakref.ref[Any] = weakref.ref(conn)  # the pool's, with its callback, soon
         self.parked = False
         self.checked = False  # passed the user's check= callback at least once
         self.deadline = 0.0  # return-path I/O must end by then (0: none running)
-        self.guards: dict[str, Any] = {}  # installed on the connection while it is returned
         # The current borrow (valid while lent).
         self.t0 = 0.0
         self.code: CodeType | None = None
@@ -73,8 +78,7 @@ class Slot:
         self.tag: str | None = None
         self.warned = False
         self.stack: list[str] | None = None
-        self.returned_code: CodeType | None = None
-        self.returned_line = 0
+        self.returned_at_frame: tuple[CodeType, int] | None = None
 
     # -- reporting -------------------------------------------------------------------
 
@@ -85,7 +89,9 @@ class Slot:
 
     @property
     def return_site(self) -> str:
-        return _site(self.returned_code, self.returned_line, None)
+        if self.returned_at_frame is None:
+            return "the end of its connection() block"
+        return _site(*self.returned_at_frame, None)
 
     @property
     def held_for(self) -> float:

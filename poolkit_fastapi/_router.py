@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -22,9 +26,11 @@ from poolkit import (
 )
 
 from ._deps import _tag
-from ._lifespan import get_pools
+from ._lifespan import get_pools, opened_pools
 
 __all__ = ["pool_router"]
+
+logger = logging.getLogger("poolkit.fastapi")
 
 
 def pool_router(
@@ -62,6 +68,10 @@ def pool_router(
             stats = pool.stats()
             entry: dict[str, Any] = {"ok": error is None}
             entry.update({k: stats[k] for k in ("size", "idle", "in_use", "waiting")})
+            hosts = cast(dict[str, Any], stats).get("hosts")
+            if hosts is not None:  # a ClusterPool: every host with its role and lag
+                keys = ("host", "role", "healthy", "lag", "error")
+                entry["hosts"] = [{k: h[k] for k in keys} for h in hosts]
             if error is not None:
                 entry["error"] = error
             report[name] = entry
@@ -78,7 +88,8 @@ def pool_router(
             raise HTTPException(501, detail=str(exc)) from None
         return Response(body, media_type=content_type)
 
-    router.add_api_route(ready_path, ready, methods=["GET"], name="poolkit_ready")
+    # HEAD too: load balancers and uptime checks probe with it.
+    router.add_api_route(ready_path, ready, methods=["GET", "HEAD"], name="poolkit_ready")
     router.add_api_route(metrics_path, metrics, methods=["GET"], name="poolkit_metrics")
     if dashboard:
         _add_dashboard(router, dashboard_prefix.rstrip("/"), list(dashboard_dependencies))
@@ -86,10 +97,29 @@ def pool_router(
 
 
 def _add_dashboard(router: APIRouter, prefix: str, dependencies: list[Any]) -> None:
-    # Sampled by each snapshot, not by a thread: nothing to start or stop with the app,
-    # nothing lost across a fork; the chart fills while the page is open.
     history = DashboardHistory(interval=1.0, window=300.0)
     html = dashboard_html()
+
+    @asynccontextmanager
+    async def sampling(app: Any) -> AsyncIterator[None]:
+        # FastAPI runs an included router's lifespan inside the app's, so PoolLifespan's
+        # pools are open here: sample them from startup on, on the serving loop, so the
+        # chart shows the last minutes as soon as the page opens. Without PoolLifespan,
+        # each snapshot samples instead (the chart fills while the page is open).
+        pools = opened_pools.get()
+        task = None
+        if pools is not None:
+            history.pools = pools.by_name
+            task = asyncio.create_task(_sample_every(history), name="poolkit-dashboard")
+        try:
+            yield None
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    router.lifespan_context = sampling
 
     async def page() -> HTMLResponse:
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
@@ -106,6 +136,15 @@ def _add_dashboard(router: APIRouter, prefix: str, dependencies: list[Any]) -> N
     }
     router.add_api_route(f"{prefix}/", page, name="poolkit_dashboard", **options)
     router.add_api_route(f"{prefix}/data", data, name="poolkit_dashboard_data", **options)
+
+
+async def _sample_every(history: DashboardHistory) -> None:
+    while True:
+        try:
+            history.sample()
+        except Exception:  # a pool closing under us must not end the sampling
+            logger.debug("dashboard sample failed", exc_info=True)
+        await asyncio.sleep(history.interval)
 
 
 # Checks still running after their answer was given up on; referenced until they end.
@@ -138,8 +177,8 @@ def _forget(task: asyncio.Task[None]) -> None:
 
 
 async def _ping(pool: AsyncPool[Any] | Pool[Any], timeout: float, tag: str) -> None:
-    if isinstance(pool, AsyncPool):
-        async with pool.connection(timeout=timeout, tag=tag) as conn:
+    if isinstance(pool, AsyncPool) or inspect.iscoroutinefunction(pool.getconn):
+        async with cast(AsyncPool[Any], pool).connection(timeout=timeout, tag=tag) as conn:
             await conn.execute("SELECT 1")
     else:
         await asyncio.to_thread(_ping_sync, pool, timeout, tag)

@@ -8,8 +8,9 @@ The rewrite works on Python tokens, so comments and layout survive:
 - `async def` / `async with` / `async for` lose `async`; `await x` becomes `x`;
 - names are mapped (NAMES below: AsyncPool -> Pool, _acompat -> _compat, ...), in code and,
   for a few phrases (TEXT below), in strings and comments;
-- a line ending in `# async-only` is dropped; a line ending in `# sync: CODE` becomes CODE
-  (same indentation), for the rare places where the two genuinely differ. Prefer
+- a line ending in `# async-only` is dropped, and so are the lines from `# >>> async-only`
+  to `# <<<`; a line ending in `# sync: CODE` becomes CODE (same indentation), for the
+  rare places where the two genuinely differ. Prefer
   `if ASYNC:` (a constant from _acompat/_compat) where both branches type-check.
 The module docstring keeps its first line and says where the file comes from.
 """
@@ -30,10 +31,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # source -> generated, relative to the repository root.
-FILES = {
+FILES: dict[str, str | None] = {
+    "poolkit/_upkeep_async.py": "poolkit/_upkeep.py",
     "poolkit/_lifecycle_async.py": "poolkit/_lifecycle.py",
+    "poolkit/_returns_async.py": "poolkit/_returns.py",
     "poolkit/_pool_async.py": "poolkit/_pool.py",
     "poolkit/_cluster_async.py": "poolkit/_cluster.py",
+    "tests/_tcompat_async.py": None,  # hand-written pair (tests/_tcompat.py), not generated
+    "tests/test_trust_async.py": "tests/test_trust.py",
+    "tests/test_credentials_async.py": "tests/test_credentials.py",
+    "tests/test_pool_async.py": "tests/test_pool.py",
+    "tests/test_cluster_async.py": "tests/test_cluster.py",
 }
 
 NAMES = {
@@ -44,6 +52,8 @@ NAMES = {
     "AsyncIterator": "Iterator",
     "AsyncLifecycle": "Lifecycle",
     "AsyncPool": "Pool",
+    "AsyncReturns": "Returns",
+    "AsyncUpkeep": "Upkeep",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "_acompat": "_compat",
@@ -51,7 +61,11 @@ NAMES = {
     "_cluster_async": "_cluster",
     "_lifecycle_async": "_lifecycle",
     "_pool_async": "_pool",
+    "_returns_async": "_returns",
+    "_upkeep_async": "_upkeep",
+    "_tcompat_async": "_tcompat",
     "aclose": "close",
+    "MakeAsyncPool": "MakePool",
 }
 
 TEXT = (
@@ -68,11 +82,20 @@ TEXT = (
 
 _SYNC_MARK = re.compile(r"^(\s*).*?#\s*sync:\s*(.*?)\s*$")
 _ASYNC_ONLY = re.compile(r"#\s*async-only\s*$")
+_BLOCK_START = re.compile(r"^\s*#\s*>>>\s*async-only\s*$")
+_BLOCK_END = re.compile(r"^\s*#\s*<<<\s*$")
 
 
 def convert(source: str, src_name: str) -> str:
     lines = []
+    skipping = False
     for line in source.splitlines(keepends=True):
+        if _BLOCK_START.match(line):
+            skipping = True
+            continue
+        if skipping:
+            skipping = not _BLOCK_END.match(line)
+            continue
         if _ASYNC_ONLY.search(line):
             continue
         m = _SYNC_MARK.match(line)
@@ -93,7 +116,7 @@ def _ruff(text: str, src_name: str) -> str:
         raise SystemExit("async_to_sync: ruff is needed (pip install -e '.[dev]')")
     name = str(ROOT / src_name)
     for cmd in (
-        [ruff, "check", "--select", "I", "--fix", "--quiet", "--stdin-filename", name, "-"],
+        [ruff, "check", "--select", "I,F401", "--fix", "--quiet", "--stdin-filename", name, "-"],
         [ruff, "format", "--quiet", "--stdin-filename", name, "-"],
     ):
         done = subprocess.run(cmd, input=text, capture_output=True, text=True, cwd=ROOT)
@@ -160,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stale = 0
     for src, dst in FILES.items():
+        if dst is None:
+            continue
         src_path, dst_path = ROOT / src, ROOT / dst
         if not src_path.exists():
             continue

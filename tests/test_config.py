@@ -479,6 +479,7 @@ def test_from_env_every_setting_but_kwargs_has_a_variable() -> None:
         "POOLKIT_OPEN_TIMEOUT": "1",
         "POOLKIT_KEEPALIVE_INTERVAL": "1",
         "POOLKIT_PGBOUNCER": "1",
+        "POOLKIT_LEND_ORDER": "fifo",
     }
     fields = {f.name for f in dataclasses.fields(PoolConfig)} - {"kwargs"}
     assert {var.removeprefix("POOLKIT_").lower() for var in environ} == fields

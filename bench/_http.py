@@ -118,10 +118,11 @@ def load_tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
 
-def load(url: str, conns: int, seconds: float, method: str = "POST") -> Result:
-    """Drive `url` with `conns` keep-alive connections for `seconds`, from another process."""
+def load(url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1) -> Result:
+    """Drive `url` with `conns` keep-alive connections for `seconds`, from another process
+    (`threads` wrk threads; the httpx fallback ignores it)."""
     if load_tool() == "wrk":
-        return _wrk(url, conns, seconds, method)
+        return _wrk(url, conns, seconds, method, threads)
     argv = [sys.executable, "-m", "bench._http", "loadgen", url, str(conns), str(seconds), method]
     out = subprocess.run(
         _pinned(CLIENT_CPU, argv), cwd=ROOT, capture_output=True, text=True, check=True,
@@ -131,12 +132,12 @@ def load(url: str, conns: int, seconds: float, method: str = "POST") -> Result:
     return Result(**data)
 
 
-def _wrk(url: str, conns: int, seconds: float, method: str) -> Result:
+def _wrk(url: str, conns: int, seconds: float, method: str, threads: int = 1) -> Result:
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(_WRK_SCRIPT.format(method=method))
         script.flush()
         # wrk takes whole seconds only.
-        argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
+        argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
                 "--timeout", "10s", "-s", script.name, url]  # fmt: skip
         out = subprocess.run(
             _pinned(CLIENT_CPU, argv), capture_output=True, text=True, check=True,

@@ -119,6 +119,7 @@ class PoolCore:
         self._n_valid_fail = 0
         self._n_resets = 0
         self._n_stolen = 0
+        self._n_bad_returns = 0  # returned closed, broken or mid-operation
         self._failed_wait = 0.0
 
     # -- psycopg_pool's public attributes ----------------------------------------------
@@ -367,7 +368,7 @@ class PoolCore:
                 "requests_wait_ms": int((w.sum + self._failed_wait) * 1000),
                 "requests_errors": self._n_timeouts + self._n_rejected,
                 "usage_ms": int(h.sum * 1000),
-                "returns_bad": self._n_lost,
+                "returns_bad": self._n_bad_returns,
                 "connections_num": c.count + self._n_failed,
                 "connections_ms": int(c.sum * 1000),
                 "connections_errors": self._n_failed,

@@ -420,34 +420,36 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
 
     # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
 
-    async def _park(self, conn: ACT) -> None:
+    def _park(self, conn: ACT) -> bool:
         """End a borrow but keep `conn` reserved for its borrower, unless someone needs it.
 
-        The pool takes a parked connection back when a borrower would otherwise wait at
-        max_size; `_unpark()` tells the parker whether it still has it.
+        False, and nothing done, when it must go back through putconn() instead: a
+        borrower is waiting, or its session needs a reset (the reset policy runs on
+        return). The pool takes a parked connection back when a borrower would otherwise
+        wait at max_size; `_unpark()` tells the parker whether it still has it.
         """
         now = monotonic()
+        key = id(conn)
+        if (
+            not self._no_reset
+            or key in _psycopg.DIRTY
+            or conn.pgconn.transaction_status != _IDLE
+        ):
+            return False
         with self._lock:
-            slot = self._lent.pop(id(conn), None)
-            if slot is not None and self._waiting:
-                self._lent[id(conn)] = slot
-                slot = None
-                give_back = True
-            else:
-                give_back = False
-            if slot is not None:
-                slot.parked = True
-                slot.returned_at = now
-                self._parked[id(conn)] = slot
-        if give_back:
-            await self._return(conn, _getframe(1))
-            return
-        if slot is None:
-            self._not_mine(conn)
-            return
+            slot = self._lent.get(key)
+            if slot is None or slot.wr() is not conn:
+                self._not_mine(conn)
+            if self._waiting or not _psycopg.unchanged(conn, slot.attrs, slot.threshold):
+                return False
+            del self._lent[key]
+            slot.parked = True
+            slot.returned_at = now
+            self._parked[key] = slot
         self._hold_q.append((slot.tag, now - slot.t0))
         if slot.warned:
             self._late_return(slot, now)
+        return True
 
     def _unpark(self, conn: ACT, tag: str | None = None, site: Site = None) -> bool:
         """Take back a parked connection: False if the pool gave it to someone else."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from sys import _getframe
 from time import monotonic
 from types import FrameType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from psycopg import Connection, ProgrammingError
 from psycopg.errors import InFailedSqlTransaction
@@ -98,7 +98,7 @@ class Returns(Lifecycle[CT], Generic[CT]):
                 self._retire(slot)
             raise
 
-    def _not_mine(self, conn: Any) -> None:
+    def _not_mine(self, conn: Any) -> NoReturn:
         owner = _psycopg.get_pool(conn)
         if owner is self:
             raise ValueError(
@@ -118,7 +118,7 @@ class Returns(Lifecycle[CT], Generic[CT]):
         conn = slot.conn
         pgconn = conn.pgconn
         status = pgconn.transaction_status
-        if status == _UNKNOWN or status == _ACTIVE:
+        if status in (_UNKNOWN, _ACTIVE):
             with self._lock:
                 self._n_bad_returns += 1
         if status == _UNKNOWN:

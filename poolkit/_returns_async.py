@@ -9,7 +9,7 @@ from collections.abc import Callable
 from sys import _getframe
 from time import monotonic
 from types import FrameType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from psycopg import AsyncConnection, ProgrammingError
 from psycopg.errors import InFailedSqlTransaction
@@ -96,7 +96,7 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
                 self._retire(slot)
             raise
 
-    def _not_mine(self, conn: Any) -> None:
+    def _not_mine(self, conn: Any) -> NoReturn:
         owner = _psycopg.get_pool(conn)
         if owner is self:
             raise ValueError(
@@ -116,7 +116,7 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         conn = slot.conn
         pgconn = conn.pgconn
         status = pgconn.transaction_status
-        if status == _UNKNOWN or status == _ACTIVE:
+        if status in (_UNKNOWN, _ACTIVE):
             with self._lock:
                 self._n_bad_returns += 1
         if status == _UNKNOWN:

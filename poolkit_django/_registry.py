@@ -21,7 +21,7 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 
 import poolkit
-from poolkit import ConfigError, Pool, PoolConfig, _psycopg
+from poolkit import ConfigError, Pool, PoolConfig
 from poolkit._dashboard import CONFIG_FIELDS
 
 from ._options import rename_kwargs_error
@@ -178,16 +178,13 @@ def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
 def park(wrapper: DatabaseWrapper, conn: Any) -> bool:
     """Keep `conn` reserved for `wrapper`'s thread until its next use (CONN_MAX_AGE).
 
-    False, and nothing done, when the session must be reset first: the pool resets on
-    return and _park() does not, so such a connection goes back with putconn() instead
-    (the request that changed its session loses its place, nothing crosses).
+    False, and nothing done, when the pool says it must go back with putconn() instead:
+    someone waits for a connection, or the session must be reset first (the request that
+    changed its session loses its place, nothing crosses).
     """
     entry = wrapper._pk_lease
     assert entry is not None
-    if not entry.parkable or (entry.auto_reset and id(conn) in _psycopg.DIRTY):
-        return False  # a reset on every return, or the command tags showed a session change
-    entry.pool._park(conn)
-    return True
+    return entry.parkable and entry.pool._park(conn)
 
 
 def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:

@@ -61,6 +61,21 @@ def free_port() -> int:
 @contextmanager
 def uvicorn_server(factory: str, env: dict[str, str], ready_path: str) -> Iterator[str]:
     """Run `uvicorn --factory factory` (one worker, pinned); yield its base URL."""
+    with uvicorn_process(factory, env, ready_path) as served:
+        yield served.url
+
+
+@dataclass
+class Served:
+    """A running server: where it answers and the process that serves (for CPU time)."""
+
+    url: str
+    pid: int
+
+
+@contextmanager
+def uvicorn_process(factory: str, env: dict[str, str], ready_path: str) -> Iterator[Served]:
+    """Like uvicorn_server, also yielding the pid (taskset execs, so it is uvicorn's)."""
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1", "--no-access-log",
@@ -74,7 +89,7 @@ def uvicorn_server(factory: str, env: dict[str, str], ready_path: str) -> Iterat
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + ready_path, proc, log)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -118,10 +133,13 @@ def load_tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
 
-def load(url: str, conns: int, seconds: float, method: str = "POST") -> Result:
-    """Drive `url` with `conns` keep-alive connections for `seconds`, from another process."""
+def load(
+    url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1
+) -> Result:
+    """Drive `url` with `conns` keep-alive connections for `seconds`, from another process
+    (wrk with `threads` threads when installed)."""
     if load_tool() == "wrk":
-        return _wrk(url, conns, seconds, method)
+        return _wrk(url, conns, seconds, method, threads)
     argv = [sys.executable, "-m", "bench._http", "loadgen", url, str(conns), str(seconds), method]
     out = subprocess.run(
         _pinned(CLIENT_CPU, argv), cwd=ROOT, capture_output=True, text=True, check=True,
@@ -131,12 +149,12 @@ def load(url: str, conns: int, seconds: float, method: str = "POST") -> Result:
     return Result(**data)
 
 
-def _wrk(url: str, conns: int, seconds: float, method: str) -> Result:
+def _wrk(url: str, conns: int, seconds: float, method: str, threads: int = 1) -> Result:
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(_WRK_SCRIPT.format(method=method))
         script.flush()
         # wrk takes whole seconds only.
-        argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
+        argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
                 "--timeout", "10s", "-s", script.name, url]  # fmt: skip
         out = subprocess.run(
             _pinned(CLIENT_CPU, argv), capture_output=True, text=True, check=True,

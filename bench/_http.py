@@ -133,9 +133,7 @@ def load_tool() -> str:
     return "wrk" if shutil.which("wrk") else "httpx"
 
 
-def load(
-    url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1
-) -> Result:
+def load(url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1) -> Result:
     """Drive `url` with `conns` keep-alive connections for `seconds`, from another process
     (wrk with `threads` threads when installed)."""
     if load_tool() == "wrk":

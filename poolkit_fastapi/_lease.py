@@ -1,0 +1,279 @@
+"""One request's borrow: where it is attributed, how it ends (commit/rollback), and its errors."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import weakref
+from collections.abc import MutableMapping
+from types import CodeType, TracebackType
+from typing import Any
+
+import anyio
+import psycopg
+from fastapi import HTTPException
+from psycopg import AsyncConnection, Connection
+from psycopg.pq import TransactionStatus
+
+from poolkit import AsyncPool, Pool, PoolClosed, PoolTimeout, TooManyRequests
+
+logger = logging.getLogger("poolkit.fastapi")
+
+_IDLE = TransactionStatus.IDLE
+_INTRANS = TransactionStatus.INTRANS
+_INERROR = TransactionStatus.INERROR
+_UNKNOWN = TransactionStatus.UNKNOWN
+# Errors where the client may simply try again: answered 503 + Retry-After.
+_RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+_UNAVAILABLE = {PoolTimeout: "timeout", TooManyRequests: "queue_full", PoolClosed: "closing"}
+UNAVAILABLE = (PoolTimeout, TooManyRequests, PoolClosed)
+
+
+class Endpoint:
+    """What the dependencies need to know about one route, worked out once per route."""
+
+    __slots__ = ("_path", "code", "name", "site", "streams", "tags")
+
+    def __init__(self, route: Any, endpoint: Any) -> None:
+        func = inspect.unwrap(endpoint) if endpoint is not None else None
+        self.code: CodeType | None = getattr(func, "__code__", None)
+        self.name = getattr(func, "__qualname__", repr(endpoint))
+        # A generator endpoint runs its body while the response streams: after the
+        # function exit stack has ended every Conn.
+        self.streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
+        self.site = _FrameSite(func, self.code) if self.code is not None else None
+        path = getattr(route, "path_format", None) or getattr(route, "path", None)
+        self.tags: dict[str, str] = {}
+        self._path = path or "(no route)"
+
+    def tag(self, method: str) -> str:
+        """The borrow tag: method and route template, so hold time is reported per endpoint."""
+        tag = self.tags.get(method)
+        if tag is None:
+            tag = self.tags[method] = f"{method} {self._path}"
+        return tag
+
+    def where(self) -> str:
+        if self.code is None:
+            return self.name
+        return f"{self.code.co_filename}:{self.code.co_firstlineno} in {self.name}"
+
+
+_endpoints: weakref.WeakKeyDictionary[Any, Endpoint] = weakref.WeakKeyDictionary()
+
+
+def endpoint_of(scope: MutableMapping[str, Any]) -> Endpoint:
+    """The Endpoint of the route serving this request (cached on the route)."""
+    route = scope.get("route")
+    try:
+        info = _endpoints.get(route) if route is not None else None
+    except TypeError:  # not weak-referenceable
+        info = None
+    if info is None:
+        info = Endpoint(route, getattr(route, "endpoint", None) or scope.get("endpoint"))
+        if route is not None:
+            with contextlib.suppress(TypeError):
+                _endpoints[route] = info
+    return info
+
+
+class _FrameSite:
+    """The endpoint's frame as today's `pool._pk_borrow(timeout, tag, frame)` reads it.
+
+    The endpoint has not started when its dependencies borrow, so it has no frame: this
+    carries its code (file, first line, name) and module globals, enough for the borrow
+    record and for `leak_capture_stack`. Once the core takes `_borrow(timeout, tag, site)`
+    with a code object, `borrow()` below passes `Endpoint.code` and this class goes.
+    """
+
+    __slots__ = ("f_back", "f_code", "f_globals", "f_lineno", "f_locals")
+
+    def __init__(self, func: Any, code: CodeType) -> None:
+        self.f_code = code
+        self.f_lineno = code.co_firstlineno
+        self.f_globals = getattr(func, "__globals__", {})
+        self.f_locals: dict[str, Any] = {}
+        self.f_back = None
+
+
+# -- the one place that borrows: switch to `pool._borrow(None, tag, ep.code)` with the core --
+
+
+async def borrow_async(pool: AsyncPool[Any], tag: str, ep: Endpoint) -> AsyncConnection[Any]:
+    if ep.site is None:
+        conn: AsyncConnection[Any] = await pool.getconn(tag=tag)
+    else:
+        conn = await pool._pk_borrow(None, tag, ep.site)  # type: ignore[arg-type]
+    return conn
+
+
+def borrow_sync(pool: Pool[Any], tag: str, ep: Endpoint) -> Connection[Any]:
+    if ep.site is None:
+        conn: Connection[Any] = pool.getconn(tag=tag)
+    else:
+        conn = pool._pk_borrow(None, tag, ep.site)  # type: ignore[arg-type]
+    return conn
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def unavailable(
+    pool: AsyncPool[Any] | Pool[Any], exc: Exception, retry_after: int
+) -> HTTPException:
+    """The 503 answered when the pool cannot lend: exhausted, queue full or closing."""
+    reason = next((r for cls, r in _UNAVAILABLE.items() if isinstance(exc, cls)), "unavailable")
+    # The full message (state, longest borrower's code site) is for operators, not clients.
+    logger.warning("pool %r: answering 503: %s", pool.name, exc)
+    messages = {
+        "timeout": f"no database connection became free within {pool.timeout:g} s",
+        "queue_full": "too many requests are already waiting for a database connection",
+        "closing": "the server is shutting down",
+    }
+    return HTTPException(
+        503,
+        detail={
+            "message": messages.get(reason, str(exc)) + "; retry later",
+            "pool": pool.name,
+            "reason": reason,
+        },
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _not_committed(
+    pool: AsyncPool[Any] | Pool[Any], conn: Any, exc: BaseException | None, retry_after: int
+) -> HTTPException:
+    """The error answered when a route returned normally but its work is not committed."""
+    if exc is None:
+        status = conn.pgconn.transaction_status
+        if status == _INERROR:
+            why = (
+                "a database error was caught inside the route and the transaction was not rolled"
+                " back (roll back, use a savepoint with conn.transaction(), or raise)"
+            )
+        elif status == TransactionStatus.ACTIVE:
+            why = "a query was still running on the connection when the route returned"
+        else:
+            why = "the connection was lost during the request"
+        logger.error("pool %r: the route returned normally but %s: answering 500", pool.name, why)
+        detail = f"the transaction was not committed: {why}; nothing was written"
+        return HTTPException(500, detail={"message": detail, "pool": pool.name})
+    sqlstate = getattr(exc, "sqlstate", None)
+    logger.error("pool %r: commit failed: %s", pool.name, exc, exc_info=exc)
+    if conn.broken or not isinstance(exc, psycopg.Error) or sqlstate is None:
+        detail = "the connection failed while committing: the outcome is unknown"
+        return HTTPException(500, detail={"message": detail, "pool": pool.name})
+    detail = "the transaction could not be committed; nothing was written"
+    body = {"message": detail, "pool": pool.name, "sqlstate": sqlstate}
+    if sqlstate in _RETRYABLE:
+        return HTTPException(503, detail=body, headers={"Retry-After": str(retry_after)})
+    return HTTPException(500, detail=body)
+
+
+# -- ending a borrow ----------------------------------------------------------------------
+
+
+class AsyncLease:
+    """One request's borrow from an async pool; an async exit callback of FastAPI's stacks."""
+
+    __slots__ = ("conn", "done", "pool", "retry_after")
+
+    def __init__(self, pool: AsyncPool[Any], conn: AsyncConnection[Any], retry_after: int) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.retry_after = retry_after
+        self.done = False
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.end(exc)
+
+    async def end(self, exc: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        conn = self.conn
+        if conn.pgconn.transaction_status == _IDLE:
+            # Nothing to end: putconn's fast path does not suspend, so no cancel scope
+            # can interrupt it (and its slow path copes with cancellation itself).
+            await self.pool.putconn(conn)
+            return
+        # Shielded: under a cancelled scope every await would raise again and the
+        # connection would never go back.
+        with anyio.CancelScope(shield=True):
+            try:
+                status = conn.pgconn.transaction_status
+                if exc is None:
+                    if status == _INTRANS:
+                        try:
+                            await conn.commit()
+                        except Exception as ex:
+                            raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
+                    elif status != _IDLE:
+                        if status == _INERROR:
+                            with contextlib.suppress(Exception):
+                                await conn.rollback()
+                        raise _not_committed(self.pool, conn, None, self.retry_after)
+                elif status != _IDLE and status != _UNKNOWN:
+                    try:
+                        await conn.rollback()
+                    except Exception as ex:
+                        logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
+            finally:
+                await self.pool.putconn(conn)
+
+
+class SyncLease:
+    """The sync twin of AsyncLease, for `def` routes: ends in a worker thread."""
+
+    __slots__ = ("conn", "done", "pool", "retry_after")
+
+    def __init__(self, pool: Pool[Any], conn: Connection[Any], retry_after: int) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.retry_after = retry_after
+        self.done = False
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.done:
+            # Its own limiter: with every default worker blocked in getconn, the thread
+            # that gives a connection back must not wait behind them.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.end, exc, limiter=anyio.CapacityLimiter(1))
+
+    def end(self, exc: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        conn = self.conn
+        try:
+            status = conn.pgconn.transaction_status
+            if exc is None:
+                if status == _INTRANS:
+                    try:
+                        conn.commit()
+                    except Exception as ex:
+                        raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
+                elif status != _IDLE:
+                    if status == _INERROR:
+                        with contextlib.suppress(Exception):
+                            conn.rollback()
+                    raise _not_committed(self.pool, conn, None, self.retry_after)
+            elif status != _IDLE and status != _UNKNOWN:
+                try:
+                    conn.rollback()
+                except Exception as ex:
+                    logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
+        finally:
+            self.pool.putconn(conn)

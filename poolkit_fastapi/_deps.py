@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends
@@ -14,8 +14,10 @@ from psycopg import AsyncConnection, Connection
 from starlette.requests import HTTPConnection
 
 from ._lease import (
+    KINDS,
     UNAVAILABLE,
     AsyncLease,
+    Kind,
     SyncLease,
     borrow_async,
     borrow_sync,
@@ -23,6 +25,7 @@ from ._lease import (
     unavailable,
 )
 from ._lifespan import DEFAULT, WiringError, get_pools
+from ._wrap import Pending, install
 
 __all__ = [
     "Conn",
@@ -34,22 +37,12 @@ __all__ = [
     "get_sync_conn",
 ]
 
-# The request scope key holding this request's leases, by _Kind: every spelling of a
+# The request scope key holding this request's leases, by Kind: every spelling of a
 # dependency for one pool (Conn, Depends(get_conn), use_cache=False, a sub-dependency)
 # gets the same connection, so one request is one transaction per pool.
 _LEASES = "poolkit.leases"
 _FUNCTION_STACK = "fastapi_function_astack"  # closed before the response is sent
 _REQUEST_STACK = "fastapi_inner_astack"  # closed after the response was sent
-
-
-class _Kind(NamedTuple):
-    name: str
-    sync: bool
-    stream: bool
-
-
-# Every dependency callable this module made, so the lifespan can find them in routes.
-KINDS: dict[Callable[..., Any], _Kind] = {}
 
 
 def _tag(conn: HTTPConnection) -> str:
@@ -76,7 +69,7 @@ def stream_error(where: str) -> WiringError:
     )
 
 
-def _async_dependency(kind: _Kind) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
+def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
     name, _, stream = kind
 
     async def dependency(request: HTTPConnection) -> AsyncConnection[Any]:
@@ -85,10 +78,9 @@ def _async_dependency(kind: _Kind) -> Callable[..., Awaitable[AsyncConnection[An
         if leases is None:
             leases = scope[_LEASES] = {}
         else:
-            lease = leases.get(kind)
-            if lease is not None:
-                conn: AsyncConnection[Any] = lease.conn
-                return conn
+            shared = leases.get(kind)
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
         ep = endpoint_of(scope)
         if ep.streams and not stream:
             raise stream_error(ep.where())
@@ -99,14 +91,14 @@ def _async_dependency(kind: _Kind) -> Callable[..., Awaitable[AsyncConnection[An
             conn = await borrow_async(pool, ep.tag(scope.get("method", "WS")), ep)
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
-        leases[kind] = lease = AsyncLease(pool, conn, pools.retry_after)
-        stack.push_async_exit(lease)
+        leases[kind] = conn
+        stack.push_async_exit(AsyncLease(pool, conn, pools.retry_after))
         return conn
 
     return dependency
 
 
-def _sync_dependency(kind: _Kind) -> Callable[..., Awaitable[Connection[Any]]]:
+def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
     name, _, stream = kind
 
     async def dependency(request: HTTPConnection) -> Connection[Any]:
@@ -115,22 +107,30 @@ def _sync_dependency(kind: _Kind) -> Callable[..., Awaitable[Connection[Any]]]:
         if leases is None:
             leases = scope[_LEASES] = {}
         else:
-            lease = leases.get(kind)
-            if lease is not None:
-                conn: Connection[Any] = lease.conn
-                return conn
+            shared = leases.get(kind)
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
         ep = endpoint_of(scope)
         if ep.streams and not stream:
             raise stream_error(ep.where())
-        stack = _stack(scope, stream)
         pools = get_pools(request)
         pool = pools.get_sync(name)
         tag = ep.tag(scope.get("method", "WS"))
+        fast = ep.fast_sync
+        if fast is None:
+            fast = ep.fast_sync = not stream and install(scope.get("route"))
+        if fast:
+            # The route's wrapper borrows, commits and returns in the route's own worker
+            # thread: one thread hop per request, as with an inline `with pool.connection()`.
+            pending = leases[kind] = Pending(pool, tag, ep, pools.retry_after)
+            return pending  # type: ignore[return-value]
+        stack = _stack(scope, stream)
         try:
             conn = await anyio.to_thread.run_sync(borrow_sync, pool, tag, ep)
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
-        leases[kind] = lease = SyncLease(pool, conn, pools.retry_after)
+        lease = SyncLease(pool, conn, pools.retry_after)
+        leases[kind] = conn
         stack.push_async_exit(lease)
         return conn
 
@@ -141,7 +141,7 @@ def _sync_dependency(kind: _Kind) -> Callable[..., Awaitable[Connection[Any]]]:
 def _dependency(name: str, sync: bool, stream: bool) -> Callable[..., Any]:
     # Cached: the same callable for the same pool lets FastAPI's own dependency cache
     # share it between a route and its sub-dependencies too.
-    kind = _Kind(name, sync, stream)
+    kind = Kind(name, sync, stream)
     dep: Callable[..., Any] = (_sync_dependency if sync else _async_dependency)(kind)
     label = ("get_sync" if sync else "get") + ("_stream" if stream else "") + "_conn"
     dep.__name__ = dep.__qualname__ = label if name == DEFAULT else f"{label}[{name}]"
@@ -186,11 +186,11 @@ StreamConn = Annotated[AsyncConnection[Any], Depends(get_stream_conn)]
 
 def check_routes(app: object) -> None:
     """Refuse, at startup, generator endpoints that depend on a Conn ended before the response."""
-    bad = [
-        endpoint_of({"route": route}).where()
-        for route in _routes(app)
-        if endpoint_of({"route": route}).streams and _uses_ended_conn(route.dependant)
-    ]
+    bad = []
+    for route in _routes(app):
+        ep = endpoint_of({"route": route})
+        if ep.streams and _uses_ended_conn(route.dependant):
+            bad.append(ep.where())
     if bad:
         raise stream_error(", ".join(bad))
 

@@ -8,7 +8,7 @@ import logging
 import weakref
 from collections.abc import MutableMapping
 from types import CodeType, TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import psycopg
@@ -33,7 +33,7 @@ UNAVAILABLE = (PoolTimeout, TooManyRequests, PoolClosed)
 class Endpoint:
     """What the dependencies need to know about one route, worked out once per route."""
 
-    __slots__ = ("_path", "code", "name", "site", "streams", "tags")
+    __slots__ = ("_path", "code", "fast_sync", "name", "site", "streams", "tags")
 
     def __init__(self, route: Any, endpoint: Any) -> None:
         func = inspect.unwrap(endpoint) if endpoint is not None else None
@@ -46,6 +46,9 @@ class Endpoint:
         path = getattr(route, "path_format", None) or getattr(route, "path", None)
         self.tags: dict[str, str] = {}
         self._path = path or "(no route)"
+        # Whether SyncConn parameters are lent by the route's wrapper (see _wrap.py);
+        # None until the first sync dependency of this route asks.
+        self.fast_sync: bool | None = None
 
     def tag(self, method: str) -> str:
         """The borrow tag: method and route template, so hold time is reported per endpoint."""
@@ -76,6 +79,18 @@ def endpoint_of(scope: MutableMapping[str, Any]) -> Endpoint:
             with contextlib.suppress(TypeError):
                 _endpoints[route] = info
     return info
+
+
+class Kind(NamedTuple):
+    """What one dependency callable lends: from which pool, sync or async, until when."""
+
+    name: str
+    sync: bool
+    stream: bool
+
+
+# Every dependency callable poolkit_fastapi made, so routes can be searched for them.
+KINDS: dict[Any, Kind] = {}
 
 
 class _FrameSite:

@@ -8,13 +8,15 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from psycopg import AsyncConnection, Connection
 
@@ -131,6 +133,61 @@ async def test_every_spelling_shares_one_connection_and_one_transaction(
         for _, pool in get_pools(state).items():
             assert pool.stats()["in_use"] == 0
             assert pool.stats()["timeouts"] == 0
+
+
+def thread_app(lifespan: PoolLifespan) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/owner")
+    def owner(conn: SyncConn, request: Request) -> dict[str, Any]:
+        (borrow,) = get_pools(request).get_sync().borrowed()
+        return {"owner": borrow.owner, "me": f"thread {threading.current_thread().name!r}"}
+
+    @app.get("/inline")
+    def inline(request: Request) -> dict[str, Any]:
+        with get_pools(request).get_sync().connection() as conn:
+            conn.execute("SELECT 1")
+        return {"owner": "", "me": ""}
+
+    @app.get("/fail-after-write")
+    def fail_after_write(conn: SyncConn, other: SyncConn, t: str) -> dict[str, Any]:
+        assert conn is other
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_w (t text)")
+        raise HTTPException(409, "refused after writing")
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_def_route_borrows_and_ends_in_its_own_thread(
+    app_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread hop per `def` request, like an inline `with pool.connection()`: the
+    route's worker thread borrows, runs the route, commits and returns."""
+    hops = 0
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    cfg = one_conn(app_dsn)
+    async with serve(thread_app(PoolLifespan(sync_pools=cfg))) as (client, state):
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        await client.get("/inline")
+        inline_hops, hops = hops, 0  # FastAPI validates a `def` route's answer in a thread too
+        for n in range(1, 4):
+            body = (await client.get("/owner")).json()
+            assert body["owner"] == body["me"]
+            assert hops == n * inline_hops
+        monkeypatch.undo()
+        r = await client.get("/fail-after-write", params={"t": "x"})
+        assert r.status_code == 409
+        pool = get_pools(state).get_sync()
+        assert pool.stats()["in_use"] == 0
+        with pool.connection() as conn:  # rolled back: the temp table is gone
+            assert conn.execute("SELECT to_regclass('pk_w')").fetchone() == (None,)
 
 
 # ---- Generator endpoints ------------------------------------------------------------------------

@@ -214,34 +214,47 @@ class AsyncLease:
             return
         self.done = True
         conn = self.conn
-        if conn.pgconn.transaction_status == _IDLE:
-            # Nothing to end: putconn's fast path does not suspend, so no cancel scope
-            # can interrupt it (and its slow path copes with cancellation itself).
-            await self.pool.putconn(conn)
-            return
-        # Shielded: under a cancelled scope every await would raise again and the
-        # connection would never go back.
-        with anyio.CancelScope(shield=True):
+        status = conn.pgconn.transaction_status
+        if status != _IDLE:
             try:
-                status = conn.pgconn.transaction_status
-                if exc is None:
-                    if status == _INTRANS:
-                        try:
-                            await conn.commit()
-                        except Exception as ex:
-                            raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
-                    elif status != _IDLE:
-                        if status == _INERROR:
-                            with contextlib.suppress(Exception):
-                                await conn.rollback()
-                        raise _not_committed(self.pool, conn, None, self.retry_after)
-                elif status != _IDLE and status != _UNKNOWN:
-                    try:
-                        await conn.rollback()
-                    except Exception as ex:
-                        logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
-            finally:
-                await self.pool.putconn(conn)
+                error = await self._finish(status, exc)
+            except BaseException:
+                # Cancelled mid-commit or mid-rollback: no cancel scope on the common
+                # path (it costs more than the pool), so shield only the return here:
+                # under a cancelled scope every await would raise again.
+                with anyio.CancelScope(shield=True):
+                    await self.pool.putconn(conn)
+                raise
+            await self.pool.putconn(conn)
+            if error is not None:
+                raise error
+        else:
+            # putconn's fast path does not suspend, so nothing can interrupt it (its
+            # slow path copes with cancellation itself).
+            await self.pool.putconn(conn)
+
+    async def _finish(self, status: int, exc: BaseException | None) -> HTTPException | None:
+        """Commit or roll back; the error to answer with, if any."""
+        conn = self.conn
+        if exc is None:
+            if status == _INTRANS:
+                try:
+                    await conn.commit()
+                except Exception as ex:
+                    error = _not_committed(self.pool, conn, ex, self.retry_after)
+                    error.__cause__ = ex
+                    return error
+                return None
+            if status == _INERROR:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+            return _not_committed(self.pool, conn, None, self.retry_after)
+        if status != _UNKNOWN:
+            try:
+                await conn.rollback()
+            except Exception as ex:
+                logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
+        return None
 
 
 class SyncLease:

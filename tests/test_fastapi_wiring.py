@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -393,3 +394,45 @@ async def test_sync_borrow_site_under_uvicorn(uvicorn_url: str) -> None:
             await asyncio.sleep(0.02)
         assert sites == [f"{site} [GET /sync-hold]"]
         assert (await holder).status_code == 200
+
+
+# ---- Cancellation while committing --------------------------------------------------------------
+
+
+SLOW_COMMIT = """
+CREATE TABLE IF NOT EXISTS pk_slow_commit (t text);
+CREATE OR REPLACE FUNCTION pk_slow_commit_fn() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+DROP TRIGGER IF EXISTS pk_slow_commit_tr ON pk_slow_commit;
+CREATE CONSTRAINT TRIGGER pk_slow_commit_tr AFTER INSERT ON pk_slow_commit
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pk_slow_commit_fn();
+"""
+
+
+@pytest.mark.anyio
+async def test_request_cancelled_during_commit_gives_the_slot_back(dsn: str, app_dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(SLOW_COMMIT)
+    app = FastAPI(lifespan=PoolLifespan(one_conn(app_dsn, timeout=5)))
+
+    @app.post("/slow")
+    async def slow(conn: Conn) -> dict[str, bool]:
+        await conn.execute("INSERT INTO pk_slow_commit VALUES ('x')")
+        return {"ok": True}  # the commit takes a second (the deferred trigger)
+
+    @app.get("/quick")
+    async def quick(conn: Conn) -> dict[str, bool]:
+        await conn.execute("SELECT 1")
+        return {"ok": True}
+
+    async with serve(app) as (client, state):
+        pool = get_pools(state).get()
+        request = asyncio.ensure_future(client.post("/slow"))
+        await until(lambda: pool.stats()["in_use"] == 1, "the borrow")
+        await asyncio.sleep(0.3)  # inside the commit now
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await until(lambda: pool.stats()["in_use"] == 0, "the slot to come back")
+        # max_size=1: the next request can only succeed if the slot was not lost.
+        assert (await client.get("/quick")).status_code == 200

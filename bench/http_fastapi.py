@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
 import sys
 import time
@@ -313,11 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.duration, args.warmup, args.conns = 1, 1.0, 0.0, 8
+    # A plain SIGTERM would skip the finally blocks that stop the uvicorn servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     budget = len(PAIRS) * 2 * args.reps * (args.duration + args.warmup + 0.3)
     print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
     dsn = _server_dsn()
+    load_before = os.getloadavg()
     results = run(dsn, args.reps, args.duration, args.warmup, args.conns)
     print(report(results, args, dsn))
+    # The machine is shared: say how busy it was, so a reader can weigh the spread.
+    print(
+        f"Load average (1 min) {load_before[0]:.1f} before the run, {os.getloadavg()[0]:.1f} "
+        f"after, on {os.cpu_count()} CPUs."
+    )
     return 0
 
 

@@ -118,8 +118,8 @@ def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
         tag = ep.tag(scope.get("method", "WS"))
         fast = ep.fast_sync
         if fast is None:
-            fast = ep.fast_sync = not stream and install(scope.get("route"))
-        if fast:
+            fast = ep.fast_sync = install(scope.get("route"))
+        if fast and not stream:
             # The route's wrapper borrows, commits and returns in the route's own worker
             # thread: one thread hop per request, as with an inline `with pool.connection()`.
             pending = leases[kind] = Pending(pool, tag, ep, pools.retry_after)

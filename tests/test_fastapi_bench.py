@@ -1,4 +1,4 @@
-"""Smoke run of bench.http_fastapi: every app serves, the report has every pair; no speed asserted."""
+"""Smoke run of bench.http_fastapi: every app serves, every pair is reported; speed not asserted."""
 
 from __future__ import annotations
 

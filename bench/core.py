@@ -795,7 +795,7 @@ def _report(args: argparse.Namespace, info: dict[str, str], res: dict[str, Any])
         "operations one worker finished. Figures other than ops/s and CPU are the median "
         "over rounds.",
         "",
-        "## Targets (DESIGN.md §2)",
+        "## Targets (docs/benchmarks.md)",
         "",
         _targets(sync, asyn, val, cont),
         "",

@@ -25,7 +25,13 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-__all__ = ["DEFAULT_PASSWORD", "EmbeddedPostgres", "ensure_server", "find_pg_bindir"]
+__all__ = [
+    "DEFAULT_PASSWORD",
+    "EmbeddedPostgres",
+    "ExampleServer",
+    "ensure_server",
+    "find_pg_bindir",
+]
 
 # Distinctive on purpose: tests search logs and error messages for it to prove it never leaks.
 DEFAULT_PASSWORD = "poolkit-secret-7c1e93d4"
@@ -559,20 +565,63 @@ class EmbeddedPostgres:
 def ensure_server(data_dir: str | os.PathLike[str]) -> str:
     """Return ``$DATABASE_URL`` if set, else the DSN of a server kept running in ``data_dir``.
 
-    For the example apps: the server outlives the process so the next run (or another worker)
-    reuses it. Stop it with ``python -m example_apps._embedded_pg stop DATA_DIR``.
+    The server outlives the process, so another worker (or the next run) reuses it; the
+    example commands stop it on exit (see `ExampleServer`). Stop it by hand with
+    ``python -m example_apps._embedded_pg stop DATA_DIR``.
     """
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    path = Path(data_dir).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Several workers may call this at once: one starts the server, the others adopt it.
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        server = EmbeddedPostgres(path, stop_at_exit=False)
-        server.start()
-        return server.dsn
+    return ExampleServer(data_dir).dsn
+
+
+class ExampleServer:
+    """The embedded server of an example command: started (or adopted) now, and on exit
+    stopped if this command started it, unless `keep`; otherwise `farewell()` says where it
+    still runs and the one command that stops it."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, keep: bool = False) -> None:
+        path = Path(data_dir).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        # Several workers may call this at once: one starts the server, the others adopt it.
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.server = EmbeddedPostgres(path, stop_at_exit=False)
+            self.started = not self.server.is_running()
+            self.server.start()
+        self.dsn = self.server.dsn
+        self.stop_command = f"python -m example_apps._embedded_pg stop {_shown(path)}"
+
+    def close(self) -> str:
+        """Stop the server if this command started it and may; return what to tell the user."""
+        where = f"{_shown(self.server.data_dir)} (port {self.server.port})"
+        if not self.started:
+            return (
+                f"the embedded PostgreSQL in {where} was running before this command and "
+                f"keeps running; stop it with: {self.stop_command}"
+            )
+        if self.keep:
+            return (
+                f"the embedded PostgreSQL keeps running in {where}; "
+                f"stop it with: {self.stop_command}"
+            )
+        try:
+            self.server.stop()
+        except Exception as exc:  # the app has already stopped: report, do not hide it
+            return (
+                f"could not stop the embedded PostgreSQL in {where}: {exc}; "
+                f"try: {self.stop_command}"
+            )
+        return f"stopped the embedded PostgreSQL in {where}"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory when it is below it (shorter to read)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _main(argv: list[str]) -> int:

@@ -2,15 +2,26 @@
 
 from ._config import PoolConfig, mask_conninfo
 from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
-from ._errors import ConfigError, PoolClosed, PoolkitError, PoolTimeout, TooManyRequests
+from ._errors import (
+    ConfigError,
+    ConnectFailed,
+    ConnectionReturned,
+    PoolClosed,
+    PoolkitError,
+    PoolTimeout,
+    TooManyRequests,
+)
 from ._metrics import instrument_otel, render_prometheus
 from ._pool import Pool
 from ._pool_async import AsyncPool
 from ._stats import PoolStats
+from ._version import __version__ as __version__
 
 __all__ = [
     "AsyncPool",
     "ConfigError",
+    "ConnectFailed",
+    "ConnectionReturned",
     "DashboardHistory",
     "Pool",
     "PoolClosed",

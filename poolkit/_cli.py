@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import psycopg
 
 from ._config import PoolConfig, mask_conninfo
+from ._version import __version__
 
 APP_NAME = "poolkit-doctor"
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_ERROR = 0, 1, 2
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolkit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"poolkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     doctor = sub.add_parser(
         "doctor",

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from ._config import mask_conninfo
 from ._metrics import POOL_BUCKET_STEP, cumulative
@@ -23,6 +29,11 @@ SNAPSHOT_VERSION = 1
 TOP_TAGS = 10
 MAX_BORROWS = 25
 MAX_EVENTS = 50
+# Outages and recoveries are kept for the whole history window, however many timeouts
+# or leak warnings come between them: they are what the event list is for.
+LIFECYCLE_EVENTS = frozenset({"connection-lost", "recovered"})
+MAX_KEPT_EVENTS = 1000
+_CONNINFO_KEYS = ("user", "password", "host", "port", "dbname")
 # Configuration shown on the page; never conninfo or kwargs (they may carry secrets).
 CONFIG_FIELDS = (
     "min_size",
@@ -72,10 +83,12 @@ class DashboardHistory:
         self.interval = interval
         self.window = window
         self._samples: dict[str, deque[_Sample]] = {}
+        self._events: dict[str, deque[tuple[float, str, str]]] = {}
         self._lock = threading.Lock()
         self._last = -float("inf")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._fork_hook = False
 
     def _current(self, pools: Mapping[str, Any] | None) -> Mapping[str, Any]:
         source = self.pools if pools is None else pools
@@ -109,8 +122,27 @@ class DashboardHistory:
                         st["timeouts"],
                     )
                 )
+                self._keep_events(str(key), pool.events())
             for key in set(self._samples) - {str(k) for k in current}:
                 del self._samples[key]  # a pool that went away
+                self._events.pop(key, None)
+
+    def _keep_events(self, key: str, events: list[tuple[float, str, str]]) -> None:
+        # The pool keeps its last events only: copy the new ones, so an outage seen by one
+        # sample stays listed after a burst of timeouts has pushed it out of the pool's list.
+        kept = self._events.get(key)
+        if kept is None:
+            kept = self._events[key] = deque(maxlen=MAX_KEPT_EVENTS)
+        last = kept[-1][0] if kept else -float("inf")
+        kept.extend(e for e in events if e[0] > last)
+
+    def events(self, key: str, now: float | None = None) -> list[tuple[float, str, str]]:
+        """Every event of one pool seen within the window, oldest first."""
+        if now is None:
+            now = time.monotonic()
+        with self._lock:
+            kept = list(self._events.get(key, ()))
+        return [e for e in kept if now - e[0] <= self.window]
 
     def sample_if_due(self, pools: Mapping[str, Any] | None = None) -> None:
         """Sample unless the last sample is younger than `interval`."""
@@ -136,12 +168,20 @@ class DashboardHistory:
         }
 
     def start(self) -> None:
-        """Sample every `interval` seconds in a daemon thread until `stop()`."""
+        """Sample every `interval` seconds in a daemon thread until `stop()`.
+
+        A forked child (gunicorn --preload) starts its own thread: threads do not survive
+        a fork, and the child's pools are its own.
+        """
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="poolkit-dashboard", daemon=True)
         self._thread.start()
+        if not self._fork_hook:
+            self._fork_hook = True
+            me = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _restart_in_child(me))
 
     def stop(self) -> None:
         self._stop.set()
@@ -155,6 +195,17 @@ class DashboardHistory:
             with contextlib.suppress(Exception):
                 self.sample()
             self._stop.wait(self.interval)
+
+
+def _restart_in_child(ref: weakref.ref[DashboardHistory]) -> None:
+    history = ref()
+    if history is None or history._thread is None or history._stop.is_set():
+        return  # gone, or not sampling in the parent
+    history._lock = threading.Lock()  # the parent's may have been held by its thread
+    history._samples.clear()  # the parent's pools, not the child's
+    history._events.clear()
+    history._thread = None
+    history.start()
 
 
 def dashboard_html(data_url: str | None = None) -> str:
@@ -201,7 +252,7 @@ def dashboard_snapshot(
         item: dict[str, Any] = {
             "key": name,
             "name": stats.get("name", name),
-            "conninfo": config.masked_conninfo if config is not None else "",
+            "conninfo": _shown_conninfo(config),
             "config": {f: _jsonable(getattr(config, f, None)) for f in CONFIG_FIELDS},
             "stats": stats,
             "histograms": {k: _hist(h) for k, h in hists.items()},
@@ -217,15 +268,7 @@ def dashboard_snapshot(
                 for b in pool.borrowed()[:MAX_BORROWS]
             ],
             "borrowed_total": stats.get("in_use", 0),
-            "events": [
-                {
-                    "ago": round(now_mono - t, 3),
-                    "at": now_wall - (now_mono - t),
-                    "kind": kind,
-                    "detail": detail,
-                }
-                for t, kind, detail in reversed(pool.events()[-MAX_EVENTS:])
-            ],
+            "events": _events(pool.events(), history, name, now_mono, now_wall),
             "history": history.series(name, now_mono) if history is not None else None,
         }
         out_pools.append(item)
@@ -238,6 +281,73 @@ def dashboard_snapshot(
     }
     masked: dict[str, Any] = _masked(snapshot)
     return masked
+
+
+def _shown_conninfo(config: Any) -> str:
+    """The server a pool connects to, as a URL with the password masked.
+
+    Django passes host, user and dbname as connection kwargs, not in `conninfo`: both
+    are read, so every integration's dashboard names the server the same way.
+    """
+    if config is None:
+        return ""
+    kwargs = getattr(config, "kwargs", None) or {}
+    extra = {k: kwargs[k] for k in _CONNINFO_KEYS if kwargs.get(k) not in (None, "")}
+    conninfo = str(getattr(config, "conninfo", "") or "")
+    if not extra:
+        return mask_conninfo(conninfo)
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return mask_conninfo(conninfo)
+    params.update(extra)
+    user = quote(str(params.get("user", "")), safe="")
+    credentials = f"{user}:***@" if params.get("password") else (f"{user}@" if user else "")
+    host = str(params.get("host", ""))
+    if ":" in host and "," not in host:
+        host = f"[{host}]"  # IPv6
+    port = f":{params['port']}" if params.get("port") else ""
+    dbname = quote(str(params.get("dbname", "")), safe="")
+    return f"postgresql://{credentials}{quote(host, safe='[]:,/')}{port}/{dbname}"
+
+
+def _events(
+    recent: list[tuple[float, str, str]],
+    history: DashboardHistory | None,
+    key: str,
+    now_mono: float,
+    now_wall: float,
+) -> list[dict[str, Any]]:
+    """Newest first: every outage and recovery in the history window, and the latest
+    other events, with a run of the same kind (a burst of timeouts) shown as one row."""
+    events = list(recent)
+    if history is not None:
+        events = sorted({*history.events(key, now_mono), *recent})
+    rows: list[dict[str, Any]] = []
+    others = 0
+    prev: str | None = None  # the kind of the row just added, if the previous event made one
+    for t, kind, detail in reversed(events):
+        if kind == prev and kind not in LIFECYCLE_EVENTS:
+            rows[-1]["count"] += 1
+            rows[-1]["first_ago"] = round(now_mono - t, 3)
+            continue
+        prev = None
+        if kind not in LIFECYCLE_EVENTS:
+            others += 1
+            if others > MAX_EVENTS:
+                continue
+        prev = kind
+        rows.append(
+            {
+                "ago": round(now_mono - t, 3),
+                "at": now_wall - (now_mono - t),
+                "kind": kind,
+                "detail": detail,
+                "count": 1,
+                "first_ago": round(now_mono - t, 3),
+            }
+        )
+    return rows
 
 
 def _hist(h: Histogram) -> dict[str, Any]:

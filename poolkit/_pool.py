@@ -1,109 +1,53 @@
-"""Pool: psycopg_pool's ConnectionPool with poolkit's borrow/return path (twin of _pool_async)."""
+# WARNING: generated from poolkit/_pool_async.py by scripts/async_to_sync.py: do not edit.
+# Edit the async source, then run `python scripts/async_to_sync.py`.
+"""Pool: a threaded PostgreSQL pool, drop-in for psycopg_pool.ConnectionPool.
+
+Generated from poolkit/_pool_async.py: edit that file, not this one.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections import deque
+import warnings
 from collections.abc import Callable
 from sys import _getframe
-from threading import get_ident as _get_ident
+from threading import get_ident
 from time import monotonic
 from traceback import format_stack
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
-from weakref import ref as _ref
 
 from psycopg import Connection
-from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
-from psycopg_pool import ConnectionPool
-from psycopg_pool.pool import AddConnection, MaintenanceTask, Schedule
 
-from ._base import (
-    OWNER,
-    PEEK_AFTER,
-    SKIP_PREFIXES,
-    PoolCore,
-    borrow_frame,
-    leak_logger,
-    logger,
-)
-from ._config import PoolConfig, mask_conninfo
-from ._conn import (
-    build_config,
-    check_result,
-    drain_gen,
-    install_tracking_cursors,
-    ping_gen,
-    remember_attrs,
-    restore_attrs,
-    tracking_class,
-)
-from ._errors import PoolClosed, PoolTimeout, TooManyRequests
+from . import _psycopg, _reset
+from ._compat import ASYNC, ensure
+from ._config import PoolConfig, config_for_pool
+from ._conn import check_result, connect_timeout_default, ping_gen
+from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
+from ._leaks import FRAMEWORK_FILES, Site, is_framework, logger, user_frame
+from ._peek import PEEK_AFTER
+from ._returns import Returns
+from ._slot import Slot
 
 CT = TypeVar("CT", bound=Connection[Any])
 
 _IDLE = TransactionStatus.IDLE
 _UNKNOWN = TransactionStatus.UNKNOWN
-_ACTIVE = TransactionStatus.ACTIVE
-_INERROR = TransactionStatus.INERROR
-# psycopg's commit() of a failed transaction rolls back silently; a block that swallowed
-# a database error must not look committed.
-_FAILED_TX = (
-    "a statement failed inside this connection() block and its error was caught: "
-    "the transaction was rolled back, nothing was committed"
-)
-_TIMED_OUT = object()
 
 
-class _Waiter(Generic[CT]):
-    """A client queued for a connection; resolved once, by a hand-off, an error or its timeout.
-
-    A pre-acquired plain lock is the cheapest one-shot wake-up threading offers: the
-    hand-off releases it, the waiter blocks acquiring it. Resolution happens under the
-    pool lock, so a hand-off and a timeout cannot both win.
-    """
-
-    __slots__ = ("conn", "error", "sem", "t0")
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.conn: CT | None = None
-        self.error: Any = None
-        self.sem = threading.Lock()
-        self.sem.acquire()
-
-    def set(self, conn: CT) -> bool:
-        if self.conn is not None or self.error is not None:
-            return False
-        self.conn = conn
-        self.sem.release()
-        return True
-
-    def fail(self, error: BaseException) -> bool:
-        return self.fail_now(error)
-
-    def fail_now(self, error: Any) -> bool:
-        if self.conn is not None or self.error is not None:
-            return False
-        self.error = error
-        self.sem.release()
-        return True
-
-
-class _Lease(Generic[CT]):
+class _ConnectionBlock(Generic[CT]):
     """`with pool.connection() as conn`: commit on success, rollback on error, return."""
 
-    __slots__ = ("_conn", "_pool", "_tag", "_timeout")
+    __slots__ = ("_conn", "_pool", "_site", "_tag", "_timeout")
 
-    def __init__(self, pool: Pool[CT], timeout: float | None, tag: str | None) -> None:
+    def __init__(self, pool: Pool[CT], timeout: float | None, tag: str | None, site: Site) -> None:
         self._pool = pool
         self._timeout = timeout
         self._tag = tag
+        self._site = site
 
     def __enter__(self) -> CT:
-        self._conn = conn = self._pool._pk_borrow(self._timeout, self._tag, _getframe(1))
+        self._conn = conn = self._pool._borrow(self._timeout, self._tag, self._site)
         return conn
 
     def __exit__(
@@ -113,42 +57,30 @@ class _Lease(Generic[CT]):
         tb: TracebackType | None,
     ) -> None:
         conn = self._conn
+        pool = self._pool
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
-                if exc_type is None and status == _INERROR:
-                    conn.rollback()
-                    raise InFailedSqlTransaction(_FAILED_TX)
-                if exc_type is None:
-                    conn.commit()
-                else:
-                    try:
-                        conn.rollback()
-                    except Exception as ex:
-                        logger.warning("pool %r: rollback failed: %s", self._pool.name, ex)
+                pool._end_transaction(conn, exc_type is None, status)
         finally:
-            pool = self._pool
-            if conn._pool is pool:
-                pool._pk_put(conn)
-            else:
-                pool.putconn(conn)
+            pool._return(conn, None)
 
 
-class Pool(PoolCore, ConnectionPool[CT]):
-    """A PostgreSQL pool for threads, drop-in for psycopg_pool.ConnectionPool.
+class Pool(Returns[CT], Generic[CT]):
+    """An asyncio PostgreSQL pool, drop-in for psycopg_pool.ConnectionPool.
 
-    Adds validation with a bypass window, bulk recovery after a lost connection,
-    lifetime/idle checks at borrow, session reset, leak tracking, fork safety,
-    graceful drain, `stats()` and timeout errors that describe the pool.
+    Adds validation with a bypass window, recovery without backoff lag while borrowers
+    wait, lifetime/idle checks at borrow, a complete session reset, a use-after-return
+    guard, leak tracking, fork safety, graceful drain, `stats()` and errors that say why.
     """
 
     def __init__(
         self,
-        conninfo: str | Callable[..., Any] = "",
+        conninfo: str | PoolConfig | Callable[..., Any] = "",
         *,
         config: PoolConfig | None = None,
         connection_class: type[CT] = cast(type[CT], Connection),  # noqa: B008
-        kwargs: dict[str, Any] | None = None,
+        kwargs: dict[str, Any] | Callable[..., Any] | None = None,
         open: bool | None = None,
         configure: Callable[[CT], Any] | None = None,
         check: Callable[[CT], Any] | None = None,
@@ -157,510 +89,352 @@ class Pool(PoolCore, ConnectionPool[CT]):
         close_returns: bool = False,
         **settings: Any,
     ) -> None:
-        cfg = build_config(type(self).__name__, conninfo, config, kwargs, reset, settings)
-        self._pk_init(cfg, check)
-        self._pk_drained = threading.Event()
-        if self._pk_reset_auto:
-            connection_class = tracking_class(connection_class)
-        pool_kwargs = cfg.pool_kwargs()
-        pool_kwargs.pop("conninfo")
-        pool_kwargs.pop("kwargs")
-        super().__init__(
-            conninfo if callable(conninfo) else cfg.conninfo,
-            connection_class=connection_class,
-            kwargs=cfg.connect_kwargs(),
-            open=open,
-            configure=configure,
-            close_returns=close_returns,
-            reconnect_failed=cast(Any, reconnect_failed),
-            **pool_kwargs,
+        kwargs_fn = kwargs if callable(kwargs) else None
+        cfg = config_for_pool(
+            type(self).__name__, conninfo, config, None if kwargs_fn else kwargs, reset, settings
         )
+        if isinstance(conninfo, PoolConfig):
+            conninfo = ""
+        # Callables are called for each new connection (rotated passwords, IAM tokens).
+        self.conninfo: str | Callable[..., Any] = conninfo if callable(conninfo) else cfg.conninfo
+        self.kwargs: dict[str, Any] | Callable[..., Any] = kwargs_fn or cfg.connect_kwargs()
+        self.connection_class = connection_class
+        self.close_returns = close_returns
+        self._configure = configure
+        self._check = check
+        self._reconnect_failed = reconnect_failed
+        self._init_core(cfg, cfg.name)
+        policy = cfg.resolved_reset
+        self._reset_fn: Callable[[CT], Any] | None = policy if callable(policy) else None
+        self._auto = policy == "auto"
+        self._reset_sql = None if callable(policy) or self._auto else _reset.FIXED[policy]
+        self._peek = cfg.validate
+        # Back for less than this: lent without even the socket peek (see PEEK_AFTER).
+        self._instant_window = min(PEEK_AFTER, self._fast_window)
+        # No reset statement or callback on every return ("auto" decides per borrow).
+        self._no_reset = self._reset_sql is None and self._reset_fn is None
+        self._connect_timeout = connect_timeout_default(cfg)
+        self._init_lifecycle()
+        self._open_implicit = False
+        if ASYNC and open:
+            warnings.warn(
+                f"opening the async pool {type(self).__name__} in the constructor is "
+                "deprecated: use `pool.open()` or `with pool:`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if open is None:
+            open = self._open_implicit = True
+        if open:
+            self._open()
 
     # -- borrow ------------------------------------------------------------------------
 
-    def connection(self, timeout: float | None = None, *, tag: str | None = None) -> _Lease[CT]:  # type: ignore[override]
+    def connection(
+        self, timeout: float | None = None, *, tag: str | None = None
+    ) -> _ConnectionBlock[CT]:
         """Borrow a connection for an `with` block; the way to use the pool."""
-        return _Lease(self, timeout, tag)
+        return _ConnectionBlock(self, timeout, tag, _getframe(1))
 
     def getconn(self, timeout: float | None = None, *, tag: str | None = None) -> CT:
         """Borrow a connection; pair every call with `putconn()` (prefer `connection()`)."""
-        return self._pk_borrow(timeout, tag, _getframe(1))
+        return self._borrow(timeout, tag, _getframe(1))
 
-    def _pk_borrow(self, timeout: float | None, tag: str | None, f: FrameType) -> CT:
-        if self._pk_forked:
-            self._pk_rebuild_after_fork()
-        if self._pk_reclaim:
-            self._pk_give_back_reclaimed()
+    def _borrow(self, timeout: float | None, tag: str | None, site: Site) -> CT:
+        """Borrow, attributing the borrow to `site` (a frame, a function's code, or None)."""
         now = monotonic()
-        conn: CT | None = None
-        waiter: _Waiter[CT] | None = None
-        fast = False
+        slot: Slot | None = None
         with self._lock:
-            if self._closed or self._pk_draining:
-                self._pk_raise_closed()
-            idle = self._pool
-            if idle:
-                conn = idle.pop()
-                if len(idle) < self._nconns_min:
-                    self._nconns_min = len(idle)
-                # Checked inside the lock so the counter only ever goes up.
+            if self._idle and not self._draining:
+                slot = self._idle.popleft() if self._fifo else self._idle.pop()
                 if (
-                    conn._pk_pending is None
-                    and (idle_for := now - conn._pk_returned_at) < self._pk_fast_window
-                    and now < conn._expire_at
-                    and (
-                        # The peek is a syscall; a connection back for under a
-                        # millisecond has had no time to be dropped.
-                        idle_for < PEEK_AFTER
-                        or not self._pk_validate
-                        or not conn._pk_poll.poll(0)
-                        or not self._pk_socket_broken(conn)
-                    )
+                    now - slot.returned_at < self._instant_window
+                    and slot.pending is None
+                    and now < slot.expire_at
+                    and slot.created_at >= self._invalid_before
+                    and (slot.checked or not self._check)
                 ):
+                    # Back a moment ago: nothing to check, book it in the same lock.
+                    conn = slot.conn
+                    self._lent[id(conn)] = slot
                     self._n_fast += 1
-                    fast = True
-            else:
-                # Queue up in the same critical section that found nothing idle.
-                waiter = self._pk_enqueue(now)
-        if waiter is not None:
-            return self._pk_getconn_wait(now, timeout, tag, f, waiter)
-        assert conn is not None
-        if not fast:
-            if self._pk_ready(conn, now, now + (timeout or self.timeout)):
-                self._pk_wait_q.append(monotonic() - now)
-            else:
-                conn = None
-        if conn is None:
-            return self._pk_getconn_wait(now, timeout, tag, f, None)
-        # Registering needs no lock: a dict store is atomic, readers copy the dict first.
-        if f.f_code.co_filename.startswith(SKIP_PREFIXES):
-            f = borrow_frame(f)
-        conn._pk_wr = wr = _ref(conn, self._pk_gc_cb)
-        self._pk_borrowed[wr] = [
-            now, f.f_code, f.f_lineno, _get_ident(), None, tag, False,
-            format_stack(f) if self._pk_capture_stack else None,
-        ]  # fmt: skip
-        conn._pool = self
+                    conn.__class__ = slot.cls
+                    return self._lend(slot, now, tag, site, None, True)
+        if slot is not None:
+            conn = slot.conn
+            idle_for = now - slot.returned_at
+            if (
+                slot.pending is None
+                and idle_for < self._fast_window
+                and now < slot.expire_at
+                and slot.created_at >= self._invalid_before
+                and (slot.checked or not self._check)
+                and not (self._peek and slot.peek.broken(conn))
+            ):
+                conn.__class__ = slot.cls
+                return self._lend(slot, now, tag, site, None, False)
+        return self._borrow_slow(now, timeout, tag, site, slot)
+
+    def _lend(
+        self,
+        slot: Slot,
+        now: float,
+        tag: str | None,
+        site: Site,
+        waited: float | None,
+        booked: bool,
+    ) -> CT:
+        """Record the borrow on `slot` (booked: already in _lent); the connection is unguarded.
+
+        While lent, the pool holds the connection only through the slot's weak reference:
+        a borrower that drops it lets it be collected, and the slot comes back (_reclaim).
+        """
+        conn: CT = slot.conn
+        if site is None:
+            site = _getframe(2)
+        if site.__class__ is CodeType:
+            slot.code, slot.lineno = site, site.co_firstlineno
+        else:
+            f = cast(FrameType, site)
+            skip = FRAMEWORK_FILES.get(f.f_code.co_filename)
+            if skip or (skip is None and is_framework(f.f_code.co_filename)):
+                f = user_frame(f)
+            slot.code, slot.lineno = f.f_code, f.f_lineno
+            if self._capture_stack:
+                slot.stack = format_stack(f)
+        slot.t0 = now
+        slot.owner = get_ident()
+        slot.task = None
+        slot.tag = tag
+        slot.warned = False
+        slot.conn = None
+        _psycopg.set_pool(conn, self)
+        if not booked:
+            with self._lock:
+                self._lent[id(conn)] = slot
+                if waited is None:
+                    self._n_fast += 1
+        if waited is not None:
+            self._wait_q.append(waited)
         return conn
 
-    def _pk_hand_off(self, conn: CT) -> bool:
-        """Give conn to the longest waiter still waiting (caller holds the lock)."""
-        waiting = self._waiting
-        while waiting:
-            w = waiting.popleft()
-            if w.set(conn):
-                return True
-        return False
-
-    def _pk_enqueue(self, t0: float) -> _Waiter[CT]:
-        """Put a borrower in line (caller holds the lock), or refuse it past max_waiting."""
-        if self.max_waiting and len(self._waiting) >= self.max_waiting:
-            self._n_rejected += 1
-            raise TooManyRequests(
-                f"the pool {self.name!r} has already {len(self._waiting)} requests "
-                f"waiting ({self._pk_state_line()}): raise max_waiting or max_size"
-            )
-        waiter: _Waiter[CT] = _Waiter(t0)
-        self._waiting.append(waiter)
-        self._maybe_grow_pool()
-        return waiter
-
-    def _pk_getconn_wait(
-        self,
-        t0: float,
-        timeout: float | None,
-        tag: str | None,
-        f: FrameType,
-        waiter: _Waiter[CT] | None,
+    def _borrow_slow(
+        self, t0: float, timeout: float | None, tag: str | None, site: Site, slot: Slot | None
     ) -> CT:
         deadline = t0 + (self.timeout if timeout is None else timeout)
+        if site is None:
+            site = _getframe(2)
         while True:
-            conn: CT | None = None
-            if waiter is None:
-                if self._pk_reclaim:
-                    self._pk_give_back_reclaimed()
-                with self._lock:
-                    if self._closed or self._pk_draining:
-                        self._pk_raise_closed()
-                    if self._pool:
-                        conn = self._pool.pop()
-                        if len(self._pool) < self._nconns_min:
-                            self._nconns_min = len(self._pool)
-                    else:
-                        waiter = self._pk_enqueue(t0)
-            if waiter is not None:
-                conn = self._pk_wait_in_line(waiter, t0, deadline)
-                waiter = None
-            assert conn is not None
-            now = monotonic()
-            if self._pk_ready(conn, now, deadline):
-                self._pk_wait_q.append(now - t0)
-                self._pk_register(conn, now, tag, None, f)
-                conn._pool = self
-                return conn
-            if now >= deadline:
-                with self._lock:
-                    self._n_timeouts += 1
-                self._pk_event("timeout", self._pk_state_line())
-                raise PoolTimeout(self._pk_timeout_message(now - t0))
+            if slot is None:
+                slot = self._take_slot(t0, deadline)
+            if self._ready(slot, deadline):
+                now = monotonic()
+                return self._lend(slot, now, tag, site, now - t0, False)
+            slot = None
 
-    def _pk_wait_in_line(self, waiter: _Waiter[CT], t0: float, deadline: float) -> CT:
+    def _take_slot(self, t0: float, deadline: float) -> Slot:
+        """An idle slot, a stolen parked one, or one handed over after a wait in line."""
+        stolen: Slot | None = None
+        with self._lock:
+            if self._open_implicit and not ASYNC:
+                self._open_implicit = False
+                warnings.warn(
+                    f"the default for the {type(self).__name__} 'open' parameter will "
+                    "become 'False' in a future release: pass open=True/False, or use "
+                    f"`with {type(self).__name__}(...) as pool:`",
+                    DeprecationWarning,
+                    stacklevel=5,
+                )
+            if self._open_implicit and ASYNC:
+                self._open_implicit = False
+                warnings.warn(
+                    f"opening the async pool {type(self).__name__} in the constructor is "
+                    "deprecated: use `pool.open()` or `with pool:`",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            if self._closed or self._draining:
+                raise self._closed_error()
+            if self._forked:
+                self._forked = False
+                self._start_worker()
+            gone = self._take_reclaimed()
+            if self._idle:
+                return self._idle.popleft() if self._fifo else self._idle.pop()
+            if self._parked and self._nconns + self._connecting >= self._max_size:
+                # At max_size with nothing idle: take a connection parked by a thread
+                # between two requests (Django's CONN_MAX_AGE) rather than wait.
+                _, stolen = self._parked.popitem()
+                stolen.parked = False
+                stolen.conn = stolen.wr()
+                self._n_stolen += 1
+                if stolen.conn is None:
+                    self._nconns -= 1
+                    stolen = None
+            if stolen is None:
+                if self._permanent_fix and not self._nconns:
+                    raise ConnectFailed(self._connect_failed_message())
+                if self.max_waiting and len(self._waiting) >= self.max_waiting:
+                    self._n_rejected += 1
+                    raise TooManyRequests(
+                        f"the pool {self.name!r} has already {len(self._waiting)} requests "
+                        f"waiting ({self._state_line()}): raise max_waiting or max_size"
+                    )
+                waiter = self._new_waiter()
+                self._waiting.append(waiter)
+                self._n_queued += 1
+        self._report_reclaimed(gone)
+        if stolen is not None:
+            self._recycle(stolen, monotonic())
+            return stolen
+        self._wakeup.set()
         try:
-            waiter.sem.acquire(timeout=max(0.0, deadline - monotonic()))
+            waiter.wait(deadline)
         except BaseException:
-            # Interrupted: never lose a connection that was handed over meanwhile.
+            # Cancelled while in line: a connection handed over meanwhile goes back.
             with self._lock:
-                waiter.fail_now(_TIMED_OUT)
-                self._pk_forget_waiter(waiter)
-            if waiter.conn is not None:
-                self._pk_give_back(waiter.conn)
+                if waiter.give_up():
+                    self._forget_waiter(waiter)
+                    handed = None
+                else:
+                    handed = waiter.item
+                    if handed is not None:
+                        self._put_idle_locked(handed)
             raise
-        if waiter.conn is not None:  # set before the release that woke us
-            return waiter.conn
-        if waiter.error is None:
-            with self._lock:
-                # Timed out: settle it against a hand-off that may be happening now.
-                waiter.fail_now(_TIMED_OUT)
-                if waiter.conn is not None:
-                    return waiter.conn
-                self._pk_forget_waiter(waiter)
-        if waiter.error is _TIMED_OUT:
-            with self._lock:
+        with self._lock:
+            if waiter.give_up():
+                self._forget_waiter(waiter)
                 self._n_timeouts += 1
-            self._pk_event("timeout", self._pk_state_line())
-            raise PoolTimeout(self._pk_timeout_message(monotonic() - t0))
-        raise waiter.error
+                self._failed_wait += monotonic() - t0
+                timed_out = True
+            else:
+                timed_out = False
+        if not timed_out:
+            if waiter.error is not None:
+                raise waiter.error
+            return cast(Slot, waiter.item)
+        self._event("timeout", self._state_line())
+        raise PoolTimeout(self._timeout_message(monotonic() - t0))
 
-    def _pk_forget_waiter(self, waiter: _Waiter[CT]) -> None:
-        with contextlib.suppress(ValueError):
-            self._waiting.remove(waiter)
-
-    def _pk_ready(self, conn: CT, now: float, deadline: float) -> bool:
-        """Make a popped idle connection ready to lend, or dispose of it and return False.
+    def _ready(self, slot: Slot, deadline: float) -> bool:
+        """Make a slot taken from idle ready to lend, or dispose of it and return False.
 
         Round trips are bounded by the borrower's deadline: a black-holed network costs
-        the borrower its timeout, never more.
+        the borrower its timeout, never more. A cancellation at any closes the
+        connection and gives its slot back to the pool's books (never lost).
         """
-        if conn._pk_pending is not None:
-            # Usually already answered while the connection sat idle: no waiting here.
-            try:
-                check_result(conn.wait(drain_gen(conn.pgconn), timeout=max(0.001, deadline - now)))
-                if self._configure is not None:
-                    self._configure(conn)
-            except Exception:
-                self._pk_lost(conn, now, bulk=True)
+        conn = slot.conn
+        conn.__class__ = slot.cls
+        try:
+            now = monotonic()
+            if slot.pending is not None and not self._drain_reset(slot, deadline):
                 return False
-            conn._pk_pending = None
-            conn._pk_touched = False
-        if now >= conn._expire_at:
-            self._pk_replace(conn)
-            return False
-        idle_for = now - conn._pk_returned_at
-        if idle_for > self.max_idle:
-            # Idle past max_idle: a firewall may have dropped it silently; a ping could
-            # hang until TCP gives up, so replace it instead.
-            self._pk_replace(conn, shrink=self._nconns > self._min_size)
-            return False
-        if self._pk_validate:
-            if idle_for >= self._pk_bypass:
-                self._n_valid_run += 1
+            if now >= slot.expire_at or slot.created_at < self._invalid_before:
+                self._retire(slot)
+                return False
+            idle_for = now - slot.returned_at
+            if idle_for > self.max_idle:
+                # Idle past max_idle: a firewall may have dropped it silently; a ping could
+                # hang until TCP gives up, so replace it instead.
+                self._retire(slot)
+                return False
+            if self._check is not None and (idle_for >= self._bypass or not slot.checked):
+                with self._lock:
+                    self._n_valid_run += 1
                 try:
-                    if self._pk_check is not None:
-                        self._pk_check(conn)
-                    else:
-                        check_result(
-                            conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
-                        )
-                except Exception:
-                    self._n_valid_fail += 1
-                    self._pk_lost(conn, now, bulk=True)
+                    ensure(self._check(cast(CT, conn)))
+                except Exception as ex:
+                    self._check_failed(slot, ex)
                     return False
-                conn._pk_touched = False
-            elif idle_for >= PEEK_AFTER and self._pk_socket_broken(conn):
-                self._n_valid_fail += 1
-                self._pk_lost(conn, now, bulk=True)
+                slot.checked = True
+                slot.last_good = monotonic()
+            elif idle_for >= self._bypass:
+                with self._lock:
+                    self._n_valid_run += 1
+                try:
+                    check_result(
+                        conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
+                    )
+                except Exception:
+                    with self._lock:
+                        self._n_valid_fail += 1
+                    self._lost(slot)
+                    return False
+                slot.last_good = monotonic()
+            elif self._peek and idle_for >= PEEK_AFTER and slot.peek.broken(conn):
+                with self._lock:
+                    self._n_valid_fail += 1
+                self._lost(slot)
                 return False
             else:
-                self._n_valid_skip += 1
+                with self._lock:
+                    self._n_valid_skip += 1
+        except BaseException:
+            self._retire(slot)
+            raise
+        if conn.pgconn.transaction_status != _IDLE:
+            # Safety net: nothing may reach a borrower mid-transaction.
+            logger.warning(
+                "pool %r: connection found %s at borrow: closed",
+                self.name,
+                TransactionStatus(conn.pgconn.transaction_status).name,
+            )
+            self._retire(slot)
+            return False
         return True
 
-    # -- return ------------------------------------------------------------------------
+    # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
 
-    def putconn(self, conn: CT) -> None:
-        """Give back a connection obtained with `getconn()`."""
-        if getattr(conn, "_pool", None) is not self:
-            self._check_pool_putconn(conn)
-        self._pk_put(conn)
+    def _park(self, conn: CT) -> None:
+        """End a borrow but keep `conn` reserved for its borrower, unless someone needs it.
 
-    def _pk_put(self, conn: CT) -> None:
-        now = monotonic()
-        rec = self._pk_borrowed.pop(conn._pk_wr, None)
-        if (
-            self._pk_plain_return
-            and not conn._pk_touched
-            and conn.pgconn.transaction_status == _IDLE
-            and now < conn._expire_at
-            and conn._created_at > self._drained_at
-        ):
-            conn._pk_returned_at = now
-            conn._pool = None
-            if rec is not None:
-                self._pk_account(rec, now)
-            with self._lock:
-                if not self._closed:
-                    if not self._pk_hand_off(conn):
-                        self._pool.append(conn)
-                    if self._pk_draining and not self._pk_borrowed:
-                        self._pk_drained.set()
-                    return
-        elif rec is not None:
-            self._pk_account(rec, now)
-        if self._pk_draining and not self._pk_borrowed:
-            self._pk_drained.set()
-        if self._closed:
-            self._close_connection(conn)
-            return
-        try:
-            self._pk_return(conn, now)
-        except BaseException:
-            # Interrupted mid-return (KeyboardInterrupt during a rollback): if the
-            # connection was not placed yet, drop it and refill.
-            if getattr(conn, "_pool", None) is self:
-                self._pk_abandon(conn)
-            raise
-
-    def _pk_return(self, conn: CT, now: float) -> None:
-        pgconn = conn.pgconn
-        status = pgconn.transaction_status
-        if status != _IDLE:
-            if status == _UNKNOWN:
-                self._pk_lost(conn, now, bulk=conn.broken)
-                return
-            if status == _ACTIVE:
-                logger.warning("pool %r: connection returned mid-operation: closed", self.name)
-                self._pk_replace(conn)
-                return
-            logger.warning(
-                "pool %r: connection returned inside a transaction: rolled back", self.name
-            )
-            try:
-                conn.rollback()
-            except Exception as ex:
-                logger.warning("pool %r: rollback failed (%s): connection replaced", self.name, ex)
-                self._pk_replace(conn)
-                return
-        if conn._created_at <= self._drained_at or now >= conn._expire_at:
-            self._pk_replace(conn)
-            return
-        if conn._pk_touched or self._pk_restore_always:
-            restore_attrs(conn)
-        if self._pk_reset_callable is not None:
-            self.run_task(_ResetTask(self, conn))
-            return
-        sql = conn._pk_dirty if self._pk_reset_auto else self._pk_reset_sql
-        if sql is not None:
-            # Pipelined: the reset travels now and its answer is read by the next
-            # borrower, so nobody waits a round trip for it.
-            try:
-                pgconn.send_query(sql)
-                pgconn.flush()
-            except Exception:
-                self._pk_lost(conn, now, bulk=True)
-                return
-            conn._pk_pending = sql
-            self._n_resets += 1
-        conn._pk_touched = False
-        conn._pk_dirty = None
-        conn._pk_returned_at = now
-        self._add_to_pool(conn)
-
-    def _pk_give_back(self, conn: CT) -> None:
-        """Return a connection that was handed to a waiter who is gone."""
-        conn._pk_returned_at = monotonic()
-        self._add_to_pool(conn)
-
-    def _add_to_pool(self, conn: CT) -> None:
-        conn._pool = None
-        with self._lock:
-            if not self._closed:
-                if self._pk_hand_off(conn):
-                    return
-                self._pool.append(conn)
-                if self._pool_full_event and len(self._pool) >= self._min_size:
-                    self._pool_full_event.set()
-                return
-        self._close_connection(conn)
-
-    # -- disposal ----------------------------------------------------------------------
-
-    def _pk_replace(self, conn: CT, shrink: bool = False) -> None:
-        # Book the replacement before closing: an interruption during close must not
-        # cost the pool its slot.
-        if shrink:
-            with self._lock:
-                self._nconns -= 1
-        else:
-            self.run_task(AddConnection(self))
-        self._close_connection(conn)
-
-    def _pk_lost(self, conn: CT, now: float, bulk: bool) -> None:
-        """A connection is found broken; with bulk, so is every idle one older than now."""
-        with self._lock:
-            self._n_lost += 1
-            stale = self._pk_invalidate_older(now) if bulk else []
-        self._pk_event("connection-lost", f"{len(stale)} older idle connections invalidated")
-        logger.warning(
-            "pool %r: connection lost; replacing it and %d older idle connections",
-            self.name,
-            len(stale),
-        )
-        for c in (conn, *stale):
-            self._pk_replace(c)
-
-    def _pk_abandon(self, conn: CT) -> None:
-        conn._pool = None
-        self._n_closed += 1
-        with contextlib.suppress(Exception):  # already gone
-            conn.pgconn.finish()
-        self.run_task(AddConnection(self))
-
-    def _close_connection(self, conn: CT) -> None:
-        self._n_closed += 1
-        conn._pool = None
-        try:
-            conn.close()
-        except Exception as ex:  # a dead socket must not break the caller
-            logger.debug("pool %r: error closing connection: %s", self.name, ex)
-
-    def _connect(self, timeout: float | None = None) -> CT:
-        t0 = monotonic()
-        try:
-            conn = super()._connect(timeout or self._pk_connect_timeout)
-        except BaseException as ex:
-            self._n_failed += 1
-            self._pk_last_error = mask_conninfo(f"{type(ex).__name__}: {ex}".strip())
-            raise
-        self._pk_new_conn(conn, monotonic() - t0)
-        if self._pk_reset_auto:
-            install_tracking_cursors(conn)
-        remember_attrs(conn)
-        if self._pk_events and self._pk_events[-1][1] == "connection-lost":
-            self._pk_event("recovered", "new connection established")
-        return conn
-
-    def _return_connection(self, conn: CT, from_getconn: bool) -> None:
-        self._pk_return(conn, monotonic())
-
-    # -- housekeeping ------------------------------------------------------------------
-
-    def _start_initial_tasks(self) -> None:
-        super()._start_initial_tasks()
-        self.run_task(Schedule(self, _Housekeeping(self), self.housekeeping_interval))
-
-    def _pk_give_back_reclaimed(self) -> None:
-        with self._lock:
-            lost = self._pk_take_reclaimed()
-        for _ in lost:
-            self.run_task(AddConnection(self))
-
-    def _pk_housekeep(self) -> None:
-        if self._pk_reclaim:
-            self._pk_give_back_reclaimed()
-        self._pk_fold()
-        self._pk_leak_scan(monotonic())
-        interval = self.config.keepalive_interval
-        if interval:
-            self._pk_keepalive(interval)
-
-    def _pk_keepalive(self, interval: float) -> None:
+        The pool takes a parked connection back when a borrower would otherwise wait at
+        max_size; `_unpark()` tells the parker whether it still has it.
+        """
         now = monotonic()
         with self._lock:
-            due = [c for c in self._pool if now - c._pk_returned_at >= interval]
-        for conn in due:
-            with self._lock:
-                try:
-                    self._pool.remove(conn)
-                except ValueError:
-                    continue  # borrowed meanwhile
-            if conn._pk_pending is None:
-                self._n_valid_run += 1
-                try:
-                    check_result(conn.wait(ping_gen(conn.pgconn), timeout=self.timeout))
-                except Exception:
-                    self._n_valid_fail += 1
-                    self._pk_lost(conn, monotonic(), bulk=True)
-                    continue
-                conn._pk_touched = False
-            elif not self._pk_ready(conn, now, now + self.timeout):
-                continue
-            conn._pk_returned_at = monotonic()
-            self._add_to_pool(conn)
-
-    def check(self) -> None:
-        """Validate every idle connection now; replace the broken ones."""
-        with self._lock:
-            conns = list(self._pool)
-            self._pool.clear()
-        now = monotonic()
-        for conn in conns:
-            conn._pk_returned_at = min(conn._pk_returned_at, now - self._pk_bypass - 1.0)
-            saved, self._pk_validate = self._pk_validate, True
-            try:
-                ok = self._pk_ready(conn, now, now + self.timeout)
-            finally:
-                self._pk_validate = saved
-            if ok:
-                conn._pk_returned_at = monotonic()
-                self._add_to_pool(conn)
-
-    # -- shutdown and fork -------------------------------------------------------------
-
-    def _pk_raise_closed(self) -> None:
-        if self._pk_draining and not self._closed:
-            raise PoolClosed(f"the pool {self.name!r} is closing: it lends no more connections")
-        self._check_open_getconn()
-        raise PoolClosed(f"the pool {self.name!r} is closed")
-
-    def wait(self, timeout: float = 30.0) -> None:
-        """Wait until min_size connections are open; on failure say why."""
-        try:
-            super().wait(timeout)
-        except PoolTimeout:
-            why = f": {self._pk_last_error}" if self._pk_last_error else ""
-            raise PoolTimeout(
-                f"pool {self.name!r} could not open {self._min_size} connection(s) to "
-                f"{mask_conninfo(self._pk_dsn())} within {timeout} s{why}"
-            ) from None
-
-    def close(self, timeout: float | None = None) -> None:
-        """Stop lending, wait up to `timeout` (default: drain_timeout) for borrowers, close."""
-        if self._closed:
+            slot = self._lent.pop(id(conn), None)
+            if slot is not None and self._waiting:
+                self._lent[id(conn)] = slot
+                slot = None
+                give_back = True
+            else:
+                give_back = False
+            if slot is not None:
+                slot.parked = True
+                slot.returned_at = now
+                self._parked[id(conn)] = slot
+        if give_back:
+            self._return(conn, _getframe(1))
             return
-        if timeout is None:
-            timeout = self.config.drain_timeout
-        self._pk_draining = True
+        if slot is None:
+            self._not_mine(conn)
+            return
+        self._hold_q.append((slot.tag, now - slot.t0))
+        if slot.warned:
+            self._late_return(slot, now)
+
+    def _unpark(self, conn: CT, tag: str | None = None, site: Site = None) -> bool:
+        """Take back a parked connection: False if the pool gave it to someone else."""
+        now = monotonic()
         with self._lock:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-            for w in waiting:
-                w.fail_now(PoolClosed(f"the pool {self.name!r} is closing"))
-        # The caller's own borrows cannot come back while it waits here: wait for others'.
-        me = _get_ident()
-        deadline = monotonic() + timeout
-        while (left := deadline - monotonic()) > 0 and any(
-            r[OWNER] != me for r in list(self._pk_borrowed.values())
-        ):
-            self._pk_drained.wait(min(left, 0.05))
-        if self._pk_borrowed:
-            # close(timeout=0) means "now": worth a note, not a warning.
-            (leak_logger.warning if timeout > 0 else leak_logger.info)(
-                "pool %r: closing with %d connection(s) still borrowed after a %.1f s drain: %s",
-                self.name,
-                len(self._pk_borrowed),
-                timeout,
-                "; ".join(f"{b.site} ({b.held_for:.1f} s)" for b in self.borrowed()),
-            )
-        super().close(timeout=5.0)
+            slot = self._parked.pop(id(conn), None)
+            if slot is None or slot.wr() is not conn:
+                if slot is not None:
+                    self._parked[id(conn)] = slot
+                return False
+            slot.parked = False
+            slot.conn = conn
+            self._lent[id(conn)] = slot
+            self._n_fast += 1
+        self._lend(slot, now, tag, site if site is not None else _getframe(1), None, True)
+        return True
+
+    def __enter__(self) -> Pool[CT]:
+        """Open the pool (as psycopg_pool does: without waiting; call wait() for that)."""
+        self._open_implicit = False  # used as a context manager: the way to open it
+        self.open()
+        return self
 
     def __exit__(
         self,
@@ -669,62 +443,3 @@ class Pool(PoolCore, ConnectionPool[CT]):
         exc_tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _pk_rebuild_after_fork(self) -> None:
-        # Several threads may reach a forked pool at once: one rebuilds, the others wait,
-        # and the flag drops only when the new state is complete.
-        with self._pk_fork_lock:
-            if not self._pk_forked:
-                return
-            was_open = not self._closed
-            # The parent's lock may have been held by a thread that does not exist here.
-            self._lock = threading.RLock()
-            self._pool = deque()
-            self._waiting = deque()
-            self._pk_borrowed = {}
-            self._pk_reclaim = deque()
-            self._pk_drained = threading.Event()
-            self._workers = []
-            self._sched_runner = None
-            self._pool_full_event = None
-            self._nconns = self._nconns_min = self._min_size
-            self._growing = False
-            self._closed, self._opened = True, False
-            logger.info("pool %r: rebuilt in a forked child process", self.name)
-            if was_open:
-                self.open()
-            self._pk_forked = False
-
-
-class _Housekeeping(MaintenanceTask):
-    """Periodic: give back slots of garbage-collected borrows, warn about leaks, keepalive."""
-
-    def _run(self, pool: ConnectionPool[Any]) -> None:
-        assert isinstance(pool, Pool)
-        pool.schedule_task(self, pool.housekeeping_interval)
-        pool._pk_housekeep()
-
-
-class _ResetTask(MaintenanceTask):
-    """Run a user reset callable off the borrower's path, then put the connection back."""
-
-    def __init__(self, pool: Pool[Any], conn: Any) -> None:
-        super().__init__(pool)
-        self.conn = conn
-
-    def _run(self, pool: ConnectionPool[Any]) -> None:
-        assert isinstance(pool, Pool)
-        conn = self.conn
-        try:
-            assert pool._pk_reset_callable is not None
-            pool._pk_reset_callable(conn)
-            if conn.pgconn.transaction_status != _IDLE:
-                raise RuntimeError("reset function left the connection inside a transaction")
-        except Exception as ex:
-            logger.warning("pool %r: reset failed (%s): connection replaced", pool.name, ex)
-            pool._pk_replace(conn)
-            return
-        pool._n_resets += 1
-        conn._pk_touched = False
-        conn._pk_returned_at = monotonic()
-        pool._add_to_pool(conn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import site
 import sys
 import sysconfig
@@ -126,9 +127,9 @@ def open_entry(entry: Entry) -> Pool[Any]:
 def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     """Borrow a connection for `wrapper` and remember it, so a dying thread gives it back."""
     pool = open_entry(entry)
-    # _pk_borrow instead of getconn(): getconn() records its caller, Django's connect(),
+    # _borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
-    conn = pool._pk_borrow(None, current_tag.get(), _user_frame(frame))
+    conn = pool._borrow(None, current_tag.get() or _thread_tag(), _user_frame(frame))
     wrapper._pk_lease = entry
     if not wrapper._pk_guarded:
         # Once per wrapper (wrappers live in one thread): the thread's guard watches it.
@@ -138,6 +139,22 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
         guard.wrappers.add(wrapper)
         wrapper._pk_guarded = True
     return conn
+
+
+def _thread_tag() -> str | None:
+    """The tag "thread: NAME" for a borrow outside any view in a thread of its own, else None.
+
+    A thread started by a view does not inherit the view's tag (threads start with an
+    empty context), so its hold time is listed under the thread's name; the counter
+    Python adds ("Thread-7 (send_mail)", "ThreadPoolExecutor-0_3") is dropped, so one
+    kind of helper thread is one row.
+    """
+    thread = threading.current_thread()
+    if thread is threading.main_thread():
+        return None
+    target = re.fullmatch(r"Thread-\d+ \((.+)\)", thread.name)
+    name = target.group(1) if target else re.sub(r"-\d+(?:_\d+)?$", "", thread.name)
+    return f"thread: {name}"
 
 
 def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:

@@ -88,6 +88,13 @@ def metrics(request: HttpRequest) -> HttpResponse:
 _history = DashboardHistory(pools, interval=1.0, window=300.0)
 
 
+def start_dashboard_history() -> None:
+    """Sample the pools every second from now on, when the dashboard is on, so its chart
+    shows the last minutes as soon as the page opens (AppConfig.ready calls this)."""
+    if getattr(settings, "POOLKIT_DASHBOARD", False):
+        _history.start()
+
+
 def _dashboard_allowed(request: HttpRequest) -> HttpResponse | None:
     """None when the dashboard may be shown; else the 404/403 to answer.
 

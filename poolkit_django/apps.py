@@ -13,11 +13,12 @@ class PoolkitDjangoConfig(AppConfig):
     def ready(self) -> None:
         from django.db import connections
 
-        from . import _checks, _middleware
+        from . import _checks, _middleware, _views
         from ._options import check_connect_arguments, is_ours, pool_config
 
         _checks.register()
         _middleware.connect_signals()
+        _views.start_dashboard_history()
         # Bad settings fail at startup (an ImproperlyConfigured naming the key), not at
         # the first request: the pool's and the connection arguments in OPTIONS.
         for alias, db in settings.DATABASES.items():

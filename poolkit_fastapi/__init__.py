@@ -1,5 +1,10 @@
 """FastAPI integration: a lifespan opening poolkit pools and per-request connection dependencies."""
 
+from poolkit._extras import require_extra
+
+require_extra("poolkit_fastapi", "fastapi", ("fastapi", "starlette", "anyio"))
+
+# The imports below need the extra: they run after the check on purpose.
 from ._deps import (
     Conn,
     StreamConn,

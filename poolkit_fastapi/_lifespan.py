@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import psycopg
@@ -25,6 +26,8 @@ __all__ = [
 
 logger = logging.getLogger("poolkit.fastapi")
 
+# The Pools of the PoolLifespan being run, for code running inside it at startup.
+opened_pools: ContextVar[Pools | None] = ContextVar("poolkit_fastapi_pools", default=None)
 # The lifespan state key holding the Pools; merged with the application's own state.
 STATE_KEY = "poolkit"
 DEFAULT = "default"
@@ -185,9 +188,14 @@ class PoolLifespan:
         except BaseException:
             await self._close_all([*async_pools.values(), *sync_pools.values()])
             raise
+        pools = Pools(async_pools, sync_pools, self.retry_after)
+        # Seen by lifespans entered inside this one, such as pool_router's dashboard
+        # sampler (FastAPI runs an included router's lifespan within the app's).
+        opened_pools.set(pools)
         try:
-            yield {STATE_KEY: Pools(async_pools, sync_pools, self.retry_after)}
+            yield {STATE_KEY: pools}
         finally:
+            opened_pools.set(None)
             await self._close_all([*async_pools.values(), *sync_pools.values()])
 
     async def _open_all(self, pools: list[AsyncPool[Any] | Pool[Any]]) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from enum import Enum
 from typing import Any
 
@@ -22,9 +25,11 @@ from poolkit import (
 )
 
 from ._deps import _tag
-from ._lifespan import get_pools
+from ._lifespan import get_pools, opened_pools
 
 __all__ = ["pool_router"]
+
+logger = logging.getLogger("poolkit.fastapi")
 
 
 def pool_router(
@@ -78,7 +83,8 @@ def pool_router(
             raise HTTPException(501, detail=str(exc)) from None
         return Response(body, media_type=content_type)
 
-    router.add_api_route(ready_path, ready, methods=["GET"], name="poolkit_ready")
+    # HEAD too: load balancers and uptime checks probe with it.
+    router.add_api_route(ready_path, ready, methods=["GET", "HEAD"], name="poolkit_ready")
     router.add_api_route(metrics_path, metrics, methods=["GET"], name="poolkit_metrics")
     if dashboard:
         _add_dashboard(router, dashboard_prefix.rstrip("/"), list(dashboard_dependencies))
@@ -86,10 +92,29 @@ def pool_router(
 
 
 def _add_dashboard(router: APIRouter, prefix: str, dependencies: list[Any]) -> None:
-    # Sampled by each snapshot, not by a thread: nothing to start or stop with the app,
-    # nothing lost across a fork; the chart fills while the page is open.
     history = DashboardHistory(interval=1.0, window=300.0)
     html = dashboard_html()
+
+    @asynccontextmanager
+    async def sampling(app: Any) -> AsyncIterator[None]:
+        # FastAPI runs an included router's lifespan inside the app's, so PoolLifespan's
+        # pools are open here: sample them from startup on, on the serving loop, so the
+        # chart shows the last minutes as soon as the page opens. Without PoolLifespan,
+        # each snapshot samples instead (the chart fills while the page is open).
+        pools = opened_pools.get()
+        task = None
+        if pools is not None:
+            history.pools = pools.by_name
+            task = asyncio.create_task(_sample_every(history), name="poolkit-dashboard")
+        try:
+            yield None
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    router.lifespan_context = sampling
 
     async def page() -> HTMLResponse:
         return HTMLResponse(html, headers={"Cache-Control": "no-store"})
@@ -106,6 +131,15 @@ def _add_dashboard(router: APIRouter, prefix: str, dependencies: list[Any]) -> N
     }
     router.add_api_route(f"{prefix}/", page, name="poolkit_dashboard", **options)
     router.add_api_route(f"{prefix}/data", data, name="poolkit_dashboard_data", **options)
+
+
+async def _sample_every(history: DashboardHistory) -> None:
+    while True:
+        try:
+            history.sample()
+        except Exception:  # a pool closing under us must not end the sampling
+            logger.debug("dashboard sample failed", exc_info=True)
+        await asyncio.sleep(history.interval)
 
 
 # Checks still running after their answer was given up on; referenced until they end.

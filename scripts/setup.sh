@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
 # Set up a poolkit development environment from a clean clone; safe to run again.
-# Usage: bash scripts/setup.sh [--system]
-#   --system  when root and apt-get exists, also install Debian's pgbouncer, chromium, chromium-driver
+# Usage: bash scripts/setup.sh [--system] [--example fastapi|django]
+#   (default)  .venv with poolkit editable and its "dev" extra (test + bench + lint): what the tests need
+#   --example  only what that example app needs (".[fastapi,prometheus,embedded]"), nothing for tests
+#   --system   when root and apt-get exists, also install Debian's pgbouncer, chromium, chromium-driver
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 system=0
-for arg in "$@"; do
-  case "$arg" in
+example=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --system) system=1 ;;
-    -h | --help) sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "setup: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    --example)
+      [ $# -ge 2 ] || { echo "setup: --example needs fastapi or django" >&2; exit 2; }
+      example=$2
+      shift
+      ;;
+    --example=*) example=${1#--example=} ;;
+    -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup: unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+
+# What to install, and the modules whose import proves it is installed.
+case "$example" in
+  "") spec=".[dev]"; extra=(); probe="pytest, pytest_timeout, fastapi, django, sqlalchemy, mypy" ;;
+  # prometheus: the examples serve /metrics.
+  fastapi) spec=".[fastapi,prometheus,embedded]"; extra=(); probe="fastapi, uvicorn, prometheus_client" ;;
+  # gunicorn serves the Django example; it is no dependency of poolkit[django].
+  django) spec=".[django,prometheus,embedded]"; extra=("gunicorn>=22"); probe="django, gunicorn, prometheus_client" ;;
+  *) echo "setup: unknown example: $example (fastapi or django)" >&2; exit 2 ;;
+esac
 
 say() { printf 'setup: %s\n' "$*"; }
 warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
@@ -38,19 +58,21 @@ else
   "$py" -m venv .venv || die "'$py -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
 fi
 
-# -- 2. Python dependencies (skipped while pyproject.toml is unchanged) ---------------------------
+# -- 2. Python dependencies (skipped while pyproject.toml and what was installed are unchanged) ---
 stamp=.venv/.poolkit-setup-stamp
-want=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
+hash=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
 installed() {
-  .venv/bin/python -c 'import importlib.metadata as m; m.version("poolkit"); import pytest, pytest_timeout' >/dev/null 2>&1
+  .venv/bin/python -c "import importlib.metadata as m; m.version('poolkit'); import $probe" >/dev/null 2>&1
 }
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed; then
+# The dev install holds every example's dependencies too.
+if [ -f "$stamp" ] && { [ "$(cat "$stamp")" = "$hash $spec" ] || [ "$(cat "$stamp")" = "$hash .[dev]" ]; } \
+  && installed; then
   say "python dependencies up to date"
 else
-  say 'installing poolkit with its dev extra: pip install -e ".[dev]"'
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" \
-    || die 'pip install -e ".[dev]" failed (see the output above)'
-  echo "$want" >"$stamp"
+  say "installing poolkit: pip install -e \"$spec\"${extra[*]:+ ${extra[*]}}"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec" ${extra[@]+"${extra[@]}"} \
+    || die "pip install -e \"$spec\" failed (see the output above)"
+  echo "$hash $spec" >"$stamp"
 fi
 
 # -- 3. Debian packages (--system only) ------------------------------------------------------------
@@ -82,4 +104,9 @@ if [ "$system" = 1 ]; then
   fi
 fi
 
-say "done; run the tests with: .venv/bin/python -m pytest"
+if [ -n "$example" ]; then
+  # The example prints its own address (API docs, dashboard) once it serves.
+  say "done; starting the $example example"
+else
+  say "done; run the tests with: .venv/bin/python -m pytest"
+fi

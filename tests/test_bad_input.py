@@ -41,6 +41,11 @@ class Case:
     fix: str  # a fragment of the fix the message must give
 
 
+def _env(variables: dict[str, str]) -> dict[str, str]:
+    """`variables` plus a DATABASE_URL, so that the case has one problem only."""
+    return {"DATABASE_URL": URL, **variables}
+
+
 def _lifespan(**kwargs: Any) -> Callable[[], PoolLifespan]:
     return lambda: PoolLifespan(**kwargs)
 
@@ -74,22 +79,24 @@ CASES: dict[str, Case] = {
     "pgbouncer-discard": Case("PoolConfig", {"pgbouncer": True, "reset": "discard_all"}, "reset",
                               "use reset='auto' or 'none'"),
     # -- environment (PoolConfig.from_env) ------------------------------------------------
-    "env-not-a-number": Case("env", {"POOLKIT_MAX_SIZE": "ten"}, "POOLKIT_MAX_SIZE",
+    "env-not-a-number": Case("env", _env({"POOLKIT_MAX_SIZE": "ten"}), "POOLKIT_MAX_SIZE",
                              "use 1 or more"),
-    "env-typo": Case("env", {"POOLKIT_MIN_SIZ": "3"}, "POOLKIT_MIN_SIZ",
+    "env-typo": Case("env", _env({"POOLKIT_MIN_SIZ": "3"}), "POOLKIT_MIN_SIZ",
                      "did you mean 'POOLKIT_MIN_SIZE'"),
-    "env-not-a-bool": Case("env", {"POOLKIT_VALIDATE": "maybe"}, "POOLKIT_VALIDATE",
+    "env-not-a-bool": Case("env", _env({"POOLKIT_VALIDATE": "maybe"}), "POOLKIT_VALIDATE",
                            "use 1/0, true/false"),
-    "env-negative": Case("env", {"POOLKIT_TIMEOUT": "-1"}, "POOLKIT_TIMEOUT",
+    "env-negative": Case("env", _env({"POOLKIT_TIMEOUT": "-1"}), "POOLKIT_TIMEOUT",
                          "use the seconds a borrower may wait"),
-    "env-min-above-max": Case("env", {"POOLKIT_MIN_SIZE": "8", "POOLKIT_MAX_SIZE": "2"},
+    "env-min-above-max": Case("env", _env({"POOLKIT_MIN_SIZE": "8", "POOLKIT_MAX_SIZE": "2"}),
                               "POOLKIT_MIN_SIZE", "raise max_size or lower min_size"),
-    "env-kwargs": Case("env", {"POOLKIT_KWARGS": "connect_timeout=5"}, "POOLKIT_KWARGS",
+    "env-kwargs": Case("env", _env({"POOLKIT_KWARGS": "connect_timeout=5"}), "POOLKIT_KWARGS",
                        "put them in DATABASE_URL as query parameters"),
     "env-url-scheme": Case("env", {"DATABASE_URL": URL.replace("postgresql", "mysql")},
                            "DATABASE_URL", "start the URL with postgresql://"),
-    "env-password-var": Case("env", {"POOLKIT_PASSWORD": SECRET}, "POOLKIT_PASSWORD",
+    "env-password-var": Case("env", _env({"POOLKIT_PASSWORD": SECRET}), "POOLKIT_PASSWORD",
                              "settings look like POOLKIT_MIN_SIZE"),
+    "env-no-database": Case("env", {"POOLKIT_MIN_SIZE": "2"}, "DATABASE_URL",
+                            "set DATABASE_URL=postgresql://"),
     # -- Django DATABASES (django.setup() in a fresh process) -----------------------------
     "django-string-number": Case("django", {"OPTIONS": {"pool": {"min_size": "2"}}},
                                  f"{POOL}['min_size']", "use the connections to keep open"),
@@ -110,6 +117,8 @@ CASES: dict[str, Case] = {
     "django-health-vs-validate": Case(
         "django", {"CONN_HEALTH_CHECKS": True, "OPTIONS": {"pool": {"validate": False}}},
         "DATABASES['default']['CONN_HEALTH_CHECKS']", "keep only one of them"),
+    "django-two-problems": Case("django", {"OPTIONS": {"pool": {"max_sise": 10, "timeout": 0}}},
+                                f"{POOL}['max_sise']", "did you mean 'max_size'"),
     "django-connect-arg-typo": Case("django", {"OPTIONS": {"connect_timout": 5}},
                                     "DATABASES['default']['OPTIONS']['connect_timout']",
                                     "did you mean 'connect_timeout'"),
@@ -130,7 +139,7 @@ CASES: dict[str, Case] = {
     "fastapi-url-scheme": Case("fastapi",
                                _lifespan(pools=URL.replace("postgresql", "postgresql+asyncpg")),
                                "conninfo", "start the URL with postgresql://"),
-    "fastapi-env": Case("fastapi", {"POOLKIT_MIN_SIZE": "abc", "DATABASE_URL": URL},
+    "fastapi-env": Case("fastapi", {"POOLKIT_MIN_SIZE": "abc"},
                         "POOLKIT_MIN_SIZE", "use the connections to keep open"),
     "fastapi-unreachable": Case("fastapi", _lifespan(pools=URL, open_timeout=1), "open_timeout",
                                 "raise open_timeout (POOLKIT_OPEN_TIMEOUT)"),

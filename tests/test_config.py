@@ -449,7 +449,8 @@ def test_from_url_bad_url() -> None:
     + [({"POOLKIT_PGBOUNCER": word}, {"pgbouncer": False}) for word in ["0", "False", "no", "off"]],
 )
 def test_from_env(environ: dict[str, str], expected: dict[str, Any]) -> None:
-    cfg = PoolConfig.from_env(environ)
+    # PGHOST names a server, so an empty conninfo is allowed (see test_config_errors.py).
+    cfg = PoolConfig.from_env({"PGHOST": "db.example", **environ})
     for attr, value in expected.items():
         assert getattr(cfg, attr) == value
 
@@ -478,6 +479,7 @@ def test_from_env_every_setting_but_kwargs_has_a_variable() -> None:
         "POOLKIT_OPEN_TIMEOUT": "1",
         "POOLKIT_KEEPALIVE_INTERVAL": "1",
         "POOLKIT_PGBOUNCER": "1",
+        "POOLKIT_LEND_ORDER": "fifo",
     }
     fields = {f.name for f in dataclasses.fields(PoolConfig)} - {"kwargs"}
     assert {var.removeprefix("POOLKIT_").lower() for var in environ} == fields
@@ -511,7 +513,7 @@ def test_from_env_errors_name_the_variable(
     environ: dict[str, str], setting: str, fragment: str
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        PoolConfig.from_env(environ)
+        PoolConfig.from_env({"PGHOST": "db.example", **environ})
     assert_good_error(info.value, setting)
     assert fragment in str(info.value)
 
@@ -529,7 +531,7 @@ def test_from_env_prefix_and_url_var() -> None:
     environ = {"APP_DB_URL": URL, "APP_DB_MIN_SIZE": "1", "DATABASE_URL": "host=other"}
     cfg = PoolConfig.from_env(environ, prefix="APP_DB_", url_var="APP_DB_URL")
     assert (cfg.conninfo, cfg.min_size) == (URL, 1)
-    assert PoolConfig.from_env({"DATABASE_URL": URL}, url_var=None).conninfo == ""
+    assert PoolConfig.from_env({"DATABASE_URL": URL, "PGHOST": "h"}, url_var=None).conninfo == ""
     with pytest.raises(ConfigError) as info:
         PoolConfig.from_env({}, prefix="")
     assert_good_error(info.value, "prefix")
@@ -628,8 +630,10 @@ def test_replace_validates_again() -> None:
     with pytest.raises(ConfigError) as info:
         cfg.replace(min_size=10)
     assert_good_error(info.value, "min_size")
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError) as info:
         cfg.replace(min_sise=1)
+    assert_good_error(info.value, "min_sise")
+    assert info.value.fix == "did you mean 'min_size'?"
 
 
 def test_equality_hash_pickle_and_copy() -> None:

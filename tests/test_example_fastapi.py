@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,12 +26,18 @@ START_TIMEOUT = 90  # a first run on the embedded default includes initdb
 class ExampleProcess:
     """`python -m example_apps.fastapi_app --port 0` with its output collected in a thread."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], app_name: str = "") -> None:
+    def __init__(
+        self,
+        cwd: Path,
+        env: dict[str, str],
+        app_name: str = "",
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.cwd = cwd
         self.embedded = "DATABASE_URL" not in env
         self.app_name = app_name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "example_apps.fastapi_app", "--port", "0"],
+            [sys.executable, "-m", "example_apps.fastapi_app", "--port", "0", *(extra_args or [])],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.lines: list[str] = []
@@ -49,7 +56,7 @@ class ExampleProcess:
     def url(self) -> str:
         def printed() -> str | None:
             assert self.proc.poll() is None, f"the example exited:\n{self.output}"
-            match = re.search(r"serving on (http://\S+)", self.output)
+            match = re.search(r"serving on (http://[^\s/]+)", self.output)
             return match.group(1) if match else None
 
         return str(wait_until(printed, timeout=START_TIMEOUT, what="the example to print its URL"))
@@ -134,7 +141,7 @@ def test_example_endpoints_end_to_end(example: ExampleProcess, pg_server: PgServ
         listed = client.get("/notes", params={"tag": tag}).json()
         assert [n["id"] for n in listed] == [note_id]
 
-        # A bad tag fails the second statement: the note inserted first is rolled back too.
+        # A bad tag is refused before any SQL runs (422): nothing is written.
         before = client.get("/stats").json()
         r = client.post("/notes", json={"title": "rolled back", "tags": [tag, "Not A Tag"]})
         assert r.status_code == 422 and "Not A Tag" in r.text
@@ -167,16 +174,57 @@ def test_example_endpoints_end_to_end(example: ExampleProcess, pg_server: PgServ
         assert client.get(f"/notes/{note_id}").status_code == 404
         assert client.delete(f"/notes/{note_id}").status_code == 404
 
-        # Operations: readiness and metrics with per-route hold time.
+        # Operations: readiness (HEAD too, for probes) and metrics with per-route hold time.
         assert client.get("/ready").json()["status"] == "ready"
+        head = client.head("/ready")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == "application/json"
+
+        # The dashboard (on in the example) has sampled since startup, before any page
+        # was opened: its chart is drawn at once.
+        def sampled() -> dict[str, Any] | None:
+            data: dict[str, Any] = client.get("/_poolkit/data").json()
+            return data if len(data["pools"][0]["history"]["t"]) >= 2 else None
+
+        data = wait_until(sampled, timeout=10, what="two history samples")
+        assert data["history_interval"] == 1.0 and data["history_window"] == 300.0
         metrics = client.get("/metrics").text
         assert 'poolkit_hold_time_seconds_count{pool_name="default",route="POST /notes"}' in metrics
         assert 'route="GET /stats"' in metrics
 
     assert example.stop() in (0, -signal.SIGTERM), example.output
     assert "Traceback" not in example.output, example.output
-    if not example.embedded:
+    # It printed the pages to open, the dashboard included: the example is the demo.
+    assert f"API docs:       {base}/docs" in example.output, example.output
+    assert f"pool dashboard: {base}/_poolkit/" in example.output, example.output
+    if example.embedded:
+        # The server it started is stopped on exit, and it says so.
+        data_dir = example.cwd / ".poolkit" / "pgdata"
+        assert "stopped the embedded PostgreSQL in .poolkit/pgdata" in example.output
+        assert not EmbeddedPostgres(data_dir, stop_at_exit=False).is_running()
+    else:
         assert backend_count(pg_server.admin_dsn, example.app_name) == 0
+
+
+def test_example_keep_db_says_where_it_runs_and_how_to_stop(tmp_path: Path) -> None:
+    proc = ExampleProcess(tmp_path, example_env(), extra_args=["--keep-db"])
+    data_dir = tmp_path / ".poolkit" / "pgdata"
+    try:
+        with httpx.Client(base_url=proc.url(), timeout=30) as client:
+            wait_ready(client, proc)
+        assert proc.stop() in (0, -signal.SIGTERM), proc.output
+        server = EmbeddedPostgres(data_dir, stop_at_exit=False)
+        assert server.is_running()
+        stop = "python -m example_apps._embedded_pg stop .poolkit/pgdata"
+        assert "the embedded PostgreSQL keeps running in .poolkit/pgdata (port " in proc.output
+        assert f"stop it with: {stop}" in proc.output, proc.output
+        # The one command it printed stops it.
+        subprocess.run([sys.executable, *stop.split()[1:]], cwd=tmp_path, env=example_env(),
+                       check=True, timeout=90)  # fmt: skip
+        assert not server.is_running()
+    finally:
+        proc.stop()
+        EmbeddedPostgres(data_dir, stop_at_exit=False).cleanup()
 
 
 def test_example_rejects_a_bad_setting_at_startup(dsn: str) -> None:
@@ -184,6 +232,42 @@ def test_example_rejects_a_bad_setting_at_startup(dsn: str) -> None:
     code = proc.proc.wait(timeout=60)
     proc.stop()
     assert code != 0
-    assert "POOLKIT_MAX_SIZ='3': is not a poolkit setting" in proc.output, proc.output
+    assert "POOLKIT_MAX_SIZ='3': is not a pool setting" in proc.output, proc.output
     assert "did you mean 'POOLKIT_MAX_SIZE'?" in proc.output
     assert "poolkit-secret" not in proc.output
+
+
+@pytest.mark.parametrize("example", ["dsn"], indirect=True)
+def test_example_answers_bad_input_with_422(example: ExampleProcess) -> None:
+    """NUL bytes, bad tags and out-of-range numbers are the client's error: 422, never a
+    500, and no statement is left failed inside a pipeline (psycopg's "error ignored")."""
+    base = example.url()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        wait_ready(client, example)
+        before = client.get("/stats").json()
+        bad_notes = [
+            {"title": "a\x00b"},
+            {"title": "ok", "body": "x\x00"},
+            {"title": "ok", "tags": ["a\x00"]},
+            {"title": "ok", "tags": ["Bad", "a\x00"]},  # a failed insert, then a failed dump
+            {"title": "ok", "tags": ["ok", "Not A Tag", "ok2"]},
+        ]
+        for body in bad_notes:
+            r = client.post("/notes", json=body)
+            assert r.status_code == 422, (body, r.status_code, r.text)
+        assert client.get("/stats").json() == before  # nothing half-written
+        for params in [{"tag": "a\x00"}, {"tag": "Not A Tag"}, {"offset": str(10**30)},
+                       {"limit": str(10**30)}]:  # fmt: skip
+            r = client.get("/notes", params=params)
+            assert r.status_code == 422, (params, r.status_code, r.text)
+        assert client.get(f"/notes/{10**30}").status_code == 422
+        r = client.post("/notes", json={"title": "ok"})
+        assert r.status_code == 201, r.text
+        note_id = r.json()["id"]
+        assert client.patch(f"/notes/{note_id}", json={"title": "a\x00"}).status_code == 422
+        assert client.patch(f"/notes/{note_id}", json={"tags": ["a\x00"]}).status_code == 422
+        assert client.delete(f"/notes/{note_id}").status_code == 204
+    assert example.stop() in (0, -signal.SIGTERM), example.output
+    assert "Traceback" not in example.output, example.output
+    assert "error ignored" not in example.output, example.output
+    assert " 500 " not in example.output, example.output

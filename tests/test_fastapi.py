@@ -451,7 +451,7 @@ async def test_lifespan_shutdown_drains_requests_in_flight(
         ]
         await until(lambda: hooks.held == 2, "two requests to hold connections")
         shutdown = asyncio.ensure_future(manager.__aexit__(None, None, None))
-        await until(lambda: pool._pk_draining, "the drain to start")
+        await until(lambda: pool._draining, "the drain to start")
         # Draining: new borrows are refused with a 503, borrowed connections stay.
         r = await client.post("/async/items", params={"t": app_name})
         assert r.status_code == 503 and r.json()["detail"]["reason"] == "closing"

@@ -1,4 +1,4 @@
-"""Pool and AsyncPool stay in step: same methods, signatures, tests and psycopg_pool arguments."""
+"""Pool and AsyncPool stay in step and drop in for psycopg_pool: methods, signatures, tests."""
 
 from __future__ import annotations
 
@@ -58,8 +58,12 @@ def test_drop_in_for_psycopg_pool_public_api() -> None:
         (Pool, psycopg_pool.ConnectionPool),
         (AsyncPool, psycopg_pool.AsyncConnectionPool),
     ):
-        assert issubclass(ours, theirs)
+        # Not a subclass: poolkit owns the whole lifecycle, and inheriting psycopg_pool's
+        # methods would leave callable ones that drive state we do not keep.
+        assert not issubclass(ours, theirs)
         for name in public_methods(theirs):
+            if name in ("run_task", "schedule_task", "worker", "reconnect_failed"):
+                continue  # psycopg_pool's internal scheduler, public by accident
             ours_sig = inspect.signature(getattr(ours, name))
             theirs_sig = inspect.signature(getattr(theirs, name))
             # Every argument psycopg_pool accepts is accepted by name or position.
@@ -117,3 +121,20 @@ def test_both_build_psycopg_pool_with_same_arguments(config: PoolConfig) -> None
     assert sync.kwargs == config.connect_kwargs()
     assert sync.min_size == config.min_size
     assert sync.max_size == config.resolved_max_size
+
+
+def test_psycopg_pool_is_used_only_for_its_public_errors() -> None:
+    """No private module or attribute of psycopg_pool is imported, read or written."""
+    # The error classes, and the two pool classes only to recognise their public
+    # check_connection callback in settings.
+    allowed = {
+        "PoolClosed", "PoolTimeout", "TooManyRequests", "ConnectionPool", "AsyncConnectionPool",
+    }  # fmt: skip
+    for path in sorted((HERE.parent / "poolkit").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("psycopg_pool"):
+                assert node.module == "psycopg_pool", (path.name, node.module)
+                assert {a.name for a in node.names} <= allowed, (path.name, node.names)
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("psycopg_pool") for a in node.names), path.name

@@ -1,4 +1,4 @@
-"""AsyncPool against a real server: the same behaviours and test names as test_pool.py."""
+"""AsyncPool against a real server: each behaviour that sets poolkit apart from psycopg_pool."""
 
 from __future__ import annotations
 
@@ -8,23 +8,26 @@ import gc
 import logging
 import os
 import select
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
 import pytest
-import pytest_asyncio
 
-from poolkit import AsyncPool, PoolClosed, PoolTimeout, TooManyRequests
+from poolkit import AsyncPool, ConnectFailed, PoolClosed, PoolTimeout, TooManyRequests
 from tests._helpers import backend_count, backend_pids, terminate_backends, wait_until
 from tests._proxy import TcpProxy
+from tests._tcompat_async import Barrier, Event, fixture, gather, sleep, spawn, to_thread, until
 
-pytestmark = pytest.mark.asyncio
-MakePool = Callable[..., Awaitable[AsyncPool[Any]]]
+pytestmark = pytest.mark.asyncio  # async-only
+MakePool = Callable[..., Awaitable[AsyncPool[Any]]]  # async-only
+# sync: MakePool = Callable[..., Pool[Any]]
+HERE = os.path.basename(__file__)  # borrow sites name this file
 
 
-@pytest_asyncio.fixture
+@fixture
 async def make_pool(app_dsn: str) -> AsyncIterator[MakePool]:
     pools: list[AsyncPool[Any]] = []
 
@@ -48,32 +51,25 @@ def pid_of(conn: psycopg.AsyncConnection[Any]) -> int:
 
 
 async def one(conn: psycopg.AsyncConnection[Any], sql: str) -> Any:
-    cur = await conn.execute(sql)  # type: ignore[arg-type]
+    cur = await conn.execute(sql)
     return await cur.fetchone()
-
-
-async def await_until(pred: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or pred}")
-        await asyncio.sleep(0.01)
 
 
 async def test_borrow_commits_and_rolls_back(make_pool: MakePool, admin_conn: Any) -> None:
     pool = await make_pool()
-    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_async_t (v int)")
-    admin_conn.execute("TRUNCATE pk_async_t")
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_pool_t (v int)")
+    admin_conn.execute("TRUNCATE pk_pool_t")
     async with pool.connection() as conn:
-        await conn.execute("INSERT INTO pk_async_t VALUES (1)")
-    with pytest.raises(RuntimeError):
+        await conn.execute("INSERT INTO pk_pool_t VALUES (1)")
+
+    async def fail() -> None:
         async with pool.connection() as conn:
-            await conn.execute("INSERT INTO pk_async_t VALUES (2)")
+            await conn.execute("INSERT INTO pk_pool_t VALUES (2)")
             raise RuntimeError("boom")
-    rows = admin_conn.execute("SELECT v FROM pk_async_t ORDER BY v").fetchall()
+
+    with pytest.raises(RuntimeError):
+        await fail()
+    rows = admin_conn.execute("SELECT v FROM pk_pool_t ORDER BY v").fetchall()
     assert rows == [(1,)]
     assert pool.stats()["in_use"] == 0
 
@@ -94,7 +90,7 @@ async def test_validation_outside_bypass_window(make_pool: MakePool) -> None:
     pool = await make_pool(validation_bypass=0.05)
     async with pool.connection():
         pass
-    await asyncio.sleep(0.1)
+    await sleep(0.1)
     async with pool.connection() as conn:
         await conn.execute("SELECT 1")
     assert pool.stats()["validations_run"] == 1
@@ -143,8 +139,8 @@ async def test_bulk_recovery_after_all_backends_terminated(
 
 async def test_recovers_after_server_restart(make_pool: MakePool, pg_control: Any) -> None:
     pool = await make_pool(min_size=4, max_size=4, timeout=30.0)
-    await asyncio.to_thread(pg_control.stop)
-    await asyncio.to_thread(pg_control.start)
+    await to_thread(pg_control.stop)
+    await to_thread(pg_control.start)
     for _ in range(6):
         async with pool.connection(timeout=30) as conn:
             assert await one(conn, "SELECT 1") == (1,)
@@ -156,7 +152,7 @@ async def test_max_lifetime_enforced_at_borrow(make_pool: MakePool) -> None:
     async with pool.connection() as conn:
         first = pid_of(conn)
     # Returned well before it expired; psycopg_pool would lend it again.
-    await asyncio.sleep(0.5)
+    await sleep(0.5)
     async with pool.connection() as conn:
         assert pid_of(conn) != first
 
@@ -165,7 +161,7 @@ async def test_max_idle_enforced_at_borrow_even_at_min_size(make_pool: MakePool)
     pool = await make_pool(min_size=1, max_size=1, max_idle=0.3)
     async with pool.connection() as conn:
         first = pid_of(conn)
-    await asyncio.sleep(0.5)
+    await sleep(0.5)
     async with pool.connection() as conn:
         assert pid_of(conn) != first
 
@@ -176,13 +172,13 @@ async def test_leak_warning_names_borrow_site_and_return(
     pool = await make_pool(leak_threshold=0.2)
     caplog.set_level(logging.INFO, logger="poolkit.leak")
     conn = await pool.getconn()
-    warned = await await_until(
+    warned = await until(
         lambda: [r for r in caplog.records if r.levelno == logging.WARNING],
         what="leak warning",
     )
     text = warned[0].getMessage()
     assert "test_leak_warning_names_borrow_site_and_return" in text
-    assert "test_pool_async.py" in text
+    assert HERE in text
     assert "leak_threshold" in text
     assert len(warned) == 1  # once per borrow
     await pool.putconn(conn)
@@ -198,7 +194,7 @@ async def test_garbage_collected_borrow_gets_slot_back(
     await conn.execute("SELECT 1")
     del conn
     gc.collect()
-    await await_until(lambda: pool.stats()["leaks_reclaimed"] == 1, what="slot reclaimed")
+    await until(lambda: pool.stats()["leaks_reclaimed"] == 1, what="slot reclaimed")
     # With psycopg_pool the only slot would be lost forever: this would time out.
     async with pool.connection(timeout=10) as conn:
         assert await one(conn, "SELECT 1") == (1,)
@@ -229,11 +225,13 @@ async def test_fork_child_builds_its_own_connections(make_pool: MakePool) -> Non
     if pid == 0:  # child: report the backend it gets, never return into pytest
         code = 1
         try:
+            # >>> async-only
             # The child inherits "a loop is running" from the parent's thread state;
             # a forked worker (gunicorn, multiprocessing) starts a fresh loop, as here.
             asyncio.events._set_running_loop(None)
-            loop = asyncio.new_event_loop()
-            child_pid = loop.run_until_complete(_child_borrow(pool))
+            run = asyncio.new_event_loop().run_until_complete
+            # <<<
+            child_pid = run(_child_borrow(pool))  # sync: child_pid = _child_borrow(pool)
             os.write(wfd, str(child_pid).encode())
             code = 0
         except BaseException as ex:
@@ -242,7 +240,7 @@ async def test_fork_child_builds_its_own_connections(make_pool: MakePool) -> Non
             os._exit(code)
     os.close(wfd)
     try:
-        child = await asyncio.to_thread(_read_child, rfd, pid)
+        child = await to_thread(_read_child, rfd, pid)
     finally:
         os.close(rfd)
     assert child.isdigit(), child
@@ -267,7 +265,7 @@ async def test_session_state_is_reset_between_borrows(make_pool: MakePool, reset
         await conn.execute("SET statement_timeout = '4s'")
         await conn.execute("SET search_path = pg_catalog")
         await conn.commit()
-        await conn.set_autocommit(True)
+        await conn.set_autocommit(True)  # sync: conn.autocommit = True
     async with pool.connection() as conn:
         assert await one(conn, "SHOW statement_timeout") == ("0",)
         assert await one(conn, "SHOW search_path") == default_path
@@ -312,7 +310,7 @@ async def test_timeout_message_describes_pool_and_longest_borrow(make_pool: Make
     msg = str(ei.value)
     for part in ("'tm-pool'", "after 0.2", "size=1", "idle=0", "in_use=1", "waiting="):
         assert part in msg, (part, msg)
-    assert "test_pool_async.py" in msg
+    assert HERE in msg
     assert "test_timeout_message_describes_pool_and_longest_borrow" in msg
     assert pool.stats()["timeouts"] == 1
 
@@ -325,11 +323,11 @@ async def test_max_waiting_rejects(make_pool: MakePool) -> None:
         with pytest.raises(PoolTimeout):
             await pool.getconn(timeout=2)
 
-    task = asyncio.create_task(wait_in_line())
-    await await_until(lambda: pool.stats()["waiting"] == 1, what="one waiter")
+    waiter = spawn(wait_in_line)
+    await until(lambda: pool.stats()["waiting"] == 1, what="one waiter")
     with pytest.raises(TooManyRequests):
         await pool.getconn(timeout=1)
-    await task
+    await waiter.join(10)  # its own PoolTimeout came, after 2 s
     await pool.putconn(held)
     assert pool.stats()["rejected"] == 1
 
@@ -337,29 +335,30 @@ async def test_max_waiting_rejects(make_pool: MakePool) -> None:
 async def test_graceful_drain_waits_for_borrowers(
     make_pool: MakePool, admin_conn: Any, admin_dsn: str, app_name: str
 ) -> None:
-    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_drain_async (v int)")
-    admin_conn.execute("TRUNCATE pk_drain_async")
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_pool_drain (v int)")
+    admin_conn.execute("TRUNCATE pk_pool_drain")
     pool = await make_pool(min_size=2, max_size=2)
-    borrowed, release = asyncio.Event(), asyncio.Event()
+    borrowed, release = Event(), Event()
 
     async def borrower() -> None:
         async with pool.connection() as conn:
             borrowed.set()
-            await asyncio.wait_for(release.wait(), 20)
-            await conn.execute("INSERT INTO pk_drain_async VALUES (1)")
+            assert await release.wait(20)
+            await conn.execute("INSERT INTO pk_pool_drain VALUES (1)")
 
-    task = asyncio.create_task(borrower())
-    await asyncio.wait_for(borrowed.wait(), 10)
-    closer = asyncio.create_task(pool.close(timeout=20))
-    await await_until(lambda: pool._pk_draining, what="draining")
+    task = spawn(borrower)
+    assert await borrowed.wait(10)
+    closer = spawn(lambda: pool.close(timeout=20))
+    await until(lambda: pool._draining, what="draining")
     with pytest.raises(PoolClosed, match="closing"):
         await pool.getconn(timeout=1)
     assert not closer.done()  # still waiting for the borrower
     release.set()
-    await asyncio.wait_for(task, 10)
-    await asyncio.wait_for(closer, 10)
+    await task.join(10)
+    await closer.join(10)
+    assert closer.done()
     assert pool.closed
-    assert admin_conn.execute("SELECT count(*) FROM pk_drain_async").fetchone() == (1,)
+    assert admin_conn.execute("SELECT count(*) FROM pk_pool_drain").fetchone() == (1,)
     wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="all closed")
 
 
@@ -430,21 +429,22 @@ async def test_overflow_and_hand_off_to_waiters(
         async with pool.connection(timeout=10) as conn:
             got.append(pid_of(conn))
 
-    task = asyncio.create_task(waiter())
-    await await_until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
+    task = spawn(waiter)
+    await until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
     await pool.putconn(held.pop())
-    await asyncio.wait_for(task, 10)
+    await task.join(10)
     assert len(got) == 1
     for c in held:
         await pool.putconn(c)
     assert pool.stats()["in_use"] == 0
 
 
+# >>> async-only
 async def test_cancelled_waiter_loses_no_connection(make_pool: MakePool) -> None:
     pool = await make_pool(min_size=1, max_size=1)
     held = await pool.getconn()
     task = asyncio.create_task(pool.getconn(timeout=10))
-    await await_until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
+    await until(lambda: pool.stats()["waiting"] == 1, what="a waiter")
     await pool.putconn(held)  # handed to the waiter...
     task.cancel()  # ...which is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
@@ -454,12 +454,13 @@ async def test_cancelled_waiter_loses_no_connection(make_pool: MakePool) -> None
     assert pool.stats()["in_use"] == 0
 
 
+# <<<
 async def test_keepalive_pings_idle_connections(make_pool: MakePool) -> None:
     pool = await make_pool(min_size=2, max_size=2, keepalive_interval=0.1)
-    await await_until(lambda: pool.stats()["validations_run"] >= 2, what="keepalive pings")
+    await until(lambda: pool.stats()["validations_run"] >= 2, what="keepalive pings")
     assert pool.stats()["borrows"] == 0
     # A connection is out of the idle list only while it is being pinged.
-    await await_until(lambda: pool.stats()["idle"] == 2, what="both idle")
+    await until(lambda: pool.stats()["idle"] == 2, what="both idle")
 
 
 async def test_check_replaces_broken_idle_connections(
@@ -469,7 +470,7 @@ async def test_check_replaces_broken_idle_connections(
     terminate_backends(admin_dsn, application_name=app_name)
     wait_until(lambda: backend_count(admin_dsn, app_name) == 0, what="backends terminated")
     await pool.check()
-    await await_until(lambda: backend_count(admin_dsn, app_name) == 2, what="replacements")
+    await until(lambda: backend_count(admin_dsn, app_name) == 2, what="replacements")
     async with pool.connection() as conn:
         assert await one(conn, "SELECT 1") == (1,)
     assert pool.stats()["connections_lost"] >= 1
@@ -479,7 +480,7 @@ async def test_auto_reset_only_after_session_changes(make_pool: MakePool) -> Non
     pool = await make_pool(min_size=1, max_size=1)
     async with pool.connection() as conn:
         await conn.execute("SELECT 1")
-        await conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_scratch (v int)")
+        await conn.execute("SELECT now()")
     assert pool.stats()["resets"] == 0  # nothing session-level was SET: no round trip
     async with pool.connection() as conn:
         await conn.execute("LISTEN pk_channel")
@@ -494,14 +495,18 @@ async def test_swallowed_error_is_not_reported_as_commit(
     make_pool: MakePool, admin_conn: Any
 ) -> None:
     pool = await make_pool()
-    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_async_fail (v int)")
-    admin_conn.execute("TRUNCATE pk_async_fail")
-    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_pool_fail (v int)")
+    admin_conn.execute("TRUNCATE pk_pool_fail")
+
+    async def swallow() -> None:
         async with pool.connection() as conn:
-            await conn.execute("INSERT INTO pk_async_fail VALUES (1)")
+            await conn.execute("INSERT INTO pk_pool_fail VALUES (1)")
             with contextlib.suppress(psycopg.errors.DivisionByZero):
                 await conn.execute("SELECT 1/0")
-    assert admin_conn.execute("SELECT count(*) FROM pk_async_fail").fetchone() == (0,)
+
+    with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+        await swallow()
+    assert admin_conn.execute("SELECT count(*) FROM pk_pool_fail").fetchone() == (0,)
     assert pool.stats()["in_use"] == 0
 
 
@@ -510,22 +515,28 @@ async def test_open_timeout_names_the_connection_error(app_dsn: str) -> None:
     pool: AsyncPool[Any] = AsyncPool(bad, min_size=1, open=False)
     await pool.open()
     try:
-        with pytest.raises(PoolTimeout) as ei:
-            await pool.wait(timeout=3)
+        # A wrong password is permanent: the first attempt's answer, not the timeout.
+        with pytest.raises(ConnectFailed) as ei:
+            await pool.wait(timeout=60)
     finally:
         await pool.close(timeout=0)
     msg = str(ei.value)
-    assert "password authentication failed" in msg
+    assert msg.startswith("FATAL: password authentication failed"), msg
+    assert "check the user and password" in msg
     assert "wrong-secret" not in msg
 
 
-async def _child_many_first_borrows(pool: AsyncPool[Any]) -> int:
+async def _child_first_borrows(pool: AsyncPool[Any]) -> int:
+    sys.setswitchinterval(1e-6)  # widen any race window between threads
+    barrier = Barrier(8)
+
     async def work() -> None:
+        await barrier.wait(30)  # the first borrows start together
         for _ in range(5):
             async with pool.connection(timeout=5) as c:
                 await c.execute("SELECT 1")
 
-    results = await asyncio.gather(*(work() for _ in range(8)), return_exceptions=True)
+    results = await gather(*[work] * 8)
     errors = [r for r in results if isinstance(r, BaseException)]
     return 0 if not errors and pool.stats()["connections_lost"] == 0 else 1
 
@@ -537,21 +548,24 @@ async def test_fork_rebuild_is_safe_under_concurrent_first_borrows(make_pool: Ma
     bad = 0
     for _ in range(5):
         pid = os.fork()
-        if pid == 0:  # child: 8 tasks make the first borrows at once
+        if pid == 0:  # child: 8 workers make the first borrows at once
             code = 1
             try:
-                asyncio.events._set_running_loop(None)
-                code = asyncio.new_event_loop().run_until_complete(_child_many_first_borrows(pool))
+                # >>> async-only
+                asyncio.events._set_running_loop(None)  # a fresh loop, as a forked worker's
+                run = asyncio.new_event_loop().run_until_complete
+                # <<<
+                code = run(_child_first_borrows(pool))  # sync: code = _child_first_borrows(pool)
             finally:
                 os._exit(code)
-        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        _, status = await to_thread(os.waitpid, pid, 0)
         bad += os.WEXITSTATUS(status) != 0
     assert bad == 0
 
 
 async def test_close_does_not_wait_for_the_callers_own_borrow(make_pool: MakePool) -> None:
     pool = await make_pool(drain_timeout=60.0)
-    conn = await pool.getconn()  # this task holds it: it cannot come back while close() waits
+    conn = await pool.getconn()  # the caller holds it: it cannot come back while close() waits
     t0 = time.monotonic()
     await pool.close()
     assert time.monotonic() - t0 < 30.0

@@ -49,9 +49,19 @@ MIDDLEWARE = [
 ]
 ROOT_URLCONF = "example_apps.django_app.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# The live pool dashboard at /poolkit/dashboard/: on in this demo unless POOLKIT_DASHBOARD=0.
+# A real project leaves it off (the default) or guards it with POOLKIT_DASHBOARD_CHECK.
+_dashboard = os.environ.get("POOLKIT_DASHBOARD", "1").strip().lower()
+POOLKIT_DASHBOARD = _dashboard not in {"0", "false", "no", "off"}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"poolkit": {"handlers": ["console"], "level": "INFO"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "poolkit": {"handlers": ["console"], "level": "INFO"},
+        # Django's default sends django.request errors to the console only with DEBUG on
+        # (and to mail_admins): here every 5xx is logged with its traceback, DEBUG or not.
+        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+    },
 }

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import psycopg
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from psycopg.rows import dict_row
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
-from example_apps._embedded_pg import ensure_server
+from example_apps._embedded_pg import ExampleServer
 from poolkit import PoolConfig
 from poolkit_fastapi import Conn, PoolLifespan, StreamConn, SyncConn, get_pools, pool_router
 
@@ -63,20 +63,37 @@ DEFAULTS: dict[str, Any] = {
 }
 # Variables under POOLKIT_ that configure the embedded server, not the pool.
 _NOT_POOL_SETTINGS = ("POOLKIT_PG_BINDIR",)
-# The live pool dashboard, served when POOLKIT_DASHBOARD=1.
+# The live pool dashboard: on in this demo unless POOLKIT_DASHBOARD=0 (pool_router's
+# default, for real apps, is off).
 DASHBOARD_PREFIX = "/_poolkit"
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: psycopg would raise DataError, a 500.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return value
+
+
+# Input is checked here, before any SQL: a request the database would refuse is a 422.
+Text = Annotated[str, AfterValidator(_no_nul)]
+Title = Annotated[Text, Field(min_length=1, max_length=200)]
+TAG_PATTERN = r"^[a-z0-9-]{1,32}$"  # the same rule as the note_tags CHECK constraint
+Tag = Annotated[str, Field(pattern=TAG_PATTERN, description="1-32 of a-z, 0-9, -")]
+Tags = Annotated[list[Tag], Field(max_length=100)]
+NoteId = Annotated[int, PathParam(ge=-(2**63), le=2**63 - 1)]  # bigint: others are 422
+
+
 class NoteIn(BaseModel):
-    title: str = Field(min_length=1, max_length=200)
-    body: str = ""
-    tags: list[str] = []
+    title: Title
+    body: Text = ""
+    tags: Tags = []
 
 
 class NotePatch(BaseModel):
-    title: str | None = Field(default=None, min_length=1, max_length=200)
-    body: str | None = None
-    tags: list[str] | None = None
+    title: Title | None = None
+    body: Text | None = None
+    tags: Tags | None = None
 
 
 class Note(BaseModel):
@@ -98,8 +115,22 @@ def pool_config(url: str) -> PoolConfig:
 
 
 def dashboard_enabled() -> bool:
-    """Whether POOLKIT_DASHBOARD asks for the dashboard (off unless set to 1/true/yes/on)."""
-    return os.environ.get("POOLKIT_DASHBOARD", "").strip().lower() in {"1", "true", "yes", "on"}
+    """Whether the example serves the dashboard: yes unless POOLKIT_DASHBOARD is 0/false/no/off."""
+    value = os.environ.get("POOLKIT_DASHBOARD", "1").strip().lower()
+    return value not in {"0", "false", "no", "off"}
+
+
+@asynccontextmanager
+async def _pools(app: FastAPI, url: str) -> AsyncIterator[dict[str, Any]]:
+    config = pool_config(url)
+    # `def` routes need a sync pool: a small one next to the async pool.
+    sync = config.replace(name=None, min_size=1, max_size=2)
+    async with PoolLifespan(config, sync_pools=sync)(app) as state:
+        async with get_pools(state).get().connection(tag="startup") as conn:
+            # Several workers may start at once: one creates the schema at a time.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('poolkit-example'))")
+            await conn.execute(SCHEMA)
+        yield state
 
 
 def create_app(database_url: str | None = None) -> FastAPI:
@@ -107,20 +138,21 @@ def create_app(database_url: str | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        url = database_url
+        url = database_url or os.environ.get("DATABASE_URL")
+        embedded: ExampleServer | None = None
         if not url:  # blocking (it may run initdb): off the event loop
-            url = await asyncio.to_thread(ensure_server, DATA_DIR)
-        config = pool_config(url)
-        # `def` routes need a sync pool: a small one next to the async pool.
-        sync = config.replace(name=None, min_size=1, max_size=2)
-        async with PoolLifespan(config, sync_pools=sync)(app) as state:
-            async with get_pools(state).get().connection(tag="startup") as conn:
-                # Several workers may start at once: one creates the schema at a time.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('poolkit-example'))")
-                await conn.execute(SCHEMA)
-            yield state
+            # Kept running on exit: other workers of this server may still use it.
+            embedded = await asyncio.to_thread(ExampleServer, DATA_DIR, keep=True)
+            url = embedded.dsn
+        try:
+            async with _pools(app, url) as state:
+                yield state
+        finally:
+            if embedded is not None:
+                print(embedded.close(), flush=True)  # where it runs, how to stop it
 
     app = FastAPI(title="poolkit notes", lifespan=lifespan)
+
     # A real app guards the dashboard with its own auth: dashboard_dependencies=[Depends(...)].
     router = pool_router(dashboard=dashboard_enabled(), dashboard_prefix=DASHBOARD_PREFIX)
     app.include_router(router, tags=["operations"])
@@ -140,13 +172,16 @@ def create_app(database_url: str | None = None) -> FastAPI:
 
     @app.get("/notes")
     async def list_notes(
-        conn: Conn, tag: str | None = None, limit: int = 50, offset: int = 0
+        conn: Conn,
+        tag: Annotated[str | None, Query(pattern=TAG_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     ) -> list[Note]:
         cur = conn.cursor(row_factory=dict_row)
         where = "WHERE n.id IN (SELECT note_id FROM note_tags WHERE tag = %(tag)s)" if tag else ""
         await cur.execute(
             f"{NOTE_SELECT} {where} GROUP BY n.id ORDER BY n.id LIMIT %(limit)s OFFSET %(offset)s",
-            {"tag": tag, "limit": min(max(limit, 1), 500), "offset": max(offset, 0)},
+            {"tag": tag, "limit": limit, "offset": offset},
         )
         return [Note(**row) for row in await cur.fetchall()]
 
@@ -164,11 +199,11 @@ def create_app(database_url: str | None = None) -> FastAPI:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     @app.get("/notes/{note_id}")
-    async def get_note(note_id: int, conn: Conn) -> Note:
+    async def get_note(note_id: NoteId, conn: Conn) -> Note:
         return await _get(conn, note_id)
 
     @app.patch("/notes/{note_id}")
-    async def update_note(note_id: int, patch: NotePatch, conn: Conn) -> Note:
+    async def update_note(note_id: NoteId, patch: NotePatch, conn: Conn) -> Note:
         cur = await conn.execute(
             "UPDATE notes SET title = coalesce(%s, title), body = coalesce(%s, body),"
             " updated_at = now() WHERE id = %s",
@@ -183,7 +218,7 @@ def create_app(database_url: str | None = None) -> FastAPI:
         return await _get(conn, note_id)
 
     @app.delete("/notes/{note_id}", status_code=204)
-    async def delete_note(note_id: int, conn: Conn) -> Response:
+    async def delete_note(note_id: NoteId, conn: Conn) -> Response:
         cur = await conn.execute("DELETE FROM notes WHERE id = %s", (note_id,))
         if cur.rowcount == 0:
             raise HTTPException(404, f"no note {note_id}")
@@ -213,22 +248,12 @@ async def _get(conn: psycopg.AsyncConnection[Any], note_id: int) -> Note:
 
 
 async def _set_tags(conn: psycopg.AsyncConnection[Any], note_id: int, tags: list[str]) -> None:
-    try:
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO note_tags (note_id, tag) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                [(note_id, tag) for tag in tags],
-            )
-    except psycopg.errors.CheckViolation:
-        # Raising rolls back the whole request: the note inserted before is gone too.
-        bad = [t for t in tags if not _valid_tag(t)]
-        raise HTTPException(
-            422, f"invalid tags {json.dumps(bad)}: use 1-32 of a-z, 0-9, -"
-        ) from None
-
-
-def _valid_tag(tag: str) -> bool:
-    return 1 <= len(tag) <= 32 and all(c.isdigit() or "a" <= c <= "z" or c == "-" for c in tag)
+    # One statement for every tag, not executemany(): executemany runs in a pipeline, where
+    # a failed row followed by a failing parameter leaves the pipeline in error.
+    await conn.execute(
+        "INSERT INTO note_tags (note_id, tag) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING",
+        (note_id, tags),
+    )
 
 
 async def _event(conn: psycopg.AsyncConnection[Any], note_id: int, kind: str) -> None:

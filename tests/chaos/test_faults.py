@@ -1,4 +1,4 @@
-"""Each fault of DESIGN.md §3 hits a real app server under load; every promise is checked after."""
+"""Each fault of docs/reliability.md hits a real app under load; every promise is checked after."""
 
 from __future__ import annotations
 

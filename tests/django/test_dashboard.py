@@ -49,3 +49,38 @@ def test_dashboard_check_can_deny() -> None:
     with override_settings(POOLKIT_DASHBOARD=True, POOLKIT_DASHBOARD_CHECK=check):
         status, _, _ = call_wsgi("/poolkit/dashboard/data")
     assert status == 403
+
+
+def _query_in_thread() -> None:
+    from django.db import connection
+
+    try:
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        connection.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_helper_thread_borrows_are_listed_under_the_thread_name() -> None:
+    """A thread does not inherit the view's tag: its hold time shows as "thread: NAME"
+    (Python's counter dropped, so one kind of helper thread is one row in Top routes)."""
+    import threading
+
+    from poolkit_django import pools
+
+    for _ in range(2):
+        t = threading.Thread(target=_query_in_thread, name="mailer-7")
+        t.start()
+        t.join(30)
+    t = threading.Thread(target=_query_in_thread)
+    t.start()
+    t.join(30)
+    with override_settings(POOLKIT_DASHBOARD=True):
+        status, _, body = call_wsgi("/poolkit/dashboard/data")
+    assert status == 200
+    tags = pools()["default"].hold_time_by_tag()
+    assert tags["thread: mailer"].count == 2
+    assert tags["thread: _query_in_thread"].count == 1
+    (item,) = [p for p in json.loads(body)["pools"] if p["key"] == "default"]
+    assert {"thread: mailer", "thread: _query_in_thread"} <= {t["tag"] for t in item["top_tags"]}

@@ -12,7 +12,7 @@ class Product(models.Model):
         ordering = ["id"]
 
     def as_dict(self) -> dict[str, object]:
-        return {"id": self.id, "name": self.name, "price": str(self.price), "stock": self.stock}
+        return {"id": self.id, "name": self.name, "price": f"{self.price:.2f}", "stock": self.stock}
 
 
 class Order(models.Model):

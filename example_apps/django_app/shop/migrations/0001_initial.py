@@ -10,7 +10,12 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="Product",
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
                 ("name", models.CharField(max_length=100, unique=True)),
                 ("price", models.DecimalField(decimal_places=2, max_digits=10)),
                 ("stock", models.PositiveIntegerField(default=0)),
@@ -20,7 +25,12 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="Order",
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
                 ("customer", models.CharField(max_length=100)),
                 ("created", models.DateTimeField(auto_now_add=True)),
             ],
@@ -28,7 +38,12 @@ class Migration(migrations.Migration):
         migrations.CreateModel(
             name="OrderLine",
             fields=[
-                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
                 ("quantity", models.PositiveIntegerField()),
                 ("price", models.DecimalField(decimal_places=2, max_digits=10)),
                 (

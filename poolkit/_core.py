@@ -1,0 +1,420 @@
+"""What Pool and AsyncPool share without I/O: the pool's state, counters, stats and messages."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+from psycopg.conninfo import make_conninfo
+
+from . import _fork, _psycopg
+from ._config import PoolConfig, mask_conninfo
+from ._errors import ConnectionReturned, PoolClosed
+from ._leaks import BorrowInfo, borrow_infos, note_late_return, warn_leak
+from ._messages import state_line
+from ._slot import Slot
+from ._stats import Histogram, PoolStats
+
+_MAX_TAGS = 100
+_OTHER_TAG = "(other)"
+# psycopg_pool's get_stats() keys that are counters (pop_stats() resets them).
+_COUNTERS = (
+    "requests_num",
+    "requests_queued",
+    "requests_wait_ms",
+    "requests_errors",
+    "usage_ms",
+    "returns_bad",
+    "connections_num",
+    "connections_ms",
+    "connections_errors",
+    "connections_lost",
+)
+
+
+class PoolCore:
+    """The shared, I/O-free half of Pool and AsyncPool. Every field is guarded by `_lock`."""
+
+    name: str
+    config: PoolConfig
+    _lock: threading.Lock
+    _idle: deque[Slot]
+    _waiting: deque[Any]
+    _worker: Any
+    _forked: bool
+    housekeeping_interval = 1.0  # seconds; tests shrink it
+    _num_pool = 0
+
+    def _init_core(self, config: PoolConfig, name: str | None) -> None:
+        self.config = config
+        if not name:
+            PoolCore._num_pool += 1
+            name = f"pool-{PoolCore._num_pool}"
+        self.name = name
+        self._min_size = config.min_size
+        self._max_size = config.resolved_max_size
+        self.timeout = config.timeout
+        self.max_waiting = config.max_waiting
+        self.max_lifetime = config.max_lifetime
+        self.max_idle = config.max_idle
+        self.reconnect_timeout = config.reconnect_timeout
+        self.num_workers = config.num_workers
+        self._fifo = config.lend_order == "fifo"
+        self._leak_threshold = config.leak_threshold or 0.0
+        self._capture_stack = config.leak_capture_stack
+        self._bypass = config.validation_bypass if config.validate else float("inf")
+        # Borrows whose connection was idle for less than this are lent with no round
+        # trip (only the socket peek): the validation bypass window, capped by max_idle.
+        self._fast_window = min(self._bypass, config.max_idle)
+        self._lock = threading.Lock()
+        self._reset_state()
+        self._gc_cb = _gc_callback(weakref.ref(self))
+        self._guarded: dict[type, type] = {}
+        _fork.track(self)
+
+    def _reset_state(self) -> None:
+        """Fresh state: at creation, and in a forked child (which owns none of the parent's)."""
+        self._idle = deque()
+        self._lent: dict[int, Slot] = {}
+        self._parked: dict[int, Slot] = {}
+        self._waiting = deque()
+        self._reclaim: deque[weakref.ref[Any]] = deque()
+        self._nconns = 0  # open connections: idle + lent + parked + being checked
+        self._connecting = 0  # connection attempts in flight
+        self._closed = True
+        self._opened = False
+        self._draining = False
+        self._invalid_before = 0.0  # idle connections created before this are stale
+        self._last_error = ""  # the last connection attempt's error, masked
+        self._permanent_fix: str | None = None  # set while connecting fails for good
+        self._failing_since = 0.0
+        self._events: deque[tuple[float, str, str]] = deque(maxlen=200)
+        self._tag_hold: dict[str, Histogram] = {}
+        self._wait_hist = Histogram()
+        self._hold_hist = Histogram()
+        self._connect_hist = Histogram()
+        # Samples are queued on the hot path (deque.append is atomic and cheap) and
+        # folded into the histograms by readers and housekeeping.
+        self._wait_q: deque[float] = deque()
+        self._hold_q: deque[tuple[str | None, float]] = deque()
+        self._fold_lock = threading.Lock()
+        self._popped: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._n_fast = 0  # borrows served from idle with no wait and no round trip
+        self._n_queued = 0
+        self._n_timeouts = 0
+        self._n_rejected = 0
+        self._n_created = 0
+        self._n_closed = 0
+        self._n_failed = 0
+        self._n_lost = 0
+        self._n_leaks = 0
+        self._n_reclaimed = 0
+        self._n_valid_run = 0
+        self._n_valid_skip = 0
+        self._n_valid_fail = 0
+        self._n_resets = 0
+        self._n_stolen = 0
+        self._failed_wait = 0.0
+
+    # -- psycopg_pool's public attributes ----------------------------------------------
+
+    @property
+    def min_size(self) -> int:
+        return self._min_size
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @property
+    def closed(self) -> bool:
+        """True until open() and after close()."""
+        return self._closed
+
+    @property
+    def _pool(self) -> list[Any]:
+        """The idle connections (psycopg_pool's attribute name, read by its test suite)."""
+        return [s.conn for s in self._idle]
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        return f"<{cls.__module__}.{cls.__name__} {self.name!r} at 0x{id(self):x}>"
+
+    # -- guards and slots ----------------------------------------------------------------
+
+    def _guarded_class(self, cls: type[Any]) -> type[Any]:
+        """The class a returned connection of class `cls` wears (refusing any use)."""
+        sub = self._guarded.get(cls)
+        if sub is None:
+            pool_ref = weakref.ref(self)
+
+            def refuse(conn: Any) -> BaseException:
+                pool = pool_ref()
+                if pool is None:
+                    return ConnectionReturned("this connection was returned to a closed pool")
+                return pool._refuse_returned(conn)
+
+            sub = self._guarded[cls] = _psycopg.guarded_class(cls, refuse)
+        return sub
+
+    def _refuse_returned(self, conn: Any) -> ConnectionReturned:
+        """The error for any use of `conn` after its return (see _psycopg.guarded_class)."""
+        slot = next((s for s in self._idle if s.conn is conn), None)
+        where = ""
+        if slot is not None:
+            where = f" (borrowed at {slot.site}, returned at {slot.return_site})"
+        return ConnectionReturned(
+            f"this connection was returned to pool {self.name!r}{where} and may belong to "
+            "another borrower now: nothing was sent. Use a connection only inside its "
+            "`with pool.connection()` block, or until putconn()."
+        )
+
+    # -- accounting (called with the lock held) ----------------------------------------
+
+    def _late_return(self, slot: Slot, now: float) -> None:
+        held = now - slot.t0
+        note_late_return(self.name, slot, held)
+        self._event("leak-returned", f"{slot.site} after {held:.1f} s")
+
+    def _event(self, kind: str, detail: str) -> None:
+        self._events.append((monotonic(), kind, mask_conninfo(detail)))
+
+    def _fold(self) -> None:
+        """Move queued samples into the histograms (any thread; one folder at a time)."""
+        with self._fold_lock:
+            add = self._wait_hist.add
+            q = self._wait_q
+            while q:
+                add(q.popleft())
+            tags = self._tag_hold
+            hold = self._hold_hist.add
+            hq = self._hold_q
+            while hq:
+                tag, held = hq.popleft()
+                hold(held)
+                if tag is not None:
+                    th = tags.get(tag)
+                    if th is None:
+                        key = tag if len(tags) < _MAX_TAGS else _OTHER_TAG
+                        th = tags.setdefault(key, Histogram())
+                    th.add(held)
+
+    def _leak_scan(self, now: float) -> None:
+        threshold = self._leak_threshold
+        if not threshold:
+            return
+        with self._lock:
+            due = [s for s in self._lent.values() if not s.warned and now - s.t0 >= threshold]
+            for s in due:
+                s.warned = True
+                self._n_leaks += 1
+        for s in due:
+            warn_leak(self.name, s, now, threshold)
+            self._event("leak-suspect", f"{s.site} out for {now - s.t0:.1f} s")
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _state_line(self) -> str:
+        return state_line(
+            self._nconns,
+            self._min_size,
+            self._max_size,
+            len(self._idle),
+            len(self._lent),
+            len(self._waiting),
+        )
+
+    def _dsn(self) -> str:
+        conninfo = getattr(self, "conninfo", "")
+        if not isinstance(conninfo, str):
+            return "<callable conninfo>"
+        kwargs = getattr(self, "kwargs", None)
+        if isinstance(kwargs, dict):
+            where = {k: v for k, v in kwargs.items() if k in ("host", "port", "dbname", "user")}
+            if where:
+                try:
+                    return mask_conninfo(make_conninfo(conninfo, **where))
+                except Exception:
+                    pass
+        return mask_conninfo(conninfo) if conninfo else "<libpq defaults>"
+
+    def _cannot_connect(self) -> bool:
+        """True when no connection exists and connecting is failing."""
+        return bool(self._last_error) and not self._idle and self._nconns == len(self._lent)
+
+    def _timeout_message(self, waited: float) -> str:
+        head = f"couldn't get a connection from pool {self.name!r} after {waited:.2f} s"
+        if self._cannot_connect():
+            # Nothing can connect: the cause is the news, sizing advice would mislead.
+            return (
+                f"{self._last_error}: {head}: connecting to {self._dsn()} is failing "
+                f"({self._state_line()})"
+            )
+        msg = f"{head}: {self._state_line()}"
+        longest = max(self._lent.values(), key=lambda s: -s.t0, default=None)
+        if longest is not None:
+            msg += (
+                f"; longest borrow: {longest.held_for:.2f} s by {longest.owner_name()} "
+                f"at {longest.site}"
+            )
+        return msg + (
+            ". Raise max_size or timeout, shorten the work done while holding a "
+            "connection, or set leak_threshold to log the stacks of long borrows."
+        )
+
+    def _closed_error(self) -> PoolClosed:
+        if self._draining and not self._closed:
+            return PoolClosed(f"the pool {self.name!r} is closing: it lends no more connections")
+        if not self._opened:
+            return PoolClosed(f"the pool {self.name!r} is not open yet: call open() first")
+        return PoolClosed(f"the pool {self.name!r} is already closed")
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def borrowed(self) -> list[BorrowInfo]:
+        """The connections currently lent out, longest-held first."""
+        with self._lock:
+            slots = list(self._lent.values())
+        return borrow_infos(slots, self._leak_threshold)
+
+    def events(self) -> list[tuple[float, str, str]]:
+        """Recent pool events (monotonic time, kind, detail): losses, recoveries, timeouts."""
+        return list(self._events)
+
+    def histograms(self) -> dict[str, Histogram]:
+        """Wait/hold/connect histograms (seconds) for metric exporters; wait_time is a copy."""
+        self._fold()
+        wait = Histogram()
+        src = self._wait_hist
+        wait.counts = list(src.counts)
+        wait.counts[0] += self._n_fast  # immediate borrows are counted apart, see _borrow
+        wait.count = src.count + self._n_fast
+        wait.sum, wait.max = src.sum, src.max
+        return {"wait_time": wait, "hold_time": self._hold_hist, "connect_time": self._connect_hist}
+
+    def hold_time_by_tag(self) -> dict[str, Histogram]:
+        """Hold-time histograms per borrow tag (route/view), at most 100 tags plus '(other)'."""
+        self._fold()
+        return dict(self._tag_hold)
+
+    def stats(self) -> PoolStats:
+        """A typed snapshot of the pool: gauges, counters and time summaries."""
+        self._fold()
+        with self._lock:
+            size = self._nconns
+            n_fast = self._n_fast
+            return {
+                "name": self.name,
+                "size": size,
+                "idle": len(self._idle),
+                "in_use": len(self._lent),
+                "waiting": len(self._waiting),
+                "min_size": self._min_size,
+                "max_size": self._max_size,
+                "overflow": max(0, size - self._min_size),
+                "borrows": self._wait_hist.count + n_fast,
+                "timeouts": self._n_timeouts,
+                "rejected": self._n_rejected,
+                "connections_created": self._n_created,
+                "connections_closed": self._n_closed,
+                "connections_failed": self._n_failed,
+                "connections_lost": self._n_lost,
+                "leaks_detected": self._n_leaks,
+                "leaks_reclaimed": self._n_reclaimed,
+                "validations_run": self._n_valid_run,
+                "validations_skipped": self._n_valid_skip + (n_fast if self.config.validate else 0),
+                "validations_failed": self._n_valid_fail,
+                "resets": self._n_resets,
+                "wait_time": self._wait_hist.summary(zeros=n_fast),
+                "hold_time": self._hold_hist.summary(),
+                "connect_time": self._connect_hist.summary(),
+            }
+
+    def get_stats(self) -> dict[str, int]:
+        """psycopg_pool-compatible counters since the last pop_stats() (see its docs)."""
+        out = self._psycopg_stats()
+        for key in _COUNTERS:
+            out[key] -= self._popped[key]
+        return out
+
+    def pop_stats(self) -> dict[str, int]:
+        """Like get_stats(), then start the counters again from zero."""
+        with self._fold_lock:
+            now = self._psycopg_stats()
+            out = dict(now)
+            for key in _COUNTERS:
+                out[key] -= self._popped[key]
+                self._popped[key] = now[key]
+        return out
+
+    def _psycopg_stats(self) -> dict[str, int]:
+        self._fold()
+        w, h, c = self._wait_hist, self._hold_hist, self._connect_hist
+        with self._lock:
+            return {
+                "pool_min": self._min_size,
+                "pool_max": self._max_size,
+                "pool_size": self._nconns,
+                "pool_available": len(self._idle),
+                "requests_waiting": len(self._waiting),
+                "requests_num": w.count + self._n_fast + self._n_timeouts + self._n_rejected,
+                "requests_queued": self._n_queued,
+                "requests_wait_ms": int((w.sum + self._failed_wait) * 1000),
+                "requests_errors": self._n_timeouts + self._n_rejected,
+                "usage_ms": int(h.sum * 1000),
+                "returns_bad": self._n_lost,
+                "connections_num": c.count + self._n_failed,
+                "connections_ms": int(c.sum * 1000),
+                "connections_errors": self._n_failed,
+                "connections_lost": self._n_lost,
+            }
+
+    # -- fork --------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections without touching them.
+
+        I/O-free, so it runs in the at-fork hook: the child gets fresh locks and counters,
+        and its first borrow starts its own background worker.
+        """
+        slots = [*self._idle, *self._lent.values(), *self._parked.values()]
+        was_open = not self._closed
+        _fork.orphan([s.conn if s.conn is not None else s.wr() for s in slots])
+        self._lock = threading.Lock()
+        self._reset_state()
+        self._worker = None
+        self._closed = not was_open
+        self._opened = was_open
+        self._forked = was_open
+
+    def _take_reclaimed(self) -> list[Slot]:
+        """Slots of garbage-collected borrows, taken off the books (lock held)."""
+        out: list[Slot] = []
+        while self._reclaim:
+            wr = self._reclaim.popleft()
+            for book in (self._lent, self._parked):
+                for key, slot in book.items():
+                    if slot.wr is wr:
+                        del book[key]
+                        out.append(slot)
+                        break
+        self._nconns -= len(out)
+        self._n_reclaimed += len(out)
+        return out
+
+
+def _gc_callback(pool_ref: weakref.ref[PoolCore]) -> Callable[[weakref.ref[Any]], None]:
+    # Bound to a weak reference: a connection kept after its return must not keep the
+    # pool alive (its threads and connections would outlive every reference to it).
+    # Runs inside the garbage collector, maybe while this thread holds the pool's lock:
+    # it only queues; the pool settles the books later.
+    def on_gc(wr: weakref.ref[Any]) -> None:
+        pool = pool_ref()
+        if pool is not None:
+            pool._reclaim.append(wr)
+
+    return on_gc

@@ -1,0 +1,134 @@
+"""The only module that touches psycopg's private attributes; tests/test_psycopg_internals.py
+fails loudly when a psycopg release changes any of them.
+
+Each use is here because psycopg has no public way to do it:
+- `_pool`: psycopg's Connection checks it in close() (close_returns), __exit__ (a pooled
+  connection is not closed by `with conn:`) and __del__ (no ResourceWarning).
+- `_prepared.clear()`: after DISCARD ALL the server has no prepared statements left, and
+  psycopg's cache must learn it or the next query fails with `_pg3_0 does not exist`.
+- `_check_results`: every result of a cursor passes there, with its command tag; it is how
+  the "auto" reset policy learns that a borrow left session state behind.
+- the client-side settings read in one call from the instance dict (`snapshot()`); they are
+  restored through psycopg's public setters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
+
+# Attributes of a psycopg connection holding the client-side settings a borrower may
+# change: autocommit, isolation_level, read_only, deferrable, row/cursor factories.
+_SNAPSHOT_ATTRS = (
+    "_autocommit",
+    "_isolation_level",
+    "_read_only",
+    "_deferrable",
+    "row_factory",
+    "cursor_factory",
+    "server_cursor_factory",
+)
+_snapshot_dict = itemgetter(*_SNAPSHOT_ATTRS)
+
+
+def snapshot(conn: Any) -> tuple[tuple[Any, ...], int | None]:
+    """The connection's client-side settings: the attributes above, and prepare_threshold."""
+    return _snapshot_dict(conn.__dict__), conn._prepared.prepare_threshold
+
+
+def unchanged(conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> bool:
+    """True if no client-side setting differs from `snapshot()`'s (cheap: every return)."""
+    now: tuple[Any, ...] = _snapshot_dict(conn.__dict__)
+    return now == attrs and conn._prepared.prepare_threshold == threshold
+
+
+def set_pool(conn: Any, pool: Any) -> None:
+    """Mark `conn` as pooled (psycopg reads this attribute in close/__exit__/__del__)."""
+    conn._pool = pool
+
+
+def get_pool(conn: Any) -> Any:
+    return getattr(conn, "_pool", None)
+
+
+def close_now(conn: Any) -> None:
+    """Close without waiting (no await needed): what psycopg's close() does, minus the pool
+    hook that would hand the connection back to us."""
+    conn._closed = True
+    conn.pgconn.finish()
+
+
+def forget_prepared(conn: Any) -> None:
+    """Tell psycopg that the server dropped every prepared statement (DISCARD ALL)."""
+    conn._prepared.clear()
+
+
+# Session state learned from command tags, as a bit mask (see _reset.py).
+DIRTY: dict[int, int] = {}
+
+SESSION_TAGS: dict[bytes, int] = {}  # filled by _reset.py: tag prefix -> bit
+
+
+def _note_tags(conn: Any, results: list[Any]) -> None:
+    for res in results:
+        tag = res.command_status
+        if not tag:
+            continue
+        for prefix, bit in SESSION_TAGS.items():
+            if tag.startswith(prefix):
+                key = id(conn)
+                DIRTY[key] = DIRTY.get(key, 0) | bit
+
+
+_tracking: dict[type, type] = {}
+
+
+def tracking_cursor(cls: type[Any]) -> type[Any]:
+    """A subclass of cursor class `cls` that notes commands leaving session state behind."""
+    if getattr(cls, "_poolkit_tracking", False):
+        return cls
+    sub = _tracking.get(cls)
+    if sub is not None:
+        return sub
+    base_check = cls._check_results
+
+    def _check_results(self: Any, results: list[Any]) -> None:
+        base_check(self, results)
+        _note_tags(self._conn, results)
+
+    sub = type(
+        cls.__name__,
+        (cls,),
+        {
+            "_check_results": _check_results,
+            "_poolkit_tracking": True,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        },
+    )
+    _tracking[cls] = sub
+    return sub
+
+
+def install_tracking(conn: Any) -> None:
+    conn.cursor_factory = tracking_cursor(conn.cursor_factory)
+    conn.server_cursor_factory = tracking_cursor(conn.server_cursor_factory)
+
+
+# Methods refused on a returned connection: every statement, commit, rollback, transaction,
+# pipeline, COPY and settings change goes through wait(); cursor() and close() are refused
+# before anything. A returned connection's class is swapped for a subclass that refuses
+# them (one attribute write each way: cheaper than any proxy), and swapped back at borrow.
+GUARDED = ("wait", "cursor", "close")
+
+
+def guarded_class(cls: type[Any], refuse: Callable[[Any], BaseException]) -> type[Any]:
+    """A subclass of `cls` whose I/O entry points raise `refuse(conn)` (callers cache it)."""
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise refuse(self)
+
+    ns: dict[str, Any] = dict.fromkeys(GUARDED, refused)
+    ns.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
+    return type(cls.__name__, (cls,), ns)

@@ -1,0 +1,231 @@
+# WARNING: generated from poolkit/_returns_async.py by scripts/async_to_sync.py: do not edit.
+# Edit the async source, then run `python scripts/async_to_sync.py`.
+"""Pool's return path: commit or roll back, restore, reset, and back to idle.
+
+Generated from poolkit/_returns_async.py: edit that file, not this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from sys import _getframe
+from time import monotonic
+from types import FrameType
+from typing import Any, Generic, TypeVar, cast
+
+from psycopg import Connection, ProgrammingError
+from psycopg.errors import InFailedSqlTransaction
+from psycopg.pq import TransactionStatus
+
+from . import _psycopg, _reset
+from ._compat import ensure
+from ._leaks import logger
+from ._lifecycle import Lifecycle
+from ._slot import Slot
+
+CT = TypeVar("CT", bound=Connection[Any])
+
+_IDLE = TransactionStatus.IDLE
+_UNKNOWN = TransactionStatus.UNKNOWN
+_ACTIVE = TransactionStatus.ACTIVE
+_INERROR = TransactionStatus.INERROR
+# psycopg's commit() of a failed transaction rolls back silently; a block that swallowed
+# a database error must not look committed.
+_FAILED_TX = (
+    "a statement failed inside this connection() block and its error was caught: "
+    "the transaction was rolled back, nothing was committed"
+)
+
+
+class Returns(Lifecycle[CT], Generic[CT]):
+    """Connections coming back: never lost, never carrying anything to the next borrower."""
+
+    _reset_fn: Callable[[CT], Any] | None
+    _reset_sql: bytes | None
+    _auto: bool
+    _no_reset: bool
+
+    def putconn(self, conn: CT) -> None:
+        """Give back a connection obtained with `getconn()`."""
+        self._return(conn, _getframe(1))
+
+    def _return(self, conn: CT, f: FrameType | None) -> None:
+        now = monotonic()
+        key = id(conn)
+        slot = self._lent.get(key)
+        if slot is None or slot.wr() is not conn:
+            self._not_mine(conn)
+            return
+        # Where it came back: putconn()'s caller; None for the end of a connection() block.
+        slot.returned_at_frame = (f.f_code, f.f_lineno) if f is not None else None
+        self._hold_q.append((slot.tag, now - slot.t0))
+        if slot.warned:
+            self._late_return(slot, now)
+        # As psycopg_pool does: a connection kept after its return must not keep the pool
+        # alive, and psycopg reads this attribute in close(), __exit__ and __del__.
+        _psycopg.set_pool(conn, None)
+        if (
+            conn.pgconn.transaction_status == _IDLE
+            and now < slot.expire_at
+            and slot.created_at >= self._invalid_before
+            and self._no_reset
+            and key not in _psycopg.DIRTY
+            and _psycopg.unchanged(conn, slot.attrs, slot.threshold)
+            and not self._closed
+        ):
+            slot.returned_at = slot.last_good = now
+            slot.conn = conn
+            conn.__class__ = slot.guarded
+            with self._lock:
+                if self._lent.pop(key, None) is slot:
+                    if self._waiting:
+                        self._put_idle_locked(slot)
+                    else:
+                        self._idle.append(slot)
+            return
+        with self._lock:
+            if self._lent.pop(key, None) is not slot:
+                return  # returned twice, concurrently: the other return wins
+        slot.conn = conn
+        try:
+            if self._recycle(slot, now):
+                with self._lock:
+                    self._put_idle_locked(slot)
+        except BaseException:
+            # Cancelled mid-return (anyio cancel scopes cancel every await): close it
+            # and give the slot back to the books.
+            if slot.conn is not None and not slot.conn.closed:
+                self._retire(slot)
+            raise
+
+    def _not_mine(self, conn: Any) -> None:
+        owner = _psycopg.get_pool(conn)
+        if owner is self:
+            raise ValueError(
+                f"can't return connection to pool {self.name!r}: it is not lent (returned twice?)"
+            )
+        if owner is None:
+            raise ValueError(
+                f"can't return connection to pool {self.name!r}, it doesn't belong to any pool"
+            )
+        raise ValueError(
+            f"can't return connection to pool {self.name!r}, it belongs to pool "
+            f"{getattr(owner, 'name', owner)!r}"
+        )
+
+    def _recycle(self, slot: Slot, now: float) -> bool:
+        """Bring a connection back to a clean idle state; False if it was disposed of."""
+        conn = slot.conn
+        pgconn = conn.pgconn
+        status = pgconn.transaction_status
+        if status == _UNKNOWN:
+            if conn.broken:
+                self._lost(slot)
+            else:
+                self._retire(slot)  # closed by its borrower
+            return False
+        if self._closed or now >= slot.expire_at or slot.created_at < self._invalid_before:
+            self._retire(slot)
+            return False
+        self._deadlines[id(slot)] = (now + self.timeout, conn)
+        try:
+            if status == _ACTIVE:
+                logger.warning(
+                    "pool %r: connection returned in state ACTIVE (mid-operation): closed",
+                    self.name,
+                )
+                self._retire(slot)
+                return False
+            if status != _IDLE:
+                logger.warning(
+                    "pool %r: connection returned inside a transaction (%s): rolled back",
+                    self.name,
+                    TransactionStatus(status).name,
+                )
+                try:
+                    conn.rollback()
+                except Exception as ex:
+                    logger.warning(
+                        "pool %r: rollback failed (%s): connection replaced", self.name, ex
+                    )
+                    self._retire(slot)
+                    return False
+            if not _psycopg.unchanged(conn, slot.attrs, slot.threshold):
+                self._restore(conn, slot.attrs, slot.threshold)
+            if self._reset_fn is not None:
+                try:
+                    ensure(self._reset_fn(cast(CT, conn)))
+                    if (st := pgconn.transaction_status) != _IDLE:
+                        raise ProgrammingError(
+                            "the reset function left the connection in state "
+                            f"{TransactionStatus(st).name}"
+                        )
+                except Exception as ex:
+                    logger.warning("pool %r: reset failed (%s): connection replaced", self.name, ex)
+                    self._retire(slot)
+                    return False
+                with self._lock:
+                    self._n_resets += 1
+            sql = self._reset_sql
+            if self._auto:
+                mask = _psycopg.DIRTY.pop(id(conn), 0)
+                sql = _reset.auto_sql(mask) if mask else None
+            if sql is not None:
+                # Pipelined: the reset travels now and its answer is read by the next
+                # borrower, so nobody waits a round trip for it.
+                try:
+                    pgconn.send_query(sql)
+                    pgconn.flush()
+                except Exception:
+                    self._lost(slot)
+                    return False
+                if _reset.drops_prepared(sql):
+                    _psycopg.forget_prepared(conn)
+                slot.pending = sql
+                with self._lock:
+                    self._n_resets += 1
+        finally:
+            self._deadlines.pop(id(slot), None)
+        slot.returned_at = monotonic()
+        if status == _IDLE:
+            slot.last_good = now
+        conn.__class__ = slot.guarded
+        return True
+
+    def _restore(self, conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> None:
+        """Undo a borrow's client-side changes through psycopg's public setters.
+
+        The setters also drop psycopg's cached BEGIN statement, which direct writes
+        would leave behind (the next transaction would run READ ONLY, say).
+        """
+        autocommit, isolation, read_only, deferrable, rows, cursors, server = attrs
+        if conn.autocommit != autocommit:
+            conn.set_autocommit(autocommit)
+        if conn.isolation_level != isolation:
+            conn.set_isolation_level(isolation)
+        if conn.read_only != read_only:
+            conn.set_read_only(read_only)
+        if conn.deferrable != deferrable:
+            conn.set_deferrable(deferrable)
+        conn.row_factory = rows
+        conn.cursor_factory = cursors
+        conn.server_cursor_factory = server
+        conn.prepare_threshold = threshold
+
+    def _end_transaction(self, conn: CT, ok: bool, status: int) -> None:
+        """Commit or roll back at the end of a `connection()` block, within a deadline."""
+        key = id(conn)
+        self._deadlines[key] = (monotonic() + self.timeout, conn)
+        try:
+            if ok and status == _INERROR:
+                conn.rollback()
+                raise InFailedSqlTransaction(_FAILED_TX)
+            if ok:
+                conn.commit()
+            else:
+                try:
+                    conn.rollback()
+                except Exception as ex:
+                    logger.warning("pool %r: rollback failed: %s", self.name, ex)
+        finally:
+            self._deadlines.pop(key, None)

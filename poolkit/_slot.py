@@ -1,0 +1,128 @@
+"""Slot: poolkit's state for one pooled connection, kept beside it (nothing is patched on it)."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+import weakref
+from time import monotonic
+from types import CodeType
+from typing import Any
+
+from . import _psycopg
+from ._peek import Peeker
+
+
+class Slot:
+    """One pooled connection and everything the pool knows about it.
+
+    While the connection is idle the slot holds it; while it is lent the slot holds only a
+    weak reference, so a borrower that drops it without returning it lets it be
+    garbage-collected, and the pool gets the slot back (see `Pool._reclaim`).
+    """
+
+    __slots__ = (
+        "attrs",
+        "checked",
+        "cls",
+        "code",
+        "conn",
+        "created_at",
+        "deadline",
+        "dirty",
+        "expire_at",
+        "guarded",
+        "last_good",
+        "lineno",
+        "owner",
+        "parked",
+        "peek",
+        "pending",
+        "returned_at",
+        "returned_at_frame",
+        "stack",
+        "t0",
+        "tag",
+        "task",
+        "threshold",
+        "warned",
+        "wr",
+    )
+
+    def __init__(self, conn: Any, created_at: float, expire_at: float) -> None:
+        self.conn: Any = conn
+        self.created_at = created_at
+        self.expire_at = expire_at
+        self.returned_at = created_at
+        # When the connection last answered a round trip: a failure seen on another
+        # connection invalidates only the connections older than this (see _lost()).
+        self.last_good = created_at
+        # Client-side settings to restore on return (see _psycopg.snapshot()).
+        self.attrs, self.threshold = _psycopg.snapshot(conn)
+        # The connection's class while lent, and the one refusing any use while returned.
+        self.cls: type[Any] = type(conn)
+        self.guarded: type[Any] = self.cls
+        self.dirty: bytes | None = None  # the reset this borrow made necessary
+        self.pending: bytes | None = None  # a reset sent on return, answer not read yet
+        self.peek = Peeker(conn)
+        self.wr: weakref.ref[Any] = weakref.ref(conn)  # the pool's, with its callback, soon
+        self.parked = False
+        self.checked = False  # passed the user's check= callback at least once
+        self.deadline = 0.0  # return-path I/O must end by then (0: none running)
+        # The current borrow (valid while lent).
+        self.t0 = 0.0
+        self.code: CodeType | None = None
+        self.lineno = 0
+        self.owner = 0
+        self.task: Any = None
+        self.tag: str | None = None
+        self.warned = False
+        self.stack: list[str] | None = None
+        self.returned_at_frame: tuple[CodeType, int] | None = None
+
+    # -- reporting -------------------------------------------------------------------
+
+    @property
+    def site(self) -> str:
+        """Where the current borrow started: file:line in function [tag]."""
+        return _site(self.code, self.lineno, self.tag)
+
+    @property
+    def return_site(self) -> str:
+        if self.returned_at_frame is None:
+            return "the end of its connection() block"
+        return _site(*self.returned_at_frame, None)
+
+    @property
+    def held_for(self) -> float:
+        return monotonic() - self.t0
+
+    def owner_name(self) -> str:
+        if self.task is not None:
+            name = getattr(self.task, "get_name", None)
+            return f"task {name() if name else self.task!r}"
+        for t in threading.enumerate():
+            if t.ident == self.owner:
+                return f"thread {t.name!r}"
+        return f"thread {self.owner}"
+
+    def current_stack(self) -> str:
+        """Where the borrower is now: the stack that is holding the connection."""
+        import sys
+
+        if self.task is not None:
+            try:
+                frames = self.task.get_stack()
+            except Exception:  # the task may be done or foreign
+                return ""
+            lines: list[str] = []
+            for f in frames:
+                lines.extend(traceback.format_stack(f, limit=1))
+            return "".join(lines)
+        frame = sys._current_frames().get(self.owner)
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
+
+
+def _site(code: CodeType | None, lineno: int, tag: str | None) -> str:
+    where = f"{code.co_filename}:{lineno} in {code.co_name}" if code is not None else "<unknown>"
+    return f"{where} [{tag}]" if tag else where

@@ -1,0 +1,83 @@
+"""psycopg internals that poolkit relies on (all in poolkit/_psycopg.py): fail loudly on change.
+
+If a test here fails after a psycopg upgrade, poolkit/_psycopg.py needs updating before
+anything else: the use-after-return guard, the "auto" reset or state restore would break.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import AsyncConnection, Connection
+from psycopg._cursor_base import BaseCursor  # the one place a test reads psycopg privately
+
+from poolkit import _psycopg
+
+INTERNALS = "psycopg internals used by poolkit/_psycopg.py changed"
+
+
+def test_snapshot_attributes_exist(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        for name in _psycopg._SNAPSHOT_ATTRS:
+            assert name in conn.__dict__, f"{INTERNALS}: Connection.__dict__ has no {name!r}"
+        assert hasattr(conn._prepared, "prepare_threshold"), INTERNALS
+        snap = _psycopg.snapshot(conn)
+        conn.read_only = True
+        assert _psycopg.snapshot(conn) != snap, f"{INTERNALS}: read_only not in _read_only"
+        conn.read_only = None
+        conn.prepare_threshold = 2
+        assert _psycopg.snapshot(conn) != snap, f"{INTERNALS}: prepare_threshold moved"
+
+
+def test_pool_attribute_is_what_close_and_exit_read(dsn: str) -> None:
+    for cls in (Connection, AsyncConnection):
+        src = inspect.getsource(cls.close) + inspect.getsource(cls.__del__)
+        assert '"_pool"' in src, f"{INTERNALS}: {cls.__name__}.close/__del__ no longer read _pool"
+
+
+def test_forget_prepared_clears_psycopg_cache(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        conn.execute("SELECT %s::int", [1])
+        assert conn._prepared._names, f"{INTERNALS}: no prepared statement cached"
+        conn.execute("DISCARD ALL")
+        _psycopg.forget_prepared(conn)
+        assert conn.execute("SELECT %s::int", [2]).fetchone() == (2,)
+
+
+def test_check_results_sees_every_command_tag(dsn: str) -> None:
+    assert "_check_results" in vars(BaseCursor), f"{INTERNALS}: BaseCursor._check_results gone"
+    params = list(inspect.signature(BaseCursor._check_results).parameters)
+    assert params == ["self", "results"], f"{INTERNALS}: _check_results signature {params}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _psycopg.install_tracking(conn)
+        _psycopg.DIRTY.pop(id(conn), None)
+        conn.execute("SELECT 1")
+        assert id(conn) not in _psycopg.DIRTY
+        conn.execute("SET work_mem = '5MB'")
+        assert _psycopg.DIRTY.pop(id(conn), 0), f"{INTERNALS}: SET not seen"
+        with conn.pipeline():
+            conn.execute("LISTEN pk_internals")
+        assert _psycopg.DIRTY.pop(id(conn), 0), f"{INTERNALS}: pipelined LISTEN not seen"
+
+
+@pytest.mark.parametrize("name", _psycopg.GUARDED)
+def test_guarded_methods_are_the_io_entry_points(name: str) -> None:
+    for cls in (Connection, AsyncConnection):
+        assert callable(getattr(cls, name, None)), f"{INTERNALS}: {cls.__name__}.{name} gone"
+
+
+def test_every_io_method_goes_through_wait() -> None:
+    # The guard shadows wait(): every method that talks to the server must call it.
+    for cls in (Connection, AsyncConnection):
+        for name in ("commit", "rollback", "set_autocommit", "set_read_only", "notifies"):
+            src = inspect.getsource(getattr(cls, name))
+            assert "self.wait(" in src, f"{INTERNALS}: {cls.__name__}.{name} bypasses wait()"
+
+
+def test_close_now_closes(dsn: str) -> None:
+    conn: Any = psycopg.connect(dsn)
+    _psycopg.close_now(conn)
+    assert conn.closed and not conn.broken

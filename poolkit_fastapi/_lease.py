@@ -33,7 +33,7 @@ UNAVAILABLE = (PoolTimeout, TooManyRequests, PoolClosed)
 class Endpoint:
     """What the dependencies need to know about one route, worked out once per route."""
 
-    __slots__ = ("_path", "code", "fast_sync", "name", "site", "streams", "tags")
+    __slots__ = ("_path", "code", "fast_sync", "name", "streams", "tags")
 
     def __init__(self, route: Any, endpoint: Any) -> None:
         func = inspect.unwrap(endpoint) if endpoint is not None else None
@@ -42,7 +42,6 @@ class Endpoint:
         # A generator endpoint runs its body while the response streams: after the
         # function exit stack has ended every Conn.
         self.streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
-        self.site = _FrameSite(func, self.code) if self.code is not None else None
         path = getattr(route, "path_format", None) or getattr(route, "path", None)
         self.tags: dict[str, str] = {}
         self._path = path or "(no route)"
@@ -93,41 +92,16 @@ class Kind(NamedTuple):
 KINDS: dict[Any, Kind] = {}
 
 
-class _FrameSite:
-    """The endpoint's frame as today's `pool._pk_borrow(timeout, tag, frame)` reads it.
-
-    The endpoint has not started when its dependencies borrow, so it has no frame: this
-    carries its code (file, first line, name) and module globals, enough for the borrow
-    record and for `leak_capture_stack`. Once the core takes `_borrow(timeout, tag, site)`
-    with a code object, `borrow()` below passes `Endpoint.code` and this class goes.
-    """
-
-    __slots__ = ("f_back", "f_code", "f_globals", "f_lineno", "f_locals")
-
-    def __init__(self, func: Any, code: CodeType) -> None:
-        self.f_code = code
-        self.f_lineno = code.co_firstlineno
-        self.f_globals = getattr(func, "__globals__", {})
-        self.f_locals: dict[str, Any] = {}
-        self.f_back = None
-
-
-# -- the one place that borrows: switch to `pool._borrow(None, tag, ep.code)` with the core --
+# -- the one place that borrows, attributed to the endpoint's code ----------------------
 
 
 async def borrow_async(pool: AsyncPool[Any], tag: str, ep: Endpoint) -> AsyncConnection[Any]:
-    if ep.site is None:
-        conn: AsyncConnection[Any] = await pool.getconn(tag=tag)
-    else:
-        conn = await pool._pk_borrow(None, tag, ep.site)  # type: ignore[arg-type]
+    conn: AsyncConnection[Any] = await pool._borrow(None, tag, ep.code)
     return conn
 
 
 def borrow_sync(pool: Pool[Any], tag: str, ep: Endpoint) -> Connection[Any]:
-    if ep.site is None:
-        conn: Connection[Any] = pool.getconn(tag=tag)
-    else:
-        conn = pool._pk_borrow(None, tag, ep.site)  # type: ignore[arg-type]
+    conn: Connection[Any] = pool._borrow(None, tag, ep.code)
     return conn
 
 

@@ -26,7 +26,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -234,14 +234,19 @@ def _server_dsn() -> str:
 
 
 def run(
-    dsn: str, reps: int, seconds: float, warmup: float, conns: int = CONNS
+    dsn: str,
+    reps: int,
+    seconds: float,
+    warmup: float,
+    conns: int = CONNS,
+    pairs: Sequence[Pair] = PAIRS,
 ) -> dict[str, list[tuple[Rep, Rep]]]:
     """For each pair label, `reps` (baseline, poolkit) measurements, interleaved."""
     env = {DSN_VAR: dsn}
-    out: dict[str, list[tuple[Rep, Rep]]] = {p.label: [] for p in PAIRS}
+    out: dict[str, list[tuple[Rep, Rep]]] = {p.label: [] for p in pairs}
     # One pair's servers at a time: the idle apps' pools would not cost much, but their
     # housekeeping would still be noise nobody needs.
-    for pair in PAIRS:
+    for pair in pairs:
         with (
             uvicorn_process(pair.baseline, env, "/ping") as base,
             uvicorn_process(pair.poolkit, env, "/ping") as pk,
@@ -270,7 +275,12 @@ def _ratio(p: Rep, b: Rep) -> float:
     return p.result.rps / b.result.rps if b.result.rps else float("nan")
 
 
-def report(results: dict[str, list[tuple[Rep, Rep]]], args: argparse.Namespace, dsn: str) -> str:
+def report(
+    results: dict[str, list[tuple[Rep, Rep]]],
+    args: argparse.Namespace,
+    dsn: str,
+    pairs: Sequence[Pair] = PAIRS,
+) -> str:
     pin = pinning()
     lines = [
         f"FastAPI over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; uvicorn 1 "
@@ -283,8 +293,13 @@ def report(results: dict[str, list[tuple[Rep, Rep]]], args: argparse.Namespace, 
         "ratios | server CPU/req baseline | poolkit | errors |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for pair in PAIRS:
-        reps = results[pair.label]
+    stalled = 0
+    for pair in pairs:
+        every = results[pair.label]
+        # A rep where either server answered nothing says the machine stalled, not
+        # which app is faster: left out of every figure, and counted below.
+        reps = [(b, p) for b, p in every if b.result.rps and p.result.rps] or every
+        stalled += len(every) - len(reps)
         ratios = [_ratio(p, b) for b, p in reps]
         base_rps = statistics.median(b.result.rps for b, _ in reps)
         pk_rps = statistics.median(p.result.rps for _, p in reps)
@@ -298,6 +313,8 @@ def report(results: dict[str, list[tuple[Rep, Rep]]], args: argparse.Namespace, 
             f"{base_cpu * 1e6:.0f} µs | {pk_cpu * 1e6:.0f} µs ({(pk_cpu - base_cpu) * 1e6:+.0f})"
             f" | {errors} |"
         )
+    if stalled:
+        lines += ["", f"{stalled} rep(s) left out: a server answered no request in it."]
     lines += ["", f"{versions(*PACKAGES)}; server {mask_conninfo(dsn)}."]
     return "\n".join(lines)
 
@@ -311,17 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 rep of 1 s, no warm-up, 8 connections"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[p.poolkit.split(":")[1] for p in PAIRS],
+        help="run only this pair (repeatable)",
+    )
     args = parser.parse_args(argv)
+    pairs = [p for p in PAIRS if not args.only or p.poolkit.split(":")[1] in args.only]
     if args.quick:
         args.reps, args.duration, args.warmup, args.conns = 1, 1.0, 0.0, 8
     # A plain SIGTERM would skip the finally blocks that stop the uvicorn servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    budget = len(PAIRS) * 2 * args.reps * (args.duration + args.warmup + 0.3)
+    budget = len(pairs) * 2 * args.reps * (args.duration + args.warmup + 0.3)
     print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
     dsn = _server_dsn()
     load_before = os.getloadavg()
-    results = run(dsn, args.reps, args.duration, args.warmup, args.conns)
-    print(report(results, args, dsn))
+    results = run(dsn, args.reps, args.duration, args.warmup, args.conns, pairs)
+    print(report(results, args, dsn, pairs))
     # The machine is shared: say how busy it was, so a reader can weigh the spread.
     print(
         f"Load average (1 min) {load_before[0]:.1f} before the run, {os.getloadavg()[0]:.1f} "

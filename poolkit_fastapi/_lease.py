@@ -62,21 +62,27 @@ class Endpoint:
         return f"{self.code.co_filename}:{self.code.co_firstlineno} in {self.name}"
 
 
-_endpoints: weakref.WeakKeyDictionary[Any, Endpoint] = weakref.WeakKeyDictionary()
+# By id(route): Starlette's routes define __eq__ without __hash__, so they cannot key a
+# dict (or a WeakKeyDictionary) themselves. The weak reference guards against a reused id;
+# the finalizer forgets a route's entry when the route goes.
+_endpoints: dict[int, tuple[weakref.ref[Any], Endpoint]] = {}
 
 
 def endpoint_of(scope: MutableMapping[str, Any]) -> Endpoint:
-    """The Endpoint of the route serving this request (cached on the route)."""
+    """The Endpoint of the route serving this request (worked out once per route)."""
     route = scope.get("route")
-    try:
-        info = _endpoints.get(route) if route is not None else None
-    except TypeError:  # not weak-referenceable
-        info = None
-    if info is None:
-        info = Endpoint(route, getattr(route, "endpoint", None) or scope.get("endpoint"))
-        if route is not None:
-            with contextlib.suppress(TypeError):
-                _endpoints[route] = info
+    key = id(route)
+    entry = _endpoints.get(key)
+    if entry is not None and entry[0]() is route:
+        return entry[1]
+    info = Endpoint(route, getattr(route, "endpoint", None) or scope.get("endpoint"))
+    if route is not None:
+        try:
+            ref = weakref.ref(route)
+        except TypeError:  # not weak-referenceable: worked out per request
+            return info
+        _endpoints[key] = (ref, info)
+        weakref.finalize(route, _endpoints.pop, key, None)
     return info
 
 

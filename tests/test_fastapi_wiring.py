@@ -191,6 +191,26 @@ async def test_def_route_borrows_and_ends_in_its_own_thread(
             assert conn.execute("SELECT to_regclass('pk_w')").fetchone() == (None,)
 
 
+@pytest.mark.anyio
+async def test_each_route_is_inspected_once(app_dsn: str) -> None:
+    """The endpoint's site, kind and tag are worked out on the first request only (routes
+    cannot key a dict: Starlette's Route defines __eq__ without __hash__)."""
+    from poolkit_fastapi._lease import endpoint_of
+
+    app = sharing_app(PoolLifespan(one_conn(app_dsn)))
+    seen: list[Any] = []
+
+    @app.get("/seen")
+    async def see(conn: Conn, request: Request) -> dict[str, bool]:
+        seen.append(endpoint_of(request.scope))
+        return {"ok": True}
+
+    async with serve(app) as (client, _):
+        for _ in range(3):
+            assert (await client.get("/seen")).status_code == 200
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
+
+
 # ---- Generator endpoints ------------------------------------------------------------------------
 
 

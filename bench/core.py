@@ -706,7 +706,7 @@ def _targets(
     for name, res in (("sync", sync), ("async", asyn)):
         r = ratio(res, "pk_cm/noop", "pp_cm/noop")
         ref = f"floor {ratio(res, 'floor/noop', 'pp_cm/noop'):.2f}x"
-        add(f"uncontended `connection()` borrow+return, {name}", "<= 0.60x", r, r <= 0.6, ref)
+        add(f"uncontended `connection()` borrow+return, {name}", "<= 0.50x", r, r <= 0.5, ref)
     for mode, label in (("tight", "back-to-back"), ("paced", "2 ms idle")):
         r = ratio(val, f"pk/{mode}", f"pp_check/{mode}")
         ref = f"no validation at all {ratio(val, f'pp_nocheck/{mode}', f'pp_check/{mode}'):.2f}x"

@@ -1,5 +1,8 @@
 """PostgreSQL connection pools for psycopg 3, with FastAPI and Django integrations."""
 
+from ._cluster import ClusterPool
+from ._cluster_async import AsyncClusterPool
+from ._cluster_base import ClusterStats, HostStats
 from ._config import PoolConfig, mask_conninfo
 from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
 from ._errors import (
@@ -18,11 +21,15 @@ from ._stats import PoolStats
 from ._version import __version__ as __version__
 
 __all__ = [
+    "AsyncClusterPool",
     "AsyncPool",
+    "ClusterPool",
+    "ClusterStats",
     "ConfigError",
     "ConnectFailed",
     "ConnectionReturned",
     "DashboardHistory",
+    "HostStats",
     "Pool",
     "PoolClosed",
     "PoolConfig",

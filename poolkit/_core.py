@@ -102,6 +102,7 @@ class PoolCore:
         self._wait_q: deque[float] = deque()
         self._hold_q: deque[tuple[str | None, float]] = deque()
         self._fold_lock = threading.Lock()
+        self._pop_lock = threading.Lock()  # one pop_stats() at a time
         self._popped: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._n_fast = 0  # borrows served from idle with no wait and no round trip
         self._n_queued = 0
@@ -343,7 +344,7 @@ class PoolCore:
 
     def pop_stats(self) -> dict[str, int]:
         """Like get_stats(), then start the counters again from zero."""
-        with self._fold_lock:
+        with self._pop_lock:
             now = self._psycopg_stats()
             out = dict(now)
             for key in _COUNTERS:

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ._cluster_base import flatten_pools
 from ._config import mask_conninfo
 from ._metrics import POOL_BUCKET_STEP, cumulative
 from ._stats import Histogram
@@ -239,6 +240,7 @@ def dashboard_snapshot(
     longest, current borrows (longest first, with their borrow site), recent events and,
     with a `history`, the last minutes of size/in_use/idle/waiting.
     """
+    pools = flatten_pools(pools)  # a cluster shows as one pool per host
     if history is not None:
         history.sample_if_due(pools)
     now_mono = time.monotonic()

@@ -17,7 +17,7 @@ from psycopg import Connection, ProgrammingError
 from psycopg.pq import TransactionStatus
 
 from . import _psycopg
-from ._compat import Event, current_owner, ensure, sleep, spawn
+from ._compat import Event, Worker, current_owner, ensure, sleep, spawn
 from ._errors import ConnectFailed, PoolClosed, PoolTimeout
 from ._leaks import leak_logger, logger
 from ._messages import describe_error, permanent_fix
@@ -53,13 +53,14 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         self._filled = Event()
         self._worker = None
         self._forked = False
+        self._connectors: set[Worker] = set()  # connection attempts in flight
         # Return-path I/O (commit, rollback, reset) in flight: key -> (deadline, conn).
         # The worker cuts the socket of any that overruns (a black-holed network).
         self._deadlines: dict[int, tuple[float, Any]] = {}
         self._failures = 0
+        self._retries = 0
         self._outage = False  # from a lost connection or a failed connect to the next success
         self._last_attempt = 0.0
-        self._reported_failure = False
         self._last_housekeeping = 0.0
 
     # -- open / wait / close -----------------------------------------------------------
@@ -154,6 +155,10 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.join(5.0)
+        # A connection still being opened is closed as soon as it arrives; wait for it so
+        # nothing outlives close() (an abandoned attempt would leak its connection).
+        for attempt in list(self._connectors):
+            attempt.join(max(1.0, float(self._connect_timeout or 10)))
 
     # -- the background worker ---------------------------------------------------------
 
@@ -199,7 +204,9 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                 if self._waiting:
                     wait = RETRY_WHILE_WAITING
                 else:
-                    wait = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self._failures - 1))
+                    # Doubling per retry made while failing (attempts made together at the
+                    # start fail together and count once).
+                    wait = min(MAX_BACKOFF, FIRST_BACKOFF * 2**self._retries)
                     wait *= random.uniform(0.8, 1.0)
                     if self._connecting:
                         return self.housekeeping_interval
@@ -208,10 +215,13 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                     return wait
                 # While failing, one attempt at a time.
                 need = 0 if self._connecting else 1
+                self._retries += need
             self._connecting += need
             self._last_attempt = now
+        self._connectors = {w for w in self._connectors if w.is_alive()}
         for _ in range(need):
-            spawn(_connect_worker, ref(self), name=f"{self.name}-connect")
+            worker = spawn(_connect_worker, ref(self), name=f"{self.name}-connect")
+            self._connectors.add(worker)
         return self.housekeeping_interval
 
     def _add_connection(self) -> bool:
@@ -243,10 +253,10 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
             was_failing = self._outage
             self._outage = False
             self._failures = 0
+            self._retries = 0
             self._last_error = ""
             self._permanent_fix = None
             self._failing_since = 0.0
-            self._reported_failure = False
             self._connect_hist.add(took)
             self._put_idle_locked(slot)
             full = self._nconns >= self._min_size
@@ -292,18 +302,19 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         with self._lock:
             self._n_failed += 1
             self._failures += 1
-            self._last_attempt = t0
+            self._last_attempt = max(self._last_attempt, t0)
             self._last_error = describe_error(error)
             self._permanent_fix = fix
             if not self._failing_since:
                 self._failing_since = t0
-            first = self._failures == 1
-            give_up = (
-                not self._reported_failure
-                and monotonic() - self._failing_since >= self.reconnect_timeout
-            )
+            new_outage = not self._outage
+            self._outage = True
+            give_up = monotonic() - self._failing_since >= self.reconnect_timeout
             if give_up:
-                self._reported_failure = True
+                # Told once per reconnect_timeout of failures (psycopg_pool tells each
+                # time it gives up); retrying goes on, its backoff started afresh.
+                self._failing_since = monotonic()
+                self._retries = 0
             if fix is not None and not self._nconns:
                 # Waiting cannot help: tell every waiter now, cause first.
                 error_now = ConnectFailed(self._connect_failed_message())
@@ -311,19 +322,16 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                 self._waiting.clear()
                 for w in waiting:
                     w.fail(error_now)
-        (logger.warning if first else logger.debug)(
+        (logger.warning if new_outage else logger.debug)(
             "pool %r: connecting to %s failed: %s", self.name, self._dsn(), self._last_error
         )
-        with self._lock:
-            new_outage = not self._outage
-            self._outage = True
         if new_outage:
             self._event("connect-failed", self._last_error)
         self._filled.set()
         self._wakeup.set()
         if give_up and self._reconnect_failed is not None:
             try:
-                self._reconnect_failed(self)
+                ensure(self._reconnect_failed(self))
             except Exception as ex:
                 logger.warning("pool %r: reconnect_failed callback failed: %s", self.name, ex)
 

@@ -15,7 +15,7 @@ from psycopg import AsyncConnection, ProgrammingError
 from psycopg.pq import TransactionStatus
 
 from . import _psycopg
-from ._acompat import Event, current_owner, ensure, sleep, spawn
+from ._acompat import Event, Worker, current_owner, ensure, sleep, spawn
 from ._errors import ConnectFailed, PoolClosed, PoolTimeout
 from ._leaks import leak_logger, logger
 from ._messages import describe_error, permanent_fix
@@ -51,13 +51,14 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
         self._filled = Event()
         self._worker = None
         self._forked = False
+        self._connectors: set[Worker] = set()  # connection attempts in flight
         # Return-path I/O (commit, rollback, reset) in flight: key -> (deadline, conn).
         # The worker cuts the socket of any that overruns (a black-holed network).
         self._deadlines: dict[int, tuple[float, Any]] = {}
         self._failures = 0
+        self._retries = 0
         self._outage = False  # from a lost connection or a failed connect to the next success
         self._last_attempt = 0.0
-        self._reported_failure = False
         self._last_housekeeping = 0.0
 
     # -- open / wait / close -----------------------------------------------------------
@@ -152,6 +153,10 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
         worker, self._worker = self._worker, None
         if worker is not None:
             await worker.join(5.0)
+        # A connection still being opened is closed as soon as it arrives; wait for it so
+        # nothing outlives close() (an abandoned attempt would leak its connection).
+        for attempt in list(self._connectors):
+            await attempt.join(max(1.0, float(self._connect_timeout or 10)))
 
     # -- the background worker ---------------------------------------------------------
 
@@ -197,7 +202,9 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                 if self._waiting:
                     wait = RETRY_WHILE_WAITING
                 else:
-                    wait = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self._failures - 1))
+                    # Doubling per retry made while failing (attempts made together at the
+                    # start fail together and count once).
+                    wait = min(MAX_BACKOFF, FIRST_BACKOFF * 2**self._retries)
                     wait *= random.uniform(0.8, 1.0)
                     if self._connecting:
                         return self.housekeeping_interval
@@ -206,10 +213,13 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                     return wait
                 # While failing, one attempt at a time.
                 need = 0 if self._connecting else 1
+                self._retries += need
             self._connecting += need
             self._last_attempt = now
+        self._connectors = {w for w in self._connectors if w.is_alive()}
         for _ in range(need):
-            spawn(_connect_worker, ref(self), name=f"{self.name}-connect")
+            worker = spawn(_connect_worker, ref(self), name=f"{self.name}-connect")
+            self._connectors.add(worker)
         return self.housekeeping_interval
 
     async def _add_connection(self) -> bool:
@@ -222,7 +232,7 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                 self._connecting -= 1
             if self._closed:
                 return False
-            self._note_connect_failure(ex, t0)
+            await self._note_connect_failure(ex, t0)
             if not isinstance(ex, Exception):
                 raise
             return False
@@ -241,10 +251,10 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
             was_failing = self._outage
             self._outage = False
             self._failures = 0
+            self._retries = 0
             self._last_error = ""
             self._permanent_fix = None
             self._failing_since = 0.0
-            self._reported_failure = False
             self._connect_hist.add(took)
             self._put_idle_locked(slot)
             full = self._nconns >= self._min_size
@@ -285,23 +295,24 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
             raise
         return conn
 
-    def _note_connect_failure(self, error: BaseException, t0: float) -> None:
+    async def _note_connect_failure(self, error: BaseException, t0: float) -> None:
         fix = permanent_fix(error) if isinstance(error, Exception) else None
         with self._lock:
             self._n_failed += 1
             self._failures += 1
-            self._last_attempt = t0
+            self._last_attempt = max(self._last_attempt, t0)
             self._last_error = describe_error(error)
             self._permanent_fix = fix
             if not self._failing_since:
                 self._failing_since = t0
-            first = self._failures == 1
-            give_up = (
-                not self._reported_failure
-                and monotonic() - self._failing_since >= self.reconnect_timeout
-            )
+            new_outage = not self._outage
+            self._outage = True
+            give_up = monotonic() - self._failing_since >= self.reconnect_timeout
             if give_up:
-                self._reported_failure = True
+                # Told once per reconnect_timeout of failures (psycopg_pool tells each
+                # time it gives up); retrying goes on, its backoff started afresh.
+                self._failing_since = monotonic()
+                self._retries = 0
             if fix is not None and not self._nconns:
                 # Waiting cannot help: tell every waiter now, cause first.
                 error_now = ConnectFailed(self._connect_failed_message())
@@ -309,23 +320,20 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                 self._waiting.clear()
                 for w in waiting:
                     w.fail(error_now)
-        (logger.warning if first else logger.debug)(
+        (logger.warning if new_outage else logger.debug)(
             "pool %r: connecting to %s failed: %s", self.name, self._dsn(), self._last_error
         )
-        with self._lock:
-            new_outage = not self._outage
-            self._outage = True
         if new_outage:
             self._event("connect-failed", self._last_error)
         self._filled.set()
         self._wakeup.set()
         if give_up and self._reconnect_failed is not None:
             try:
-                self._reconnect_failed(self)
+                await ensure(self._reconnect_failed(self))
             except Exception as ex:
                 logger.warning("pool %r: reconnect_failed callback failed: %s", self.name, ex)
 
-    def _check_failed(self, slot: Slot, error: Exception) -> None:
+    async def _check_failed(self, slot: Slot, error: Exception) -> None:
         with self._lock:
             self._n_valid_fail += 1
             fresh = not slot.checked
@@ -334,7 +342,7 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
         if fresh:
             # A brand-new connection failing its check: retry connecting with backoff,
             # as for a failed connection attempt, instead of a tight loop.
-            self._note_connect_failure(error, monotonic())
+            await self._note_connect_failure(error, monotonic())
 
     def _connect_failed_message(self) -> str:
         return (

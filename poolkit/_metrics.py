@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._cluster_base import flatten_pools
 from ._stats import BOUNDS, Histogram, PoolStats
 
 if TYPE_CHECKING:
@@ -141,7 +142,8 @@ class _PoolCollector:
             "Connection hold time by route or view (at most 100 routes, then '(other)').",
             labels=[_POOL, "route"],
         )
-        for key, pool in list(self._pools.items()):
+        pools, hosts = _expand_clusters(self._pools)
+        for key, pool in pools.items():
             name = str(key)
             stats: PoolStats = pool.stats()
             # wait_time includes the immediate borrows (the pools count them apart).
@@ -165,10 +167,35 @@ class _PoolCollector:
                 )
         yield count
         yield from gauges
+        yield from hosts
         yield longest
         yield from counters
         yield from hists
         yield by_route
+
+
+def _expand_clusters(pools: Mapping[str, Any]) -> tuple[dict[str, Any], list[Metric]]:
+    """Cluster pools become their hosts' pools, plus per-host role, health and lag gauges."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    labels = [_POOL, "host", "role"]
+    up = GaugeMetricFamily(
+        "poolkit_host_up", "1 when the host answered its last probe.", labels=labels
+    )
+    lag = GaugeMetricFamily(
+        "poolkit_host_replication_lag_seconds",
+        "Replay lag measured on the replica (0 for a primary).",
+        labels=labels,
+    )
+    for key, pool in list(pools.items()):
+        if not hasattr(pool, "host_pools"):
+            continue
+        for host in pool.stats()["hosts"]:
+            values = [str(key), host["host"], host["role"]]
+            up.add_metric(values, 1.0 if host["healthy"] else 0.0)
+            lag.add_metric(values, host["lag"] or 0.0)
+    clusters = any(hasattr(p, "host_pools") for p in pools.values())
+    return flatten_pools(pools), [up, lag] if clusters else []
 
 
 def _prom_buckets(pairs: list[tuple[float, int]]) -> list[tuple[str, float]]:
@@ -314,7 +341,7 @@ class OtelInstruments:
             return []
         with self._lock:
             out = []
-            for key, pool in list(self._pools.items()):
+            for key, pool in flatten_pools(self._pools).items():
                 name = str(key)
                 stats: PoolStats = pool.stats()
                 hists = pool.histograms()
@@ -336,7 +363,7 @@ class OtelInstruments:
                 return []
             return [
                 Observation(pool.stats()[field], {_OTEL_POOL: str(key)})
-                for key, pool in list(self._pools.items())
+                for key, pool in flatten_pools(self._pools).items()
             ]
 
         return callback

@@ -29,8 +29,15 @@ class Peeker:
         except Exception:  # no socket to watch: the peek always says "fine"
             self._poll = None
 
-    def broken(self, conn: Any) -> bool:
-        """True if the idle connection's socket shows a hang-up or the server's goodbye."""
+    def quiet(self, conn: Any) -> bool:
+        """True if the idle connection's socket has nothing to say (the usual case)."""
+        return self._poll is None or not self._poll.poll(0)
+
+    def broken(self, conn: Any) -> bool | None:
+        """After `quiet()` said no: True if the socket shows a hang-up or the connection
+        went bad; None if it is readable but still looks fine (a NOTIFY, a notice, or the
+        first half of the server's goodbye: FATAL, then EOF, may arrive in two reads):
+        the caller should make a round trip to know."""
         poll = self._poll
         if poll is None:
             return False
@@ -39,19 +46,15 @@ class Peeker:
             return False
         if events[0][1] & _HANGUP:
             return True
-        # Readable while idle: a NOTIFY or a notice, or the server's goodbye (FATAL,
-        # then EOF), which may arrive in two reads.
         pgconn = conn.pgconn
         try:
             pgconn.consume_input()
             events = poll.poll(0)
             if events and events[0][1] & _HANGUP:
                 return True
-            if events:
-                pgconn.consume_input()
         except Exception:
             return True
-        return bool(pgconn.status != 0)  # 0 == CONNECTION_OK
+        return True if pgconn.status != 0 else None  # 0 == CONNECTION_OK
 
 
 def cut(conn: Any) -> None:

@@ -147,13 +147,7 @@ class Pool(Returns[CT], Generic[CT]):
         with self._lock:
             if self._idle and not self._draining:
                 slot = self._idle.popleft() if self._fifo else self._idle.pop()
-                if (
-                    now - slot.returned_at < self._instant_window
-                    and slot.pending is None
-                    and now < slot.expire_at
-                    and slot.created_at >= self._invalid_before
-                    and (slot.checked or not self._check)
-                ):
+                if self._lendable_now(slot, now):
                     # Back a moment ago: nothing to check, book it in the same lock.
                     conn = slot.conn
                     self._lent[id(conn)] = slot
@@ -169,11 +163,22 @@ class Pool(Returns[CT], Generic[CT]):
                 and now < slot.expire_at
                 and slot.created_at >= self._invalid_before
                 and (slot.checked or not self._check)
-                and not (self._peek and slot.peek.broken(conn))
+                and not (self._peek and not slot.peek.quiet(conn))
             ):
                 conn.__class__ = slot.cls
                 return self._lend(slot, now, tag, site, None, False)
         return self._borrow_slow(now, timeout, tag, site, slot)
+
+    def _lendable_now(self, slot: Slot, now: float) -> bool:
+        """True if `slot` may be lent with no check at all: back a moment ago, nothing
+        pending, within its lifetime, not invalidated, and past the user's check once."""
+        return (
+            now - slot.returned_at < self._instant_window
+            and slot.pending is None
+            and now < slot.expire_at
+            and slot.created_at >= self._invalid_before
+            and (slot.checked or not self._check)
+        )
 
     def _lend(
         self,
@@ -227,6 +232,11 @@ class Pool(Returns[CT], Generic[CT]):
         while True:
             if slot is None:
                 slot = self._take_slot(t0, deadline)
+                now = monotonic()
+                if self._lendable_now(slot, now):
+                    # Handed over as it came back (the common case under contention).
+                    slot.conn.__class__ = slot.cls
+                    return self._lend(slot, now, tag, site, now - t0, False)
             if self._ready(slot, deadline):
                 now = monotonic()
                 return self._lend(slot, now, tag, site, now - t0, False)
@@ -283,11 +293,15 @@ class Pool(Returns[CT], Generic[CT]):
                 waiter = self._new_waiter()
                 self._waiting.append(waiter)
                 self._n_queued += 1
+                # Wake the worker only if it can open a connection for this borrower: at
+                # max_size, a return hands one over without it.
+                grow = self._nconns + self._connecting < self._max_size
         self._report_reclaimed(gone)
         if stolen is not None:
             self._recycle(stolen, monotonic())
             return stolen
-        self._wakeup.set()
+        if grow:
+            self._wakeup.set()
         try:
             waiter.wait(deadline)
         except BaseException:
@@ -348,27 +362,35 @@ class Pool(Returns[CT], Generic[CT]):
                     return False
                 slot.checked = True
                 slot.last_good = monotonic()
-            elif idle_for >= self._bypass:
-                with self._lock:
-                    self._n_valid_run += 1
-                try:
-                    check_result(
-                        conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
-                    )
-                except Exception:
+            else:
+                # Outside the bypass window, or a socket that spoke while idle: make sure.
+                broken = (
+                    self._peek
+                    and idle_for >= PEEK_AFTER
+                    and not slot.peek.quiet(conn)
+                    and slot.peek.broken(conn)
+                )
+                if broken:
                     with self._lock:
                         self._n_valid_fail += 1
                     self._lost(slot)
                     return False
-                slot.last_good = monotonic()
-            elif self._peek and idle_for >= PEEK_AFTER and slot.peek.broken(conn):
-                with self._lock:
-                    self._n_valid_fail += 1
-                self._lost(slot)
-                return False
-            else:
-                with self._lock:
-                    self._n_valid_skip += 1
+                if idle_for >= self._bypass or broken is None:
+                    with self._lock:
+                        self._n_valid_run += 1
+                    try:
+                        check_result(
+                            conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
+                        )
+                    except Exception:
+                        with self._lock:
+                            self._n_valid_fail += 1
+                        self._lost(slot)
+                        return False
+                    slot.last_good = monotonic()
+                else:
+                    with self._lock:
+                        self._n_valid_skip += 1
         except BaseException:
             self._retire(slot)
             raise

@@ -148,6 +148,7 @@ class Upkeep(PoolCore, Generic[CT]):
             slots = list(self._idle)
             self._idle.clear()
             self._last_attempt = 0.0  # reconnect at once, even after failures
+            self._permanent_fix = None  # new credentials may work: borrowers wait for them
         for s in slots:
             self._retire(s)
         self._wakeup.set()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -67,6 +68,10 @@ def pool_router(
             stats = pool.stats()
             entry: dict[str, Any] = {"ok": error is None}
             entry.update({k: stats[k] for k in ("size", "idle", "in_use", "waiting")})
+            hosts = cast(dict[str, Any], stats).get("hosts")
+            if hosts is not None:  # a ClusterPool: every host with its role and lag
+                keys = ("host", "role", "healthy", "lag", "error")
+                entry["hosts"] = [{k: h[k] for k in keys} for h in hosts]
             if error is not None:
                 entry["error"] = error
             report[name] = entry
@@ -172,8 +177,8 @@ def _forget(task: asyncio.Task[None]) -> None:
 
 
 async def _ping(pool: AsyncPool[Any] | Pool[Any], timeout: float, tag: str) -> None:
-    if isinstance(pool, AsyncPool):
-        async with pool.connection(timeout=timeout, tag=tag) as conn:
+    if isinstance(pool, AsyncPool) or inspect.iscoroutinefunction(pool.getconn):
+        async with cast(AsyncPool[Any], pool).connection(timeout=timeout, tag=tag) as conn:
             await conn.execute("SELECT 1")
     else:
         await asyncio.to_thread(_ping_sync, pool, timeout, tag)

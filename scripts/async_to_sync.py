@@ -39,7 +39,9 @@ FILES: dict[str, str | None] = {
     "poolkit/_cluster_async.py": "poolkit/_cluster.py",
     "tests/_tcompat_async.py": None,  # hand-written pair (tests/_tcompat.py), not generated
     "tests/test_trust_async.py": "tests/test_trust.py",
+    "tests/test_credentials_async.py": "tests/test_credentials.py",
     "tests/test_pool_async.py": "tests/test_pool.py",
+    "tests/test_cluster_async.py": "tests/test_cluster.py",
 }
 
 NAMES = {

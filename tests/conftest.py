@@ -23,7 +23,7 @@ from tests._proxy import TcpProxy
 # ---- Pool fixtures: not here. ------------------------------------------------------------------
 # This conftest knows nothing about pools. Put pool fixtures in their own module (for example
 # tests/fix_pool.py) and register it by adding its dotted name to this list.
-pytest_plugins: list[str] = ["tests._pgbouncer"]
+pytest_plugins: list[str] = ["tests._pgbouncer", "tests._replication"]
 
 EXTERNAL_DSN_ENV = "POOLKIT_TEST_DSN"
 EXTERNAL_ADMIN_DSN_ENV = "POOLKIT_TEST_ADMIN_DSN"

@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from poolkit import mask_conninfo
 from poolkit_django._options import is_ours, pool_config
 from poolkit_django._registry import config_mapping, get_pool
+from poolkit_django.routers import topology
 
 _SERVER_SQL = """
 SELECT current_setting('max_connections')::int,
@@ -89,6 +90,8 @@ class Command(BaseCommand):
                 report[alias] = info
                 continue
             info["settings"] = dict(config_mapping(config))
+            if alias in (cluster := topology()):  # a ReplicaRouter watches this alias
+                info["cluster"] = cluster[alias]
             try:
                 pool = get_pool(alias)
                 with pool.connection(tag="poolkit_status") as conn:
@@ -120,6 +123,11 @@ class Command(BaseCommand):
             w(f"  database: {info['database']}")
         if "settings" in info:
             w("  settings: " + " ".join(f"{k}={v!r}" for k, v in info["settings"].items()))
+        cluster = info.get("cluster")
+        if cluster:
+            lag = "" if cluster["lag"] is None else f" lag={cluster['lag']:.2f} s"
+            health = "healthy" if cluster["healthy"] else "down"
+            w(f"  role: {cluster['role']} ({health}{lag})")
         stats = info.get("stats")
         if stats:
             w(

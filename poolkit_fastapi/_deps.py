@@ -13,6 +13,8 @@ from fastapi import params as fastapi_params
 from psycopg import AsyncConnection, Connection
 from starlette.requests import HTTPConnection
 
+from poolkit import Pool
+
 from ._lease import (
     KINDS,
     UNAVAILABLE,
@@ -119,7 +121,9 @@ def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
         fast = ep.fast_sync
         if fast is None:
             fast = ep.fast_sync = install(scope.get("route"))
-        if fast and not stream:
+        # Not for a cluster's primary (_read.py): a SyncReadConn of the same request must
+        # see the write connection borrowed here, before the route runs.
+        if fast and not stream and isinstance(pool, Pool):
             # The route's wrapper borrows, commits and returns in the route's own worker
             # thread: one thread hop per request, as with an inline `with pool.connection()`.
             pending = leases[kind] = Pending(pool, tag, ep, pools.retry_after)
@@ -216,3 +220,17 @@ def _uses_ended_conn(dependant: Any) -> bool:
             return True
         todo.extend(dep.dependencies)
     return False
+
+
+# -- for _read.py (ClusterLifespan's read dependencies), which ends its leases itself ------
+
+_AsyncLease = AsyncLease
+_SyncLease = SyncLease
+_unavailable = unavailable
+
+
+def _end_before_response(request: HTTPConnection, lease: AsyncLease | SyncLease) -> None:
+    """Also end `lease` on FastAPI's function exit stack (a no-op if already ended)."""
+    stack = request.scope.get(_FUNCTION_STACK)
+    if isinstance(stack, AsyncExitStack):
+        stack.push_async_exit(lease)

@@ -102,13 +102,18 @@ KINDS: dict[Any, Kind] = {}
 
 
 async def borrow_async(pool: AsyncPool[Any], tag: str, ep: Endpoint) -> AsyncConnection[Any]:
-    conn: AsyncConnection[Any] = await pool._borrow(None, tag, ep.code)
+    conn: AsyncConnection[Any]
+    if isinstance(pool, AsyncPool):
+        conn = await pool._borrow(None, tag, ep.code)
+    else:  # a stand-in with the pool's public API (a cluster's primary, _read.py)
+        conn = await pool.getconn(tag=tag)
     return conn
 
 
 def borrow_sync(pool: Pool[Any], tag: str, ep: Endpoint) -> Connection[Any]:
-    conn: Connection[Any] = pool._borrow(None, tag, ep.code)
-    return conn
+    if isinstance(pool, Pool):
+        return pool._borrow(None, tag, ep.code)  # type: ignore[no-any-return]
+    return pool.getconn(tag=tag)
 
 
 # -- errors -------------------------------------------------------------------------------

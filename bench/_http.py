@@ -135,7 +135,7 @@ def load_tool() -> str:
 
 def load(url: str, conns: int, seconds: float, method: str = "POST", *, threads: int = 1) -> Result:
     """Drive `url` with `conns` keep-alive connections for `seconds`, from another process
-    (wrk with `threads` threads when installed)."""
+    (`threads` wrk threads; the httpx fallback ignores it)."""
     if load_tool() == "wrk":
         return _wrk(url, conns, seconds, method, threads)
     argv = [sys.executable, "-m", "bench._http", "loadgen", url, str(conns), str(seconds), method]

@@ -1,17 +1,21 @@
 """Django end to end: poolkit_django vs Django's native pool vs CONN_MAX_AGE=0 vs CONN_MAX_AGE=600.
 
-Run: `.venv/bin/python -m bench.http_django` (about 4 minutes). Each configuration is a
-gunicorn process (one gthread worker with 8 threads, pinned to CPU 0) serving the same two
-views: `SELECT 1`, and a small insert. wrk (or a bounded httpx client) pinned to CPU 1
-drives each view with 16 keep-alive connections. poolkit_django runs as recommended
-(PoolkitMiddleware first in MIDDLEWARE: 503 on exhaustion, hold time per view) and
-without any middleware, like the other configurations. Rounds interleave the configurations so
-drift hits them alike; the table shows medians over the rounds and ratios to Django's
-native pool in the same rounds. Uses $POOLKIT_BENCH_DSN, else an embedded server in
-.poolkit/bench-pgdata.
+Run: `.venv/bin/python -m bench.http_django` (about 6 minutes). Each configuration is a
+gunicorn process (one gthread worker with 8 threads, pinned to CPU 0) serving the same
+view (`SELECT 1`; `--views select,insert` adds a small insert). wrk (2 threads, 32
+keep-alive connections; or a bounded httpx client) pinned to CPU 1 drives it. poolkit_django
+runs as the docs recommend (PoolkitMiddleware first in MIDDLEWARE: 503 on exhaustion, hold
+time per view), per request (CONN_MAX_AGE=0) and with persistent connections parked in the
+pool (CONN_MAX_AGE=600). Rounds interleave the configurations (the order rotates) so drift
+hits them alike; ratios are medians of per-round ratios, with their min-max.
 
-This module is also the Django project gunicorn serves: $BENCH_DJANGO_APP picks the
-configuration when gunicorn imports `bench.http_django:application`.
+`--suite release`: 64 gthread threads, pools of 8, a view that runs a query, waits 20 ms on
+something that is not the database, and runs another: poolkit_django borrowing per request
+vs OPTIONS["pool"]["release"] = "transaction".
+
+Uses $POOLKIT_BENCH_DSN, else an embedded server in .poolkit/bench-pgdata. This module is
+also the Django project gunicorn serves: $BENCH_DJANGO_APP picks the configuration when
+gunicorn imports `bench.http_django:application`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench._http import (
     SERVER_CPU,
@@ -37,32 +41,70 @@ from bench._http import (
     load,
     load_tool,
     machine,
-    paired_ratio,
     pinning,
-    spread,
     summarize,
     versions,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-THREADS = 8
 POOL_SIZE = 8
-CONNS = 16
 TABLE = "bench_http_django"
 DSN_VAR = "BENCH_HTTP_DSN"
 APP_VAR = "BENCH_DJANGO_APP"
-_POOL = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
-# name: (ENGINE, OPTIONS["pool"] or None, CONN_MAX_AGE, middleware)
-APPS: dict[str, tuple[str, dict[str, int] | None, int, list[str]]] = {
-    "poolkit_django": ("poolkit_django", _POOL, 0, ["poolkit_django.PoolkitMiddleware"]),
-    # The same middleware stack as the others (none): the backend alone.
-    "poolkit_django, no middleware": ("poolkit_django", _POOL, 0, []),
-    "native pool": ("django.db.backends.postgresql", _POOL, 0, []),
-    "CONN_MAX_AGE=0": ("django.db.backends.postgresql", None, 0, []),
-    "CONN_MAX_AGE=600": ("django.db.backends.postgresql", None, 600, []),
+WAIT = 0.02  # seconds the release suite's view waits between its two queries
+_MW = ["poolkit_django.PoolkitMiddleware"]
+_POOL: dict[str, Any] = {"min_size": POOL_SIZE, "max_size": POOL_SIZE}
+
+
+class App(NamedTuple):
+    engine: str
+    pool: dict[str, Any] | None  # OPTIONS["pool"]; None: no pool
+    max_age: int
+    middleware: list[str]
+
+
+APPS: dict[str, App] = {
+    "poolkit_django": App("poolkit_django", _POOL, 0, _MW),
+    "poolkit_django, CONN_MAX_AGE=600": App("poolkit_django", _POOL, 600, _MW),
+    "native pool": App("django.db.backends.postgresql", _POOL, 0, []),
+    "CONN_MAX_AGE=0": App("django.db.backends.postgresql", None, 0, []),
+    "CONN_MAX_AGE=600": App("django.db.backends.postgresql", None, 600, []),
+    # The release suite.
+    "per request": App("poolkit_django", _POOL, 0, _MW),
+    "release=transaction": App("poolkit_django", {**_POOL, "release": "transaction"}, 0, _MW),
 }
-BASELINE = "native pool"
-VIEWS = {"SELECT 1": "/select", "small insert": "/insert"}
+
+
+class Suite(NamedTuple):
+    apps: list[str]
+    views: dict[str, str]
+    threads: int  # gunicorn threads
+    conns: int  # wrk connections
+    baselines: list[str]  # ratios of every configuration against each of these
+
+
+SUITES = {
+    "http": Suite(
+        [
+            "poolkit_django",
+            "poolkit_django, CONN_MAX_AGE=600",
+            "native pool",
+            "CONN_MAX_AGE=0",
+            "CONN_MAX_AGE=600",
+        ],
+        {"SELECT 1": "/select", "small insert": "/insert"},
+        8,
+        32,
+        ["native pool", "CONN_MAX_AGE=600", "CONN_MAX_AGE=0"],
+    ),
+    "release": Suite(
+        ["per request", "release=transaction"],
+        {f"2 queries + {WAIT * 1000:.0f} ms wait": "/wait2"},
+        64,
+        64,
+        ["per request"],
+    ),
+}
 PACKAGES = ("django", "gunicorn", "psycopg", "psycopg-pool")
 
 
@@ -85,6 +127,20 @@ def insert_view(request: Any) -> Any:
 
     with connection.cursor() as cur:
         cur.execute(f"INSERT INTO {TABLE} (app) VALUES (%s)", [os.environ[APP_VAR]])
+    return HttpResponse(b"ok")
+
+
+def wait2_view(request: Any) -> Any:
+    from django.db import connection
+    from django.http import HttpResponse
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")
+        cur.fetchone()
+    time.sleep(WAIT)  # an HTTP call, a cache, a template: anything but the database
+    with connection.cursor() as cur:
+        cur.execute("SELECT 2")
+        cur.fetchone()
     return HttpResponse(b"ok")
 
 
@@ -150,6 +206,7 @@ def __getattr__(name: str) -> Any:
             path("pid", pid_view),
             path("select", select_view),
             path("insert", insert_view),
+            path("wait2", wait2_view),
         ]
         globals()["urlpatterns"] = patterns
         return patterns
@@ -160,14 +217,14 @@ def __getattr__(name: str) -> Any:
 
 
 @contextlib.contextmanager
-def gunicorn_server(app: str, dsn: str) -> Iterator[str]:
-    """One gthread worker with THREADS threads (pinned to CPU 0); yields its base URL."""
+def gunicorn_server(app: str, dsn: str, threads: int = 8) -> Iterator[str]:
+    """One gthread worker with `threads` threads (pinned to CPU 0); yields its base URL."""
     from gunicorn.config import KNOWN_SETTINGS
 
     port = free_port()
     argv = [sys.executable, "-m", "gunicorn", "bench.http_django:application",
             "--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "gthread",
-            "--threads", str(THREADS), "--log-level", "warning"]  # fmt: skip
+            "--threads", str(threads), "--log-level", "warning"]  # fmt: skip
     if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
         argv.append("--no-control-socket")  # a fixed path shared by every gunicorn
     if pinning():
@@ -234,11 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
 
     parser = argparse.ArgumentParser(prog="python -m bench.http_django", description=__doc__)
-    parser.add_argument("--duration", type=int, default=4, help="seconds per measurement")
+    parser.add_argument("--suite", choices=list(SUITES), default="http")
+    parser.add_argument("--duration", type=int, default=8, help="seconds per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="seconds before each one")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (median shown)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--views", default="select", help="comma-separated: select,insert")
     args = parser.parse_args(argv)
-    budget = len(APPS) * len(VIEWS) * args.rounds * (args.duration + args.warmup + 0.5)
+    suite = SUITES[args.suite]
+    views = {
+        k: v
+        for k, v in suite.views.items()
+        if args.suite != "http" or v[1:] in args.views.split(",")
+    }
+    budget = len(suite.apps) * len(views) * args.rounds * (args.duration + args.warmup + 0.5)
     print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
 
     dsn = _server_dsn()
@@ -248,18 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, str], list[Result]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(gunicorn_server(name, dsn)) for name in APPS}
+        urls = {
+            name: stack.enter_context(gunicorn_server(name, dsn, suite.threads))
+            for name in suite.apps
+        }
         workers = {name: _worker_pid(url) for name, url in urls.items()}
-        names = list(APPS)
+        names = list(suite.apps)
         for round_no in range(args.rounds):
-            for view, path in VIEWS.items():
+            for view, path in views.items():
                 # Rotate the order every round so no configuration always runs first.
                 shift = round_no % len(names)
                 for name in names[shift:] + names[:shift]:
                     url = urls[name] + path
-                    load(url, CONNS, args.warmup, method="GET")
+                    load(url, suite.conns, args.warmup, method="GET", threads=2)
                     cpu0 = _cpu_seconds(workers[name])
-                    result = load(url, CONNS, args.duration, method="GET")
+                    result = load(url, suite.conns, args.duration, method="GET", threads=2)
                     used = _cpu_seconds(workers[name]) - cpu0
                     per_request = used / result.requests if result.requests else 0.0
                     results.setdefault((name, view), []).append(result)
@@ -272,11 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     time.sleep(0.2)
-    print(report(results, cpu, args, dsn))
+    print(report(suite, views, results, cpu, args, dsn))
     return 0
 
 
+def ratio_range(runs: Sequence[Result], base: Sequence[Result]) -> str:
+    """Median of per-round req/s ratios (same round, seconds apart) and their min-max."""
+    ratios = [r.rps / b.rps for r, b in zip(runs, base, strict=True) if r.requests and b.rps]
+    if not ratios:
+        return "n/a"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def report(
+    suite: Suite,
+    views: dict[str, str],
     results: dict[tuple[str, str], list[Result]],
     cpu: dict[tuple[str, str], list[float]],
     args: argparse.Namespace,
@@ -286,40 +364,30 @@ def report(
 
     pin = pinning()
     lines = [
-        f"Django over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; gunicorn 1 "
-        f"gthread worker x {THREADS} threads{' on CPU 0' if pin else ''}, {load_tool()} 1 thread"
-        f"{' on CPU 1' if pin else ''}, {CONNS} connections; pools of {POOL_SIZE}; "
-        f"{args.rounds} interleaved rounds of {args.duration} s. req/s, p50, p99 and CPU "
-        "(the worker's user+system time per request) are medians over the rounds; ratios "
-        "are medians of per-round ratios to Django's native pool.",
+        f"Django over HTTP ({args.suite}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; "
+        f"gunicorn 1 gthread worker x {suite.threads} threads{' on CPU 0' if pin else ''}, "
+        f"{load_tool()} 2 threads{' on CPU 1' if pin else ''}, {suite.conns} connections; "
+        f"pools of {POOL_SIZE}; {args.rounds} interleaved rounds of {args.duration} s. req/s, "
+        "p50, p99 and CPU (the worker's user+system time per request) are medians over the "
+        "rounds; ratios are medians of per-round ratios, (min-max) over the rounds.",
         "",
-        "| view | configuration | req/s | p50 ms | p99 ms | CPU µs/req | errors "
-        "| req/s vs native | p99 vs native | CPU vs native | req/s range |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| view | configuration | req/s | p50 ms | p99 ms | CPU µs/req | errors | "
+        + " | ".join(f"vs {b}" for b in suite.baselines)
+        + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(suite.baselines),
     ]
-    for view in VIEWS:
-        base = results[(BASELINE, view)]
-        base_cpu = cpu[(BASELINE, view)]
-        for name in APPS:
+    for view in views:
+        for name in suite.apps:
             runs = results[(name, view)]
             r = summarize(runs)
             per_req = statistics.median(cpu[(name, view)])
-            cpu_ratio = statistics.median(
-                a / b for a, b in zip(cpu[(name, view)], base_cpu, strict=True) if b
+            ratios = " | ".join(
+                ratio_range(runs, results[(b, view)]) if b != name else "-" for b in suite.baselines
             )
             lines.append(
                 f"| {view} | {name} | {r.rps:.0f} | {fmt_ms(r.p50)} | {fmt_ms(r.p99)} | "
-                f"{per_req * 1e6:.0f} | {r.errors} | {paired_ratio(runs, base)} | "
-                f"{paired_ratio(runs, base, 'p99')} | {cpu_ratio:.2f}x | {spread(runs)} |"
+                f"{per_req * 1e6:.0f} | {r.errors} | {ratios} |"
             )
-    lines.append("")
-    for view in VIEWS:
-        pk = results[("poolkit_django", view)]
-        lines.append(
-            f"- {view}: poolkit_django vs CONN_MAX_AGE=600 "
-            f"{paired_ratio(pk, results[('CONN_MAX_AGE=600', view)])}, vs CONN_MAX_AGE=0 "
-            f"{paired_ratio(pk, results[('CONN_MAX_AGE=0', view)])}"
-        )
     lines += ["", f"{versions(*PACKAGES)}; server {mask_conninfo(dsn)}."]
     return "\n".join(lines)
 

@@ -119,6 +119,7 @@ class PoolCore:
         self._n_valid_fail = 0
         self._n_resets = 0
         self._n_stolen = 0
+        self._n_bad_returns = 0  # returned closed, broken or mid-operation
         self._failed_wait = 0.0
 
     # -- psycopg_pool's public attributes ----------------------------------------------
@@ -367,7 +368,7 @@ class PoolCore:
                 "requests_wait_ms": int((w.sum + self._failed_wait) * 1000),
                 "requests_errors": self._n_timeouts + self._n_rejected,
                 "usage_ms": int(h.sum * 1000),
-                "returns_bad": self._n_lost,
+                "returns_bad": self._n_bad_returns,
                 "connections_num": c.count + self._n_failed,
                 "connections_ms": int(c.sum * 1000),
                 "connections_errors": self._n_failed,
@@ -387,10 +388,15 @@ class PoolCore:
         _fork.orphan([s.conn if s.conn is not None else s.wr() for s in slots])
         self._lock = threading.Lock()
         self._reset_state()
-        self._worker = None
+        # The parent's events, worker handles and deadlines are not ours either (a lock
+        # inside an event may have been held by a parent thread at the fork).
+        self._init_lifecycle()
         self._closed = not was_open
         self._opened = was_open
         self._forked = was_open
+
+    def _init_lifecycle(self) -> None:
+        """The lifecycle's own state (see AsyncLifecycle/Lifecycle)."""
 
     def _take_reclaimed(self) -> list[Slot]:
         """Slots of garbage-collected borrows, taken off the books (lock held)."""

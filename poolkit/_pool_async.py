@@ -126,6 +126,9 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
             )
         if open is None:
             open = self._open_implicit = True
+            # The first borrow must take the slow path, where the warning is given: the
+            # fast path stays free of the check (windows restored by _end_implicit_open).
+            self._fast_window = self._instant_window = -1.0
         if open:
             self._open()
 
@@ -230,6 +233,8 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
         deadline = t0 + (self.timeout if timeout is None else timeout)
         if site is None:
             site = _getframe(2)
+        if self._fast_window < 0:
+            self._end_implicit_open()
         while True:
             if slot is None:
                 slot = await self._take_slot(t0, deadline)
@@ -243,27 +248,32 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
                 return self._lend(slot, now, tag, site, now - t0, False)
             slot = None
 
+    def _end_implicit_open(self) -> None:
+        """First slow borrow of a pool opened by default: warn (once), restore the windows."""
+        with self._lock:
+            implicit, self._open_implicit = self._open_implicit, False
+            self._fast_window = min(self._bypass, self.config.max_idle)
+            self._instant_window = min(PEEK_AFTER, self._fast_window)
+        if implicit and not ASYNC:
+            warnings.warn(
+                f"the default for the {type(self).__name__} 'open' parameter will "
+                "become 'False' in a future release: pass open=True/False, or use "
+                f"`with {type(self).__name__}(...) as pool:`",
+                DeprecationWarning,
+                stacklevel=5,
+            )
+        if implicit and ASYNC:
+            warnings.warn(
+                f"opening the async pool {type(self).__name__} in the constructor is "
+                "deprecated: use `await pool.open()` or `async with pool:`",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+
     async def _take_slot(self, t0: float, deadline: float) -> Slot:
         """An idle slot, a stolen parked one, or one handed over after a wait in line."""
         stolen: Slot | None = None
         with self._lock:
-            if self._open_implicit and not ASYNC:
-                self._open_implicit = False
-                warnings.warn(
-                    f"the default for the {type(self).__name__} 'open' parameter will "
-                    "become 'False' in a future release: pass open=True/False, or use "
-                    f"`with {type(self).__name__}(...) as pool:`",
-                    DeprecationWarning,
-                    stacklevel=5,
-                )
-            if self._open_implicit and ASYNC:
-                self._open_implicit = False
-                warnings.warn(
-                    f"opening the async pool {type(self).__name__} in the constructor is "
-                    "deprecated: use `await pool.open()` or `async with pool:`",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
             if self._closed or self._draining:
                 raise self._closed_error()
             if self._forked:

@@ -116,6 +116,9 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         conn = slot.conn
         pgconn = conn.pgconn
         status = pgconn.transaction_status
+        if status == _UNKNOWN or status == _ACTIVE:
+            with self._lock:
+                self._n_bad_returns += 1
         if status == _UNKNOWN:
             if conn.broken:
                 self._lost(slot)

@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
-from ._options import is_ours
+from ._options import is_ours, release_per_transaction
 
 
 def check_databases(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -16,16 +16,18 @@ def check_databases(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
         if not is_ours(db) or not (db.get("OPTIONS") or {}).get("pool", True):
             continue
         max_age = db.get("CONN_MAX_AGE", 0)
-        if max_age != 0:
+        if max_age == 0:
+            continue
+        if release_per_transaction(db):
             messages.append(
                 checks.Warning(
-                    f"DATABASES[{alias!r}]['CONN_MAX_AGE']={max_age!r} is ignored: "
-                    "poolkit_django pools connections.",
+                    f"DATABASES[{alias!r}]['CONN_MAX_AGE']={max_age!r} has no effect with "
+                    "OPTIONS['pool']['release']='transaction'.",
                     hint=(
-                        "Each request borrows a connection from the pool and returns it at "
-                        "the end, so connections are reused without pinning one per thread. "
-                        "Remove CONN_MAX_AGE (or set it to 0); tune OPTIONS['pool'] "
-                        "(max_lifetime, max_idle) to control how long connections live."
+                        "release='transaction' gives the connection back after every "
+                        "statement or transaction, so no connection stays with a thread "
+                        "between requests. Set CONN_MAX_AGE to 0, or drop 'release' to keep "
+                        "a connection parked with each thread."
                     ),
                     id="poolkit_django.W001",
                 )

@@ -19,6 +19,9 @@ _DJANGO_OWNED: Final = {
     "autocommit": "Django manages autocommit: use DATABASES[{alias!r}]['AUTOCOMMIT']",
 }
 
+# OPTIONS["pool"]["release"]: when a request gives its connection back (Django-side only).
+RELEASES: Final = ("request", "transaction")
+
 _cache: dict[str, tuple[Any, Any, PoolConfig | None]] = {}
 _cache_lock = threading.Lock()
 
@@ -56,6 +59,14 @@ def _build(alias: str, raw: Any, health: bool) -> PoolConfig | None:
             f"{source}={raw!r}: must be True, False or a dict of pool settings; use e.g."
             " {'min_size': 2, 'max_size': 10} (see poolkit's settings table)"
         )
+    release = raw.get("release", "request")
+    if release not in RELEASES:
+        raise ImproperlyConfigured(
+            f"{source}['release']={release!r}: must be 'request' (the default: a request "
+            "keeps its connection until it ends) or 'transaction' (given back after each "
+            "statement or transaction outside atomic())"
+        )
+    raw = {k: v for k, v in raw.items() if k != "release"}
     for key, fix in _DJANGO_OWNED.items():
         if key in raw:
             raise ImproperlyConfigured(
@@ -76,6 +87,12 @@ def _build(alias: str, raw: Any, health: bool) -> PoolConfig | None:
     if config.name is None:
         config = config.replace(name=alias)
     return config
+
+
+def release_per_transaction(settings_dict: Mapping[str, Any]) -> bool:
+    """True when OPTIONS["pool"]["release"] is "transaction" (validated by pool_config())."""
+    raw = (settings_dict.get("OPTIONS") or {}).get("pool")
+    return isinstance(raw, Mapping) and raw.get("release") == "transaction"
 
 
 def check_connect_arguments(alias: str, config: PoolConfig, wrapper: Any) -> None:

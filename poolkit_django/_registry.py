@@ -21,7 +21,7 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 
 import poolkit
-from poolkit import ConfigError, Pool, PoolConfig
+from poolkit import ConfigError, Pool, PoolConfig, _psycopg
 from poolkit._dashboard import CONFIG_FIELDS
 
 from ._options import rename_kwargs_error
@@ -40,7 +40,10 @@ current_tag: ContextVar[str | None] = ContextVar("poolkit_django_tag", default=N
 class Entry:
     """One alias's pool and the connection settings it was built for."""
 
-    __slots__ = ("__weakref__", "alias", "extra", "opened", "params", "pid", "pool")
+    __slots__ = (
+        "__weakref__", "alias", "auto_reset", "extra", "opened", "params", "parkable", "pid",
+        "pool",
+    )  # fmt: skip
 
     def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool[Any]):
         self.alias = alias
@@ -49,6 +52,10 @@ class Entry:
         self.pool = pool
         self.opened = False
         self.pid = os.getpid()
+        # Parking skips the reset the pool runs on return: only without one on every return.
+        reset = pool.config.resolved_reset
+        self.parkable = reset in ("auto", "none")
+        self.auto_reset = reset == "auto"
 
     def __repr__(self) -> str:
         return (
@@ -87,6 +94,10 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
         )
         _retire(old)
     return entry
+
+
+def current_entry(alias: str) -> Entry | None:
+    return _entries.get(alias)
 
 
 def _build(
@@ -164,6 +175,45 @@ def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
     entry.pool.putconn(conn)
 
 
+def park(wrapper: DatabaseWrapper, conn: Any) -> bool:
+    """Keep `conn` reserved for `wrapper`'s thread until its next use (CONN_MAX_AGE).
+
+    False, and nothing done, when the session must be reset first: the pool resets on
+    return and _park() does not, so such a connection goes back with putconn() instead
+    (the request that changed its session loses its place, nothing crosses).
+    """
+    entry = wrapper._pk_lease
+    assert entry is not None
+    if not entry.parkable or (entry.auto_reset and id(conn) in _psycopg.DIRTY):
+        return False  # a reset on every return, or the command tags showed a session change
+    entry.pool._park(conn)
+    return True
+
+
+def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
+    """Take a parked connection back into use; False if the pool took or closed it."""
+    entry = wrapper._pk_lease
+    if entry is None:
+        return False
+    try:
+        tag = current_tag.get() or _thread_tag()
+        back = bool(entry.pool._unpark(conn, tag, _user_frame(frame)))
+    except Exception:  # a closed or rebuilt pool: the connection is gone either way
+        logger.debug("pool %r: unpark failed", entry.pool.name, exc_info=True)
+        back = False
+    if not back:
+        wrapper._pk_lease = None
+    return back
+
+
+def release_parked(wrapper: DatabaseWrapper, conn: Any) -> None:
+    """Give a parked connection back to the pool for good (close(), CONN_MAX_AGE passed)."""
+    entry = wrapper._pk_lease
+    wrapper._pk_lease = None
+    if entry is not None and entry.pool._unpark(conn, None, None):
+        entry.pool.putconn(conn)
+
+
 _local = threading.local()
 _guards: weakref.WeakSet[_ThreadGuard] = weakref.WeakSet()
 
@@ -192,11 +242,16 @@ class _ThreadGuard:
 
 def _return_at_thread_exit(wrapper: DatabaseWrapper, thread: str) -> None:
     try:
-        entry, conn = wrapper._pk_lease, wrapper.connection
+        entry, conn = wrapper._pk_lease, wrapper._pk_conn
         if entry is None or conn is None or wrapper.allow_thread_sharing:
             return  # a shared wrapper is closed by the thread it was shared with
-        wrapper._pk_lease = None
+        parked = wrapper._pk_parked
         wrapper.connection = None
+        if parked:
+            # Kept between requests (CONN_MAX_AGE): not a leak, just hand it back.
+            release_parked(wrapper, conn)
+            return
+        wrapper._pk_lease = None
         entry.pool.putconn(conn)
         _leak_logger.info(
             "pool %r: thread %r ended without closing its Django connection (alias %r); "
@@ -297,7 +352,7 @@ def close_pools_for(dbname: str) -> None:
                 wrapper.alias,
             )
             with contextlib.suppress(Exception):
-                wrapper.connection.close()
+                wrapper._pk_conn.close()
     for victim in victims:
         _retire(victim)
 

@@ -30,6 +30,13 @@ def _pooled_aliases() -> list[str]:
     ]
 
 
+# What an unauthorised client learns about a failed check: no host, user, SQL state or path.
+_REASONS = {
+    "exhausted": "every connection is busy",
+    "unavailable": "the database cannot be reached",
+}
+
+
 @never_cache
 @require_GET
 def health(request: HttpRequest) -> JsonResponse:
@@ -37,10 +44,14 @@ def health(request: HttpRequest) -> JsonResponse:
 
     The check borrows from the pool (waiting at most HEALTH_TIMEOUT seconds), so it
     proves the whole path a request takes. A pool that is merely busy reports
-    "exhausted"; a database that cannot be reached reports "unavailable".
+    "exhausted"; a database that cannot be reached reports "unavailable". The body
+    gives a short generic reason; the error itself (which names hosts, users and code
+    paths) goes to the log, and to the body only with ``DEBUG`` or for a request that
+    ``POOLKIT_DASHBOARD_CHECK`` accepts.
     """
     report: dict[str, Any] = {}
     healthy = True
+    details: bool | None = None  # decided at the first failure: the check may cost a lookup
     for alias in _pooled_aliases():
         status, error = "ok", None
         pool = None
@@ -56,12 +67,15 @@ def health(request: HttpRequest) -> JsonResponse:
             status, error = ("unavailable" if down else "exhausted"), str(exc)
         except Exception as exc:  # a health check reports, it does not raise
             status, error = "unavailable", f"{type(exc).__name__}: {exc}"
-        if status != "ok":
-            healthy = False
-            logger.warning("health check of %r failed: %s", alias, error)
         entry: dict[str, Any] = {"status": status}
         if error is not None:
-            entry["error"] = error
+            healthy = False
+            logger.warning("health check of %r failed: %s", alias, error)
+            if details is None:
+                details = _may_see_details(request)
+            entry["reason"] = _REASONS[status]
+            if details:
+                entry["error"] = error
         current = pools().get(alias)
         if current is not None:
             entry["stats"] = current.stats()
@@ -70,6 +84,24 @@ def health(request: HttpRequest) -> JsonResponse:
         {"status": "ok" if healthy else "unavailable", "databases": report},
         status=200 if healthy else 503,
     )
+
+
+def _may_see_details(request: HttpRequest) -> bool:
+    if settings.DEBUG:
+        return True
+    check = _dashboard_check()
+    if check is None:
+        return False
+    try:
+        return bool(check(request))
+    except Exception:  # an auth check that fails denies, it does not break the health view
+        logger.warning("POOLKIT_DASHBOARD_CHECK raised in the health view", exc_info=True)
+        return False
+
+
+def _dashboard_check() -> Any:
+    check: Any = getattr(settings, "POOLKIT_DASHBOARD_CHECK", None)
+    return import_string(check) if isinstance(check, str) else check
 
 
 @never_cache
@@ -104,9 +136,7 @@ def _dashboard_allowed(request: HttpRequest) -> HttpResponse | None:
     """
     if not getattr(settings, "POOLKIT_DASHBOARD", False):
         raise Http404("the poolkit dashboard is off: set POOLKIT_DASHBOARD = True")
-    check: Any = getattr(settings, "POOLKIT_DASHBOARD_CHECK", None)
-    if isinstance(check, str):
-        check = import_string(check)
+    check = _dashboard_check()
     if check is not None and not check(request):
         return HttpResponse("forbidden\n", status=403, content_type="text/plain")
     return None

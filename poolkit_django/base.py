@@ -2,40 +2,76 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg
+from django.db.backends.signals import connection_created
 from django.utils.asyncio import async_unsafe
 from psycopg import IsolationLevel, sql
+from psycopg.pq import TransactionStatus
 
 from poolkit import Pool, PoolConfig
 
 from . import _checks, _registry
 from ._creation import DatabaseCreation
-from ._options import pool_config
+from ._features import DatabaseFeatures
+from ._options import pool_config, release_per_transaction
+from ._release import DISCARD, ReleasingCursor, ReleasingDebugCursor
 
 __all__ = ["DatabaseWrapper"]
 
 _checks.register()
+_IDLE = TransactionStatus.IDLE
+
+
+def _discard(conn: Any) -> None:
+    """End session state the pool's reset cannot see (temporary tables, advisory locks,
+    set_config(), cursors, prepared statements) before the connection goes back."""
+    try:
+        if conn.pgconn.transaction_status != _IDLE:
+            conn.rollback()
+        conn.execute("DISCARD ALL")
+    except Exception:  # the pool examines what comes back: a broken one is replaced
+        pass
 
 
 class DatabaseWrapper(pg.DatabaseWrapper):
     """Django's PostgreSQL backend with connections borrowed from a poolkit pool.
 
     A connection is borrowed at the first query and returned when Django closes it: at
-    the end of every request (whatever CONN_MAX_AGE says), when a thread that used it
-    ends, or on `connection.close()`. ``vendor`` stays "postgresql".
+    the end of a request with CONN_MAX_AGE = 0, when a thread that used it ends, or on
+    `connection.close()`. With CONN_MAX_AGE > 0 (or None) it is parked at the end of a
+    request: reserved for this thread's next request, unless the pool needs it for
+    another thread first. With OPTIONS["pool"]["release"] = "transaction" it goes back
+    after every statement or transaction outside atomic(), unless the session was
+    pinned. ``vendor`` stays "postgresql".
     """
 
     creation_class = DatabaseCreation
+    features_class = DatabaseFeatures
     _pk_lease: _registry.Entry | None = None  # the pool entry of the connection held
     _pk_guarded = False  # set once a thread's exit guard watches this wrapper
+    _pk_conn: Any = None  # what Django calls self.connection (see the property)
+    _pk_parked = False  # _pk_conn is parked: reserved for this thread, not in use
+    _pk_release_tx = False  # release="transaction" for the connection held
+    _pk_pinned = 0  # the session holds state (_release.PIN/DISCARD): keep it to request end
+    _pk_used = False  # a cursor was made since the borrow
+    _pk_cursors = 0  # open cursors (release="transaction")
+    _pk_gen = 0  # borrows so far: a cursor from an earlier borrow does not count
+    _pk_connecting = False  # inside connect(): its own queries must not release
+    # release="transaction": the pool entry to borrow from again, without Django's
+    # connect(), while a request runs between two statements.
+    _pk_between: _registry.Entry | None = None
+    _pk_isolation = False  # OPTIONS["isolation_level"] is set on each borrowed connection
 
     if TYPE_CHECKING:  # Django internals the stubs leave out
         _thread_ident: int
+        health_check_enabled: bool
 
         def _configure_connection(self, connection: Any) -> bool: ...
 
@@ -66,6 +102,33 @@ class DatabaseWrapper(pg.DatabaseWrapper):
 
     # -- connections ---------------------------------------------------------------------
 
+    @property
+    def connection(self) -> Any:
+        # Every use of a parked connection (a query, commit, is_usable, user code reading
+        # connection.connection) first takes it back from the pool; with
+        # release="transaction", every use between two statements borrows again.
+        if self._pk_parked:
+            return self._pk_unpark()
+        conn = self._pk_conn
+        if conn is None and self._pk_between is not None:
+            return self._pk_reborrow()
+        return conn
+
+    @connection.setter
+    def connection(self, value: Any) -> None:
+        self._pk_conn = value
+        self._pk_parked = False
+
+    def _pk_unpark(self) -> Any:
+        conn = self._pk_conn
+        self._pk_parked = False
+        if _registry.unpark(self, conn, sys._getframe(2)):
+            return conn
+        # The pool lent it to another thread or closed it: as if Django had closed it;
+        # the next ensure_connection() borrows anew.
+        self._pk_conn = None
+        return None
+
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         config = self._pk_config()
@@ -88,6 +151,12 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 ) from None
         entry = _registry.entry_for(self, conn_params, config)
         connection = _registry.lend(self, entry, sys._getframe(1))
+        self._pk_isolation = set_isolation_level
+        self._pk_release_tx = release_per_transaction(self.settings_dict)
+        self._pk_pinned = 0
+        self._pk_used = False
+        self._pk_cursors = 0
+        self._pk_gen += 1
         if set_isolation_level:
             connection.isolation_level = self.isolation_level
         return connection
@@ -99,8 +168,52 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             # The pool configured the connection (time zone, role) when it opened it.
             BaseDatabaseWrapper.init_connection_state(self)
 
+    def connect(self) -> None:
+        # connect() itself may query (the server version check): releasing there would
+        # hand the caller a closed connection.
+        self._pk_connecting = True
+        try:
+            super().connect()
+        finally:
+            self._pk_connecting = False
+
+    def _pk_reborrow(self) -> Any:
+        """The next statement of a request after a release: borrow again, keeping the
+        state Django's connect() would rebuild (settings checked, version known, autocommit
+        on, no transaction open), which a release outside atomic() leaves as it was."""
+        entry, self._pk_between = self._pk_between, None
+        if entry is None or _registry.current_entry(self.alias) is not entry:
+            return None  # settings changed meanwhile: Django's connect() does it all
+        conn = _registry.lend(self, entry, sys._getframe(2))
+        if self._pk_isolation:
+            conn.isolation_level = self.isolation_level
+        self._pk_pinned = 0
+        self._pk_used = False
+        self._pk_cursors = 0
+        self._pk_gen += 1
+        self.connection = conn
+        self.run_on_commit = []
+        self.health_check_done = True
+        if connection_created.receivers:  # e.g. django.contrib.postgres type handlers
+            self._pk_connecting = True  # a receiver's query must not release it
+            try:
+                connection_created.send(sender=self.__class__, connection=self)
+            finally:
+                self._pk_connecting = False
+        return conn
+
+    def close(self) -> None:
+        self._pk_between = None
+        if self._pk_parked:
+            # Not Django's close(): reading self.connection would take it back first.
+            self.validate_thread_sharing()
+            self.run_on_commit = []
+            self._close()
+            return
+        super().close()
+
     def _close(self) -> None:
-        connection = self.connection
+        connection = self._pk_conn
         if connection is None:
             return
         if self._pk_lease is None:
@@ -109,7 +222,12 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             return
         try:
             with self.wrap_database_errors:
-                _registry.give_back(self, connection)
+                if self._pk_parked:
+                    _registry.release_parked(self, connection)
+                else:
+                    if self._pk_pinned == DISCARD:
+                        _discard(connection)
+                    _registry.give_back(self, connection)
         finally:
             # Connection can no longer be used.
             self.connection = None
@@ -121,18 +239,127 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def close_if_unusable_or_obsolete(self) -> None:
-        if self._pk_lease is not None and self.connection is not None:
-            # Start or end of a request: hand the connection back. CONN_MAX_AGE is
-            # ignored (see the poolkit_django.W001 check); the pool does the reuse.
+        # Start and end of every request (Django's request_started/request_finished).
+        self._pk_between = None
+        if self._pk_lease is None:
+            super().close_if_unusable_or_obsolete()
+            return
+        if self._pk_parked:
+            if self.close_at is not None and time.monotonic() >= self.close_at:
+                self.close()
+            return
+        if self._pk_conn is None:
+            return
+        if self._pk_release_tx or self.settings_dict["CONN_MAX_AGE"] == 0:
             self.close()
             return
-        super().close_if_unusable_or_obsolete()
+        # Persistent connections (CONN_MAX_AGE): Django's rules, then park instead of keep.
+        self.health_check_done = False
+        # self.autocommit, not get_autocommit(): the connection is held, nothing to ensure.
+        if self.autocommit != self.settings_dict["AUTOCOMMIT"]:
+            self.close()
+            return
+        if self.errors_occurred:
+            if not self.is_usable():
+                self._pk_close_unusable()
+                return
+            self.errors_occurred = False
+            self.health_check_done = True
+        if self.close_at is not None and time.monotonic() >= self.close_at:
+            self.close()
+            return
+        self._pk_park()
+
+    def _pk_park(self) -> None:
+        conn = self._pk_conn
+        if conn.pgconn.transaction_status != _IDLE:
+            # AUTOCOMMIT=False leaves a transaction open at request end: it ends with it.
+            try:
+                with self.wrap_database_errors:
+                    conn.rollback()
+            except Exception:
+                self.close()
+                return
+            self.needs_rollback = False
+        if _registry.park(self, conn):
+            self._pk_parked = True
+        else:
+            self.close()
 
     def close_if_health_check_failed(self) -> None:
-        if self.connection is None or self._pk_lease is not None:
-            return  # the pool validates connections when it lends them
-        # Not Django's PostgreSQL version: its `if self.pool` would build the pool.
-        BaseDatabaseWrapper.close_if_health_check_failed(self)
+        # Django's rule (a check at the first query of a request, with CONN_HEALTH_CHECKS,
+        # on a connection kept from an earlier request), not PostgreSQL's: its `if
+        # self.pool` would build the pool. A fresh borrow needs none: the pool validated it.
+        if self.connection is None or not self.health_check_enabled or self.health_check_done:
+            return
+        if not self.is_usable():
+            self._pk_close_unusable()
+        self.health_check_done = True
+
+    def _pk_close_unusable(self) -> None:
+        # Django judged it unusable: the pool must not lend it again, so it goes back closed
+        # (the pool replaces it).
+        conn = self._pk_conn
+        if self._pk_lease is not None and conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        self.close()
+
+    # -- release="transaction" -----------------------------------------------------------
+
+    def make_cursor(self, cursor: Any) -> Any:
+        if not self._pk_release_tx:
+            return super().make_cursor(cursor)
+        self._pk_cursors += 1
+        self._pk_used = True
+        wrapped = ReleasingCursor(cursor, self)
+        wrapped._pk_gen = self._pk_gen
+        return wrapped
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        if not self._pk_release_tx:
+            return super().make_debug_cursor(cursor)
+        self._pk_cursors += 1
+        self._pk_used = True
+        wrapped = ReleasingDebugCursor(cursor, self)
+        wrapped._pk_gen = self._pk_gen
+        return wrapped
+
+    def create_cursor(self, name: Any = None) -> Any:
+        if name and self._pk_release_tx:
+            self._pk_pinned = DISCARD  # a server-side cursor lives in the session
+        return super().create_cursor(name)
+
+    def _pk_cursor_closed(self, gen: int) -> None:
+        if gen == self._pk_gen and self._pk_cursors > 0:
+            self._pk_cursors -= 1
+            if self._pk_cursors == 0:
+                self._pk_release()
+
+    def set_autocommit(
+        self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> None:
+        super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
+        if autocommit and self._pk_release_tx:
+            self._pk_release()  # the end of an outermost atomic()
+
+    def _pk_release(self) -> None:
+        """Give the connection back between statements, unless something needs the session."""
+        conn = self._pk_conn
+        if (
+            conn is not None
+            and self._pk_used
+            and not self._pk_connecting
+            and not self._pk_pinned
+            and self._pk_cursors == 0
+            and not self.in_atomic_block
+            and self.autocommit
+            and not self._pk_parked
+            and conn.pgconn.transaction_status == _IDLE
+        ):
+            entry = self._pk_lease
+            self.close()
+            self._pk_between = entry
 
     def _configure_role(self, connection: Any) -> bool:
         # Django's version renders SQL through this wrapper's cursor, which fails when the

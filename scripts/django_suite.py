@@ -57,17 +57,12 @@ OUTCOMES = ("passed", "failed", "error", "skipped", "xfail", "xpass")
 # Tests that fail with poolkit_django by design (docs/django.md explains each).
 EXPECTED = {
     "backends.postgresql.tests.Tests.test_pooling_not_support_persistent_connections": (
-        "expects ImproperlyConfigured for CONN_MAX_AGE != 0; poolkit_django ignores it (W001)"
-    ),
-    "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_disabled": (
-        "expects CONN_MAX_AGE=None to keep the connection after a request; pooled, it goes back"
-    ),
-    "backends.base.test_base.ConnectionHealthChecksTests"
-    ".test_health_checks_enabled_errors_occurred": (
-        "expects CONN_MAX_AGE=None to keep the connection after a request; pooled, it goes back"
+        "expects ImproperlyConfigured for OPTIONS['pool'] with CONN_MAX_AGE != 0; under "
+        "poolkit_django CONN_MAX_AGE parks the connection with its thread"
     ),
     "backends.postgresql.tests.Tests.test_pooling_health_checks": (
-        "reads psycopg_pool's private pool._check; poolkit validates by itself (config.validate)"
+        "reads psycopg_pool's private pool._check; with CONN_HEALTH_CHECKS poolkit validates "
+        "with its own deadline-bounded ping (pool.config.validate), not a check callable"
     ),
 }
 

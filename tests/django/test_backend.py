@@ -118,10 +118,10 @@ def test_no_check_message_with_the_defaults() -> None:
     assert [m for m in run_checks() if m.id.startswith("poolkit_django")] == []
 
 
-def test_conn_max_age_warns_and_still_pools(scratch: str) -> None:
+def test_conn_max_age_is_not_an_error(scratch: str) -> None:
     """Django's native pool raises ImproperlyConfigured ("Pooling doesn't support persistent
-    connections") when CONN_MAX_AGE is not 0; poolkit_django ignores it, says so in a
-    system check, and returns the connection at the end of every request."""
+    connections") when CONN_MAX_AGE is not 0; poolkit_django gives it a meaning (a thread
+    parks its connection between requests, see test_persistent.py) and warns about nothing."""
     pool = {"min_size": 1, "max_size": 1}
     with (
         extra_database("native_age", scratch, engine="native", pool=pool, conn_max_age=600),
@@ -130,14 +130,11 @@ def test_conn_max_age_warns_and_still_pools(scratch: str) -> None:
         connections["native_age"].pool  # noqa: B018
 
     with extra_database("aged", scratch, pool=pool, conn_max_age=600):
-        (warning,) = [m for m in run_checks() if m.id == "poolkit_django.W001"]
-        assert "DATABASES['aged']['CONN_MAX_AGE']=600 is ignored" in warning.msg
-        assert "Remove CONN_MAX_AGE" in (warning.hint or "")
+        assert [m for m in run_checks() if m.id.startswith("poolkit_django")] == []
         backends = {call_json("/pid", db="aged")["backend"] for _ in range(3)}
-        stats = pools()["aged"].stats()
-        assert stats["in_use"] == 0
-        assert stats["borrows"] == 3
-        assert len(backends) == 1  # one pooled connection, reused
+        assert len(backends) == 1
+        connections["aged"].close()
+        assert pools()["aged"].stats()["in_use"] == 0
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -214,17 +211,40 @@ def test_health_and_metrics_views() -> None:
     assert 'route="tests.django.project.views.pid"' in text
 
 
-def test_health_reports_an_unreachable_database(db_access: None, dsn: str) -> None:
+def _sesame(request: Any) -> bool:
+    return bool(request.GET.get("token") == "sesame")
+
+
+def test_health_reports_an_unreachable_database(
+    db_access: None, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     dead = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
     pool = {"min_size": 1, "max_size": 1, "timeout": 0.3}
+    check = f"{__name__}._sesame"
     with extra_database("dead", dead, pool=pool), extra_database("ok", dsn):
         status, _, body = call_wsgi("/poolkit/health")
-    report = json.loads(body)
-    assert status == 503
-    assert report["status"] == "unavailable"
-    assert report["databases"]["dead"]["status"] == "unavailable"
-    assert "couldn't get a connection" in report["databases"]["dead"]["error"]
-    assert report["databases"]["ok"]["status"] == "ok"
+        report = json.loads(body)
+        assert status == 503
+        assert report["status"] == "unavailable"
+        assert report["databases"]["dead"]["status"] == "unavailable"
+        assert report["databases"]["dead"]["reason"] == "the database cannot be reached"
+        assert report["databases"]["ok"]["status"] == "ok"
+        # An unauthenticated client learns nothing about hosts, users or code paths...
+        assert "error" not in report["databases"]["dead"]
+        for secret in (b"nobody", b"127.0.0.1", b"couldn't", b".py"):
+            assert secret not in body
+        # ...the log has the details...
+        assert any("couldn't get a connection" in r.getMessage() for r in caplog.records)
+        # ...and so does the body with DEBUG or for a request the dashboard check accepts.
+        with override_settings(DEBUG=True):
+            debug = json.loads(call_wsgi("/poolkit/health")[2])
+        with override_settings(POOLKIT_DASHBOARD_CHECK=check):
+            denied = json.loads(call_wsgi("/poolkit/health", token="nope")[2])
+            allowed = json.loads(call_wsgi("/poolkit/health", token="sesame")[2])
+    assert "error" not in denied["databases"]["dead"]
+    for shown in (debug, allowed):
+        assert "couldn't get a connection" in shown["databases"]["dead"]["error"]
+        assert "error" not in shown["databases"]["ok"]
 
 
 @pytest.mark.django_db(transaction=True)

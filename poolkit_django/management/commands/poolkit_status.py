@@ -119,6 +119,8 @@ class Command(BaseCommand):
             w(f"  from {info['remote']}")
             if "error" in info:
                 w(f"  error: {info['error']}")
+            elif "reason" in info:
+                w(f"  reason: {info['reason']} (details in the server's log)")
         if "database" in info:
             w(f"  database: {info['database']}")
         if "settings" in info:

@@ -9,6 +9,7 @@ urlpatterns = [
     path("session/set_config", views.session_set_config),
     path("session/show", views.session_show),
     path("sleep", views.sleep),
+    path("wait_between", views.wait_between),
     path("notes", views.notes, name="notes"),
     path("notes/atomic", views.notes_atomic),
     path("anotes", views.anotes),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from django.db import connections, transaction
 from django.http import HttpRequest, JsonResponse
@@ -73,6 +74,18 @@ def sleep(request: HttpRequest) -> JsonResponse:
         cur.execute("SELECT pg_sleep(%s), pg_backend_pid()", [seconds])
         _, backend = cur.fetchone()
     return JsonResponse({"pid": os.getpid(), "backend": backend})
+
+
+def wait_between(request: HttpRequest) -> JsonResponse:
+    """A query, a wait on something that is not the database (?s= seconds), a query."""
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        (first,) = cur.fetchone()
+    time.sleep(float(request.GET.get("s", "0.02")))
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        (second,) = cur.fetchone()
+    return JsonResponse({"pid": os.getpid(), "backends": [first, second]})
 
 
 @csrf_exempt

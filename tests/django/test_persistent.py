@@ -1,0 +1,163 @@
+"""CONN_MAX_AGE under the pool: a thread keeps (parks) its connection between requests."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.checks import run_checks
+from django.db import connections
+
+from poolkit_django import get_pool, pools
+from tests.django._support import (
+    call_json,
+    extra_database,
+    gunicorn,
+    run_manage,
+    scratch_database,
+)
+
+
+@pytest.fixture
+def scratch(django_db_blocker: Any, admin_dsn: str, dsn: str) -> Iterator[str]:
+    with django_db_blocker.unblock(), scratch_database(admin_dsn, dsn) as url:
+        yield url
+
+
+def parked(alias: str) -> int:
+    s = pools()[alias].stats()
+    return int(s["size"] - s["idle"] - s["in_use"])
+
+
+def test_a_thread_keeps_its_backend_across_requests(scratch: str) -> None:
+    pool = {"min_size": 2, "max_size": 2, "timeout": 5}
+    with extra_database("aged", scratch, pool=pool, conn_max_age=600):
+        assert [m for m in run_checks() if m.id.startswith("poolkit_django")] == []
+        first = call_json("/pid", db="aged")["backend"]
+        wrapper = connections["aged"]
+        raw = wrapper._pk_conn
+        assert wrapper._pk_parked
+        stats = pools()["aged"].stats()
+        assert stats["in_use"] == 0  # parked is not lent: the pool may take it back
+        assert parked("aged") == 1
+        for _ in range(3):
+            assert call_json("/pid", db="aged")["backend"] == first
+        assert wrapper.connection is raw  # reading it takes it back: the same connection
+        wrapper.close()
+        assert pools()["aged"].stats()["in_use"] == 0
+        assert parked("aged") == 0
+
+
+def test_session_state_does_not_cross_parked_requests(scratch: str) -> None:
+    with extra_database("aged", scratch, conn_max_age=None):
+        default = call_json("/session/show", db="aged")
+        backend = call_json("/session/set", db="aged")["backend"]
+        after = call_json("/session/show", db="aged")
+        connections["aged"].close()
+    assert after["backend"] == backend  # the same session...
+    assert after == default  # ...with nothing left from the request that changed it
+
+
+def test_conn_max_age_zero_returns_at_request_end(scratch: str) -> None:
+    with extra_database("plain", scratch, conn_max_age=0):
+        call_json("/pid", db="plain")
+        assert connections["plain"]._pk_conn is None
+        assert parked("plain") == 0
+
+
+def test_conn_max_age_elapsed_gives_the_connection_back(scratch: str) -> None:
+    with extra_database("short", scratch, conn_max_age=1):
+        call_json("/pid", db="short")
+        wrapper = connections["short"]
+        assert wrapper._pk_parked
+        wrapper.close_at = time.monotonic() - 1  # as if a second had passed
+        wrapper.close_if_unusable_or_obsolete()  # the next request_started
+        assert wrapper._pk_conn is None
+        assert parked("short") == 0
+
+
+def test_three_threads_two_connections_no_deadlock(scratch: str) -> None:
+    """max_size=2, three threads: the third takes a parked connection instead of waiting
+    for the whole pool timeout; each thread's session starts clean."""
+    pool = {"min_size": 2, "max_size": 2, "timeout": 3}
+    errors: list[BaseException] = []
+    seen: dict[str, list[dict[str, Any]]] = {}
+
+    def user(name: str) -> None:
+        try:
+            out = seen.setdefault(name, [])
+            out.append(call_json("/session/set", db="aged"))
+            out.append(call_json("/session/show", db="aged"))
+            out.append(call_json("/session/show", db="aged"))
+            connections["aged"].close()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with extra_database("aged", scratch, pool=pool, conn_max_age=600):
+        get_pool("aged").wait()  # both connections open: a and b need not steal
+        # a and b park their connection (the threads stay alive until c is done).
+        hold = threading.Event()
+
+        def parked_user(name: str) -> None:
+            call_json("/pid", db="aged")
+            hold.wait(20)
+            connections["aged"].close()
+
+        a = threading.Thread(target=parked_user, args=("a",))
+        b = threading.Thread(target=parked_user, args=("b",))
+        a.start()
+        b.start()
+        deadline = time.monotonic() + 10
+        while parked("aged") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert parked("aged") == 2
+        t0 = time.monotonic()
+        c = threading.Thread(target=user, args=("c",))
+        c.start()
+        c.join(20)
+        took = time.monotonic() - t0
+        hold.set()
+        a.join(20)
+        b.join(20)
+        stats = pools()["aged"].stats()
+    assert not errors, errors
+    assert took < 3  # not the pool timeout: it took a parked connection
+    assert stats["timeouts"] == 0
+    assert stats["in_use"] == 0
+    assert stats["size"] == 2
+    for show in seen["c"][1:]:
+        assert show["statement_timeout"] == "0"
+
+
+@pytest.mark.slow
+def test_gthread_server_keeps_one_connection_per_thread(pg_server: Any, tmp_path: Path) -> None:
+    """gunicorn gthread, 4 threads, pool of 2, CONN_MAX_AGE=600: concurrent requests that
+    SET session state and read it back never see another request's settings, nothing
+    times out, and with the load gone each thread keeps one backend."""
+    with scratch_database(pg_server.admin_dsn, pg_server.dsn, prefix="pk_djage") as url:
+        run_manage(url, "migrate", "-v0")
+        pool = {"min_size": 2, "max_size": 2, "timeout": 10}
+        server = gunicorn(
+            url, tmp_path / "aged.log", worker_class="gthread", threads=4,
+            PK_POOL=json.dumps(pool), PK_CONN_MAX_AGE="600",
+        )  # fmt: skip
+        with server, ThreadPoolExecutor(8) as ex:
+            paths = ["/session/set", "/session/show"] * 60
+            answers = list(ex.map(lambda p: (p, server.get(p)), paths))
+            one_at_a_time = [server.json("/pid")["backend"] for _ in range(10)]
+            stats = server.json("/stats")["default"]
+    assert all(r[0] == 200 for _, r in answers), server.logs()
+    for path, (_, _, body) in answers:
+        if path == "/session/show":
+            shown = json.loads(body)
+            assert shown["statement_timeout"] == "0", shown
+            assert shown["TimeZone"] == "UTC", shown
+    assert stats["timeouts"] == 0
+    assert stats["size"] <= 2
+    assert len(set(one_at_a_time)) <= 2

@@ -61,6 +61,21 @@ def free_port() -> int:
 @contextmanager
 def uvicorn_server(factory: str, env: dict[str, str], ready_path: str) -> Iterator[str]:
     """Run `uvicorn --factory factory` (one worker, pinned); yield its base URL."""
+    with uvicorn_process(factory, env, ready_path) as served:
+        yield served.url
+
+
+@dataclass
+class Served:
+    """A running server: where it answers and the process that serves (for CPU time)."""
+
+    url: str
+    pid: int
+
+
+@contextmanager
+def uvicorn_process(factory: str, env: dict[str, str], ready_path: str) -> Iterator[Served]:
+    """Like uvicorn_server, also yielding the pid (taskset execs, so it is uvicorn's)."""
     port = free_port()
     argv = [sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1", "--no-access-log",
@@ -74,7 +89,7 @@ def uvicorn_server(factory: str, env: dict[str, str], ready_path: str) -> Iterat
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + ready_path, proc, log)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         proc.terminate()
         try:

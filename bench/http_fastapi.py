@@ -1,10 +1,19 @@
-"""FastAPI end to end: poolkit_fastapi vs a hand-written psycopg_pool app vs connect-per-request.
+"""FastAPI end to end: poolkit's Conn/SyncConn against the inline psycopg_pool routes users write.
 
-Run: `.venv/bin/python -m bench.http_fastapi` (about 3 minutes). Each app is a uvicorn
-process (one worker, pinned to CPU 0) serving the same route, `SELECT 1` plus one small
-insert, with a pool of 8; wrk (or a bounded httpx client) pinned to CPU 1 drives it at
-32 and 128 connections. Rounds interleave the apps so drift hits them alike; the table
-shows medians over the rounds and ratios to the psycopg_pool app in the same rounds.
+Run: `.venv/bin/python -m bench.http_fastapi` (about 6 minutes; `--quick` for a smoke run).
+Three pairs, each route running `SELECT 1` on a pool of min=max=8:
+
+- async, autocommit: `async with pool.connection()` inline on psycopg_pool's
+  AsyncConnectionPool(autocommit) vs `conn: Conn` on a poolkit pool with autocommit;
+- async, transactional: the same with autocommit off (psycopg_pool's block commits at its
+  end, poolkit's Conn before the response);
+- def: `with pool.connection()` inline in a `def` route on a sync ConnectionPool vs
+  `conn: SyncConn`.
+
+Each app is its own uvicorn process (one worker, pinned to CPU 0); wrk -t2 -c32 keep-alive,
+pinned to CPU 1, drives it. Reps interleave the two apps of a pair (A B, then B A) so drift
+of the shared machine hits both alike; the report gives each pair's per-rep ratios, their
+median and min-max, and the server's CPU time per request (psutil, user+system).
 Uses $POOLKIT_BENCH_DSN, else an embedded server in .poolkit/bench-pgdata.
 """
 
@@ -13,48 +22,64 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import psycopg
-from fastapi import Depends, FastAPI, Request
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+import psutil
+from fastapi import FastAPI, Request
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from bench._http import (
-    Result,
-    fmt_ms,
-    load,
-    load_tool,
-    machine,
-    paired_ratio,
-    pinning,
-    spread,
-    summarize,
-    uvicorn_server,
-    versions,
-)
+from bench._http import Result, Served, load, load_tool, machine, pinning, uvicorn_process, versions
 from poolkit import PoolConfig, mask_conninfo
-from poolkit_fastapi import Conn, PoolLifespan
+from poolkit_fastapi import Conn, PoolLifespan, SyncConn
 
 POOL_SIZE = 8
-CONCURRENCY = (32, 128)
-TABLE = "bench_http_fastapi"
-INSERT = f"INSERT INTO {TABLE} (app) VALUES (%s)"
+CONNS = 32
+THREADS = 2
+PATH = "/q"
 # The apps read the server from here (not POOLKIT_*: from_env() would reject it).
 DSN_VAR = "BENCH_HTTP_DSN"
-APPS = {
-    "poolkit_fastapi": "bench.http_fastapi:poolkit_app",
-    "psycopg_pool (hand-written)": "bench.http_fastapi:psycopg_pool_app",
-    "connect per request": "bench.http_fastapi:connect_app",
-}
-BASELINE = "psycopg_pool (hand-written)"
 PACKAGES = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "psycopg", "psycopg-pool")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A baseline app and the poolkit app that replaces it, compared rep by rep."""
+
+    label: str
+    baseline: str  # uvicorn factory
+    poolkit: str
+    target: float  # the ratio poolkit must reach
+
+
+PAIRS = (
+    Pair(
+        "`async def`, autocommit: inline `async with pool.connection()` vs `conn: Conn`",
+        "bench.http_fastapi:inline_async_autocommit",
+        "bench.http_fastapi:poolkit_async_autocommit",
+        1.0,
+    ),
+    Pair(
+        "`async def`, transactional: inline `async with pool.connection()` vs `conn: Conn`",
+        "bench.http_fastapi:inline_async_transaction",
+        "bench.http_fastapi:poolkit_async_transaction",
+        1.0,
+    ),
+    Pair(
+        "`def`: inline `with pool.connection()` (sync pool) vs `conn: SyncConn`",
+        "bench.http_fastapi:inline_sync",
+        "bench.http_fastapi:poolkit_sync",
+        0.95,
+    ),
+)
 
 
 def _dsn() -> str:
@@ -67,83 +92,135 @@ def _ping_route(app: FastAPI) -> None:
         return {"ok": True}
 
 
-# -- (a) poolkit_fastapi ---------------------------------------------------------------
+# -- the baselines, as the psycopg docs write them -------------------------------------------
 
 
-def poolkit_app() -> FastAPI:
-    config = PoolConfig.from_url(_dsn(), min_size=POOL_SIZE, max_size=POOL_SIZE, name="bench")
-    app = FastAPI(lifespan=PoolLifespan(config))
+def _inline_async(autocommit: bool) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        kwargs = {"autocommit": True} if autocommit else {}
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            _dsn(), min_size=POOL_SIZE, max_size=POOL_SIZE, kwargs=kwargs, open=False
+        )
+        await pool.open(wait=True)
+        try:
+            yield {"pool": pool}
+        finally:
+            await pool.close()
+
+    app = FastAPI(lifespan=lifespan)
     _ping_route(app)
 
-    @app.post("/bench")
-    async def bench(conn: Conn) -> dict[str, bool]:
-        await conn.execute("SELECT 1")
-        await conn.execute(INSERT, ("poolkit",))
+    @app.get(PATH)
+    async def q(request: Request) -> dict[str, bool]:
+        async with request.state.pool.connection() as conn:
+            await conn.execute("SELECT 1")
         return {"ok": True}
 
     return app
 
 
-# -- (b) the hand-written psycopg_pool app: the usual lifespan + dependency -------------
+def inline_async_autocommit() -> FastAPI:
+    return _inline_async(True)
 
 
-@asynccontextmanager
-async def _psycopg_pool_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        _dsn(), min_size=POOL_SIZE, max_size=POOL_SIZE, open=False
+def inline_async_transaction() -> FastAPI:
+    return _inline_async(False)
+
+
+def inline_sync() -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        pool: ConnectionPool[Any] = ConnectionPool(
+            _dsn(), min_size=POOL_SIZE, max_size=POOL_SIZE, open=False
+        )
+        pool.open(wait=True)
+        try:
+            yield {"pool": pool}
+        finally:
+            pool.close()
+
+    app = FastAPI(lifespan=lifespan)
+    _ping_route(app)
+
+    @app.get(PATH)
+    def q(request: Request) -> dict[str, bool]:
+        with request.state.pool.connection() as conn:
+            conn.execute("SELECT 1")
+        return {"ok": True}
+
+    return app
+
+
+# -- poolkit_fastapi -------------------------------------------------------------------------
+
+
+def _config(**settings: Any) -> PoolConfig:
+    return PoolConfig.from_url(
+        _dsn(), min_size=POOL_SIZE, max_size=POOL_SIZE, name="bench", **settings
     )
-    await pool.open(wait=True)
-    try:
-        yield {"pool": pool}
-    finally:
-        await pool.close()
 
 
-async def _psycopg_pool_conn(request: Request) -> AsyncIterator[AsyncConnection[Any]]:
-    async with request.state.pool.connection() as conn:
-        yield conn
-
-
-def psycopg_pool_app() -> FastAPI:
-    app = FastAPI(lifespan=_psycopg_pool_lifespan)
+def _poolkit_async(autocommit: bool) -> FastAPI:
+    app = FastAPI(lifespan=PoolLifespan(_config(autocommit=autocommit)))
     _ping_route(app)
 
-    # scope="function" like poolkit's Conn: both commit before the response is sent.
-    @app.post("/bench")
-    async def bench(
-        conn: Annotated[AsyncConnection[Any], Depends(_psycopg_pool_conn, scope="function")],
-    ) -> dict[str, bool]:
+    @app.get(PATH)
+    async def q(conn: Conn) -> dict[str, bool]:
         await conn.execute("SELECT 1")
-        await conn.execute(INSERT, ("psycopg_pool",))
         return {"ok": True}
 
     return app
 
 
-# -- (c) a new connection per request ---------------------------------------------------
+def poolkit_async_autocommit() -> FastAPI:
+    return _poolkit_async(True)
 
 
-async def _new_conn() -> AsyncIterator[AsyncConnection[Any]]:
-    async with await AsyncConnection.connect(_dsn()) as conn:
-        yield conn
+def poolkit_async_transaction() -> FastAPI:
+    return _poolkit_async(False)
 
 
-def connect_app() -> FastAPI:
-    app = FastAPI()
+def poolkit_sync() -> FastAPI:
+    app = FastAPI(lifespan=PoolLifespan(sync_pools=_config()))
     _ping_route(app)
 
-    @app.post("/bench")
-    async def bench(
-        conn: Annotated[AsyncConnection[Any], Depends(_new_conn, scope="function")],
-    ) -> dict[str, bool]:
-        await conn.execute("SELECT 1")
-        await conn.execute(INSERT, ("connect",))
+    @app.get(PATH)
+    def q(conn: SyncConn) -> dict[str, bool]:
+        conn.execute("SELECT 1")
         return {"ok": True}
 
     return app
 
 
-# -- the run ----------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Rep:
+    """One measurement of one app: the load result and the server's CPU seconds meanwhile."""
+
+    result: Result
+    cpu: float
+
+    @property
+    def cpu_per_request(self) -> float:
+        served = self.result.requests - self.result.errors
+        return self.cpu / served if served else float("nan")
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+def measure(served: Served, seconds: float, warmup: float, conns: int) -> Rep:
+    url = served.url + PATH
+    if warmup:
+        load(url, conns, warmup, "GET", threads=THREADS)
+    before = _cpu(served.pid)
+    result = load(url, conns, seconds, "GET", threads=THREADS)
+    return Rep(result, _cpu(served.pid) - before)
 
 
 def _server_dsn() -> str:
@@ -156,85 +233,125 @@ def _server_dsn() -> str:
         return ensure_server(Path(".poolkit/bench-pgdata"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.http_fastapi", description=__doc__)
-    parser.add_argument("--duration", type=int, default=3, help="seconds per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="seconds before each one")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median shown)")
-    args = parser.parse_args(argv)
-    budget = len(APPS) * len(CONCURRENCY) * args.rounds * (args.duration + args.warmup + 0.5)
-    print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
-
-    dsn = _server_dsn()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (id bigserial PRIMARY KEY, app text)")
-        conn.execute(f"TRUNCATE {TABLE}")
+def run(
+    dsn: str,
+    reps: int,
+    seconds: float,
+    warmup: float,
+    conns: int = CONNS,
+    pairs: Sequence[Pair] = PAIRS,
+) -> dict[str, list[tuple[Rep, Rep]]]:
+    """For each pair label, `reps` (baseline, poolkit) measurements, interleaved."""
     env = {DSN_VAR: dsn}
-    results: dict[tuple[str, int], list[Result]] = {}
-    with contextlib.ExitStack() as stack:
-        urls = {
-            name: stack.enter_context(uvicorn_server(f, env, "/ping")) for name, f in APPS.items()
-        }
-        names = list(APPS)
-        for round_no in range(args.rounds):
-            for conns in CONCURRENCY:
-                # Rotate the order every round so no app always runs first.
-                for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
-                    url = urls[name] + "/bench"
-                    load(url, conns, args.warmup)
-                    result = load(url, conns, args.duration)
-                    results.setdefault((name, conns), []).append(result)
-                    print(
-                        f"# round {round_no + 1} {name} @{conns}: {result.rps:.0f} req/s, "
-                        f"p50 {fmt_ms(result.p50)} ms, p99 {fmt_ms(result.p99)} ms, "
-                        f"{result.errors} errors",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+    out: dict[str, list[tuple[Rep, Rep]]] = {p.label: [] for p in pairs}
+    # One pair's servers at a time: the idle apps' pools would not cost much, but their
+    # housekeeping would still be noise nobody needs.
+    for pair in pairs:
+        with (
+            uvicorn_process(pair.baseline, env, "/ping") as base,
+            uvicorn_process(pair.poolkit, env, "/ping") as pk,
+        ):
+            for rep in range(reps):
+                order = [("baseline", base), ("poolkit", pk)]
+                if rep % 2:
+                    order.reverse()
+                got: dict[str, Rep] = {}
+                for name, served in order:
+                    got[name] = measure(served, seconds, warmup, conns)
                     time.sleep(0.2)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
-    inserted = int(row[0]) if row else 0
+                out[pair.label].append((got["baseline"], got["poolkit"]))
+                b, p = got["baseline"], got["poolkit"]
+                print(
+                    f"# {pair.poolkit.split(':')[1]} rep {rep + 1}: baseline "
+                    f"{b.result.rps:.0f} req/s, poolkit {p.result.rps:.0f} req/s, ratio "
+                    f"{_ratio(p, b):.2f}; errors {b.result.errors}/{p.result.errors}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return out
 
-    print(report(results, args, dsn, inserted))
-    return 0
+
+def _ratio(p: Rep, b: Rep) -> float:
+    return p.result.rps / b.result.rps if b.result.rps else float("nan")
 
 
 def report(
-    results: dict[tuple[str, int], list[Result]], args: argparse.Namespace, dsn: str, inserted: int
+    results: dict[str, list[tuple[Rep, Rep]]],
+    args: argparse.Namespace,
+    dsn: str,
+    pairs: Sequence[Pair] = PAIRS,
 ) -> str:
     pin = pinning()
     lines = [
-        f"FastAPI over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; uvicorn 1 worker"
-        f"{' on CPU 0' if pin else ''}, {load_tool()} 1 thread{' on CPU 1' if pin else ''}; "
-        f"pool of {POOL_SIZE}; route = SELECT 1 + one insert; {args.rounds} interleaved rounds "
-        f"of {args.duration} s. req/s, p50 and p99 are medians over the rounds; ratios are "
-        "medians of per-round ratios to the psycopg_pool app (same round, seconds apart).",
+        f"FastAPI over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; uvicorn 1 "
+        f"worker{' on CPU 0' if pin else ''}; {load_tool()} -t{THREADS} -c{args.conns} "
+        f"keep-alive{' on CPU 1' if pin else ''}; pool min=max={POOL_SIZE}; route = SELECT 1; "
+        f"{args.reps} interleaved reps of {args.duration:g} s (after {args.warmup:g} s warm-up)"
+        ". Ratio = poolkit req/s / baseline req/s in the same rep; median (min-max) over reps.",
         "",
-        "| app | conns | req/s | p50 ms | p99 ms | errors | req/s vs psycopg_pool "
-        "| p99 vs psycopg_pool | req/s range over rounds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pair | baseline req/s | poolkit req/s | ratio median (min-max) | target | per-rep "
+        "ratios | server CPU/req baseline | poolkit | errors |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for conns in CONCURRENCY:
-        base = results[(BASELINE, conns)]
-        for name in APPS:
-            runs = results[(name, conns)]
-            r = summarize(runs)
-            lines.append(
-                f"| {name} | {conns} | {r.rps:.0f} | {fmt_ms(r.p50)} | {fmt_ms(r.p99)} | "
-                f"{r.errors} | {paired_ratio(runs, base)} | {paired_ratio(runs, base, 'p99')} | "
-                f"{spread(runs)} |"
-            )
-    lines.append("")
-    for conns in CONCURRENCY:
-        pk = results[("poolkit_fastapi", conns)]
-        cpr = results[("connect per request", conns)]
-        lines.append(f"- poolkit_fastapi vs connect-per-request @{conns}: {paired_ratio(pk, cpr)}")
-    lines += [
-        "",
-        f"{versions(*PACKAGES)}; server {mask_conninfo(dsn)}; {inserted} rows inserted.",
-    ]
+    stalled = 0
+    for pair in pairs:
+        every = results[pair.label]
+        # A rep where either server answered nothing says the machine stalled, not
+        # which app is faster: left out of every figure, and counted below.
+        reps = [(b, p) for b, p in every if b.result.rps and p.result.rps] or every
+        stalled += len(every) - len(reps)
+        ratios = [_ratio(p, b) for b, p in reps]
+        base_rps = statistics.median(b.result.rps for b, _ in reps)
+        pk_rps = statistics.median(p.result.rps for _, p in reps)
+        base_cpu = statistics.median(b.cpu_per_request for b, _ in reps)
+        pk_cpu = statistics.median(p.cpu_per_request for _, p in reps)
+        errors = sum(b.result.errors + p.result.errors for b, p in reps)
+        lines.append(
+            f"| {pair.label} | {base_rps:.0f} | {pk_rps:.0f} | "
+            f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f">= {pair.target:.2f} | {' '.join(f'{r:.2f}' for r in ratios)} | "
+            f"{base_cpu * 1e6:.0f} µs | {pk_cpu * 1e6:.0f} µs ({(pk_cpu - base_cpu) * 1e6:+.0f})"
+            f" | {errors} |"
+        )
+    if stalled:
+        lines += ["", f"{stalled} rep(s) left out: a server answered no request in it."]
+    lines += ["", f"{versions(*PACKAGES)}; server {mask_conninfo(dsn)}."]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.http_fastapi", description=__doc__)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved reps per pair")
+    parser.add_argument("--duration", type=float, default=8, help="seconds per measurement")
+    parser.add_argument("--warmup", type=float, default=2, help="seconds of load before each")
+    parser.add_argument("--conns", type=int, default=CONNS, help="keep-alive connections")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 rep of 1 s, no warm-up, 8 connections"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[p.poolkit.split(":")[1] for p in PAIRS],
+        help="run only this pair (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    pairs = [p for p in PAIRS if not args.only or p.poolkit.split(":")[1] in args.only]
+    if args.quick:
+        args.reps, args.duration, args.warmup, args.conns = 1, 1.0, 0.0, 8
+    # A plain SIGTERM would skip the finally blocks that stop the uvicorn servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    budget = len(pairs) * 2 * args.reps * (args.duration + args.warmup + 0.3)
+    print(f"# about {budget / 60:.1f} min of load, plus startup", file=sys.stderr, flush=True)
+    dsn = _server_dsn()
+    load_before = os.getloadavg()
+    results = run(dsn, args.reps, args.duration, args.warmup, args.conns, pairs)
+    print(report(results, args, dsn, pairs))
+    # The machine is shared: say how busy it was, so a reader can weigh the spread.
+    print(
+        f"Load average (1 min) {load_before[0]:.1f} before the run, {os.getloadavg()[0]:.1f} "
+        f"after, on {os.cpu_count()} CPUs."
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,26 +1,33 @@
-"""Connection dependencies: one transaction per request, ended before the response is sent."""
+"""Connection dependencies: one connection per pool per request, ended before the response."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Annotated, Any
 
 import anyio
-import psycopg
-from fastapi import Depends, HTTPException
+from fastapi import Depends
 from fastapi import params as fastapi_params
 from psycopg import AsyncConnection, Connection
-from psycopg.pq import TransactionStatus
 from starlette.requests import HTTPConnection
 
-from poolkit import AsyncPool, Pool, PoolClosed, PoolTimeout, TooManyRequests
+from poolkit import Pool
 
-from ._lifespan import DEFAULT, get_pools
+from ._lease import (
+    KINDS,
+    UNAVAILABLE,
+    AsyncLease,
+    Kind,
+    SyncLease,
+    borrow_async,
+    borrow_sync,
+    endpoint_of,
+    unavailable,
+)
+from ._lifespan import DEFAULT, WiringError, get_pools
+from ._wrap import Pending, install
 
 __all__ = [
     "Conn",
@@ -32,234 +39,117 @@ __all__ = [
     "get_sync_conn",
 ]
 
-logger = logging.getLogger("poolkit.fastapi")
-
-_IDLE = TransactionStatus.IDLE
-_INTRANS = TransactionStatus.INTRANS
-# Errors where the client may simply try again: answered 503 + Retry-After.
-_RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
-_UNAVAILABLE = {PoolTimeout: "timeout", TooManyRequests: "queue_full", PoolClosed: "closing"}
+# The request scope key holding this request's leases, by Kind: every spelling of a
+# dependency for one pool (Conn, Depends(get_conn), use_cache=False, a sub-dependency)
+# gets the same connection, so one request is one transaction per pool.
+_LEASES = "poolkit.leases"
+_FUNCTION_STACK = "fastapi_function_astack"  # closed before the response is sent
+_REQUEST_STACK = "fastapi_inner_astack"  # closed after the response was sent
 
 
 def _tag(conn: HTTPConnection) -> str:
-    """The borrow tag: method and route template, so hold time is reported per endpoint."""
-    scope = conn.scope
-    route = scope.get("route")
-    path = getattr(route, "path_format", None) or getattr(route, "path", None) or "(no route)"
-    return f"{scope.get('method', 'WS')} {path}"
+    """The borrow tag of a request: method and route template."""
+    return endpoint_of(conn.scope).tag(conn.scope.get("method", "WS"))
 
 
-def _unavailable(
-    pool: AsyncPool[Any] | Pool[Any], exc: Exception, retry_after: int
-) -> HTTPException:
-    reason = next((r for cls, r in _UNAVAILABLE.items() if isinstance(exc, cls)), "unavailable")
-    # The full message (state, longest borrower's code site) is for operators, not clients.
-    logger.warning("pool %r: answering 503: %s", pool.name, exc)
-    messages = {
-        "timeout": f"no database connection became free within {pool.timeout:g} s",
-        "queue_full": "too many requests are already waiting for a database connection",
-        "closing": "the server is shutting down",
-    }
-    return HTTPException(
-        503,
-        detail={
-            "message": messages.get(reason, str(exc)) + "; retry later",
-            "pool": pool.name,
-            "reason": reason,
-        },
-        headers={"Retry-After": str(retry_after)},
+def _stack(scope: MutableMapping[str, Any], stream: bool) -> AsyncExitStack:
+    stack = scope.get(_REQUEST_STACK if stream else _FUNCTION_STACK)
+    if not isinstance(stack, AsyncExitStack):
+        raise WiringError(
+            "poolkit_fastapi's connection dependencies run inside FastAPI (0.121 or later) "
+            "request handling; call them through Depends(), not directly"
+        )
+    return stack
+
+
+def stream_error(where: str) -> WiringError:
+    return WiringError(
+        f"{where} is a generator endpoint: its body runs while the response streams, after "
+        "Conn/SyncConn have committed and returned their connection. Use StreamConn "
+        "(conn_dependency(stream=True)) to keep the connection until the stream ends, or "
+        "read what you need and return a list"
     )
 
 
-def _not_committed(
-    pool: AsyncPool[Any] | Pool[Any], conn: Any, exc: BaseException | None, retry_after: int
-) -> HTTPException:
-    """The error answered when a route returned normally but its work is not committed."""
-    if exc is None:
-        status = conn.pgconn.transaction_status
-        if status == TransactionStatus.INERROR:
-            why = (
-                "a database error was caught inside the route and the transaction was not rolled"
-                " back (roll back, use a savepoint with conn.transaction(), or raise)"
-            )
-        elif status == TransactionStatus.ACTIVE:
-            why = "a query was still running on the connection when the route returned"
+def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
+    name, _, stream = kind
+
+    async def dependency(request: HTTPConnection) -> AsyncConnection[Any]:
+        scope = request.scope
+        leases = scope.get(_LEASES)
+        if leases is None:
+            leases = scope[_LEASES] = {}
         else:
-            why = "the connection was lost during the request"
-        logger.error("pool %r: the route returned normally but %s: answering 500", pool.name, why)
-        detail = f"the transaction was not committed: {why}; nothing was written"
-        return HTTPException(500, detail={"message": detail, "pool": pool.name})
-    sqlstate = getattr(exc, "sqlstate", None)
-    logger.error("pool %r: commit failed: %s", pool.name, exc, exc_info=exc)
-    if conn.broken or not isinstance(exc, psycopg.Error) or sqlstate is None:
-        detail = "the connection failed while committing: the outcome is unknown"
-        return HTTPException(500, detail={"message": detail, "pool": pool.name})
-    detail = "the transaction could not be committed; nothing was written"
-    body = {"message": detail, "pool": pool.name, "sqlstate": sqlstate}
-    if sqlstate in _RETRYABLE:
-        return HTTPException(503, detail=body, headers={"Retry-After": str(retry_after)})
-    return HTTPException(500, detail=body)
-
-
-class _AsyncLease:
-    """One request's borrow: ended once, by the dependency's exit or the function stack."""
-
-    __slots__ = ("conn", "done", "pool", "retry_after")
-
-    def __init__(self, pool: AsyncPool[Any], conn: AsyncConnection[Any], retry_after: int) -> None:
-        self.pool = pool
-        self.conn = conn
-        self.retry_after = retry_after
-        self.done = False
-
-    async def end(self, exc: BaseException | None) -> None:
-        if self.done:
-            return
-        self.done = True
-        # Shielded: under a cancelled scope every await would raise again and the
-        # connection would never go back.
-        with anyio.CancelScope(shield=True):
-            conn = self.conn
-            try:
-                status = conn.pgconn.transaction_status
-                if exc is None:
-                    if status == _INTRANS:
-                        try:
-                            await conn.commit()
-                        except Exception as ex:
-                            raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
-                    elif status != _IDLE:
-                        if status == TransactionStatus.INERROR:
-                            with contextlib.suppress(Exception):
-                                await conn.rollback()
-                        raise _not_committed(self.pool, conn, None, self.retry_after)
-                elif status != _IDLE and status != TransactionStatus.UNKNOWN:
-                    try:
-                        await conn.rollback()
-                    except Exception as ex:
-                        logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
-            finally:
-                await self.pool.putconn(conn)
-
-    async def __call__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.end(exc)
-
-
-class _SyncLease:
-    """The sync twin of _AsyncLease, for `def` routes."""
-
-    __slots__ = ("conn", "done", "pool", "retry_after")
-
-    def __init__(self, pool: Pool[Any], conn: Connection[Any], retry_after: int) -> None:
-        self.pool = pool
-        self.conn = conn
-        self.retry_after = retry_after
-        self.done = False
-
-    def end(self, exc: BaseException | None) -> None:
-        if self.done:
-            return
-        self.done = True
-        conn = self.conn
-        try:
-            status = conn.pgconn.transaction_status
-            if exc is None:
-                if status == _INTRANS:
-                    try:
-                        conn.commit()
-                    except Exception as ex:
-                        raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
-                elif status != _IDLE:
-                    if status == TransactionStatus.INERROR:
-                        with contextlib.suppress(Exception):
-                            conn.rollback()
-                    raise _not_committed(self.pool, conn, None, self.retry_after)
-            elif status != _IDLE and status != TransactionStatus.UNKNOWN:
-                try:
-                    conn.rollback()
-                except Exception as ex:
-                    logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
-        finally:
-            self.pool.putconn(conn)
-
-    async def __call__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self.done:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.end, exc, limiter=anyio.CapacityLimiter(1))
-
-
-def _end_before_response(request: HTTPConnection, lease: _AsyncLease | _SyncLease) -> None:
-    # With Depends(..., scope="function") the dependency's own exit ends the borrow before
-    # the response is sent, and this callback finds it done. Declared with the default
-    # request scope, the exit would run after the response (a failed commit after a 200):
-    # FastAPI's function exit stack ends it in time instead. Missing before FastAPI 0.121.
-    stack = request.scope.get("fastapi_function_astack")
-    if isinstance(stack, AsyncExitStack):
-        stack.push_async_exit(lease)
-
-
-def _async_dependency(
-    name: str, stream: bool
-) -> Callable[..., AsyncIterator[AsyncConnection[Any]]]:
-    async def dependency(request: HTTPConnection) -> AsyncIterator[AsyncConnection[Any]]:
+            shared = leases.get(kind)
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
+        ep = endpoint_of(scope)
+        if ep.streams and not stream:
+            raise stream_error(ep.where())
+        stack = _stack(scope, stream)
         pools = get_pools(request)
         pool = pools.get(name)
         try:
-            conn = await pool.getconn(tag=_tag(request))
-        except (PoolTimeout, TooManyRequests, PoolClosed) as exc:
-            raise _unavailable(pool, exc, pools.retry_after) from None
-        lease = _AsyncLease(pool, conn, pools.retry_after)
-        if not stream:
-            _end_before_response(request, lease)
-        try:
-            yield conn
-        except BaseException as exc:
-            await lease.end(exc)
-            raise
-        await lease.end(None)
+            conn = await borrow_async(pool, ep.tag(scope.get("method", "WS")), ep)
+        except UNAVAILABLE as exc:
+            raise unavailable(pool, exc, pools.retry_after) from None
+        leases[kind] = conn
+        stack.push_async_exit(AsyncLease(pool, conn, pools.retry_after))
+        return conn
 
     return dependency
 
 
-def _sync_dependency(name: str, stream: bool) -> Callable[..., Iterator[Connection[Any]]]:
-    def dependency(request: HTTPConnection) -> Iterator[Connection[Any]]:
+def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
+    name, _, stream = kind
+
+    async def dependency(request: HTTPConnection) -> Connection[Any]:
+        scope = request.scope
+        leases = scope.get(_LEASES)
+        if leases is None:
+            leases = scope[_LEASES] = {}
+        else:
+            shared = leases.get(kind)
+            if shared is not None:
+                return shared  # type: ignore[no-any-return]
+        ep = endpoint_of(scope)
+        if ep.streams and not stream:
+            raise stream_error(ep.where())
         pools = get_pools(request)
         pool = pools.get_sync(name)
+        tag = ep.tag(scope.get("method", "WS"))
+        fast = ep.fast_sync
+        if fast is None:
+            fast = ep.fast_sync = install(scope.get("route"))
+        # Not for a cluster's primary (_read.py): a SyncReadConn of the same request must
+        # see the write connection borrowed here, before the route runs.
+        if fast and not stream and isinstance(pool, Pool):
+            # The route's wrapper borrows, commits and returns in the route's own worker
+            # thread: one thread hop per request, as with an inline `with pool.connection()`.
+            pending = leases[kind] = Pending(pool, tag, ep, pools.retry_after)
+            return pending  # type: ignore[return-value]
+        stack = _stack(scope, stream)
         try:
-            conn = pool.getconn(tag=_tag(request))
-        except (PoolTimeout, TooManyRequests, PoolClosed) as exc:
-            raise _unavailable(pool, exc, pools.retry_after) from None
-        lease = _SyncLease(pool, conn, pools.retry_after)
-        if not stream:
-            _end_before_response(request, lease)
-        try:
-            yield conn
-        except BaseException as exc:
-            lease.end(exc)
-            raise
-        lease.end(None)
+            conn = await anyio.to_thread.run_sync(borrow_sync, pool, tag, ep)
+        except UNAVAILABLE as exc:
+            raise unavailable(pool, exc, pools.retry_after) from None
+        lease = SyncLease(pool, conn, pools.retry_after)
+        leases[kind] = conn
+        stack.push_async_exit(lease)
+        return conn
 
     return dependency
 
 
 @functools.cache
 def _dependency(name: str, sync: bool, stream: bool) -> Callable[..., Any]:
-    # Cached: the same callable for the same pool lets FastAPI share one connection
-    # between a route and its sub-dependencies within a request.
-    make = _sync_dependency if sync else _async_dependency
-    dep: Callable[..., Any] = make(name, stream)
-    kind = ("get_sync" if sync else "get") + ("_stream" if stream else "") + "_conn"
-    dep.__name__ = dep.__qualname__ = kind if name == DEFAULT else f"{kind}[{name}]"
+    # Cached: the same callable for the same pool lets FastAPI's own dependency cache
+    # share it between a route and its sub-dependencies too.
+    kind = Kind(name, sync, stream)
+    dep: Callable[..., Any] = (_sync_dependency if sync else _async_dependency)(kind)
+    label = ("get_sync" if sync else "get") + ("_stream" if stream else "") + "_conn"
+    dep.__name__ = dep.__qualname__ = label if name == DEFAULT else f"{label}[{name}]"
+    KINDS[dep] = kind
     return dep
 
 
@@ -269,22 +159,22 @@ def conn_dependency(
     """`Depends(...)` lending a connection from the pool `name` for one request.
 
     The route's work is committed if it returns normally and rolled back if it raises,
-    and the connection goes back to the pool before the response is sent. `sync=True`
-    borrows from the sync pool (`def` routes); `stream=True` keeps the connection until
-    the response has been sent, for a StreamingResponse that reads from the database:
-    its commit then happens after the status line was sent, so use it for reads.
+    and the connection goes back to the pool before the response is sent. Every
+    dependency on the same pool in one request (this, `Conn`, `Depends(get_conn)`, a
+    sub-dependency) gets the same connection: one transaction. `sync=True` borrows from
+    the sync pool (`def` routes); `stream=True` keeps the connection until the response
+    has been sent, for a StreamingResponse or a generator endpoint that reads from the
+    database: its commit then happens after the status line was sent, so use it for reads.
     Example: ``ReplicaConn = Annotated[AsyncConnection, conn_dependency("replica")]``.
     """
-    return fastapi_params.Depends(
-        _dependency(name, sync, stream), scope="request" if stream else "function"
-    )
+    return fastapi_params.Depends(_dependency(name, sync, stream))
 
 
 get_conn = _dependency(DEFAULT, False, False)
 get_conn.__doc__ = """Dependency: an AsyncConnection from the "default" pool for one request.
 
 Committed on normal return, rolled back on an exception, returned to the pool before the
-response is sent. Prefer the `Conn` alias; in `Depends()` write `scope="function"`.
+response is sent, whatever the `Depends()` scope. Prefer the `Conn` alias.
 """
 get_sync_conn = _dependency(DEFAULT, True, False)
 get_sync_conn.__doc__ = (
@@ -293,6 +183,54 @@ get_sync_conn.__doc__ = (
 get_stream_conn = _dependency(DEFAULT, False, True)
 get_stream_conn.__doc__ = """Dependency: an AsyncConnection held until a streaming response ends."""
 
-Conn = Annotated[AsyncConnection[Any], Depends(get_conn, scope="function")]
-SyncConn = Annotated[Connection[Any], Depends(get_sync_conn, scope="function")]
-StreamConn = Annotated[AsyncConnection[Any], Depends(get_stream_conn, scope="request")]
+Conn = Annotated[AsyncConnection[Any], Depends(get_conn)]
+SyncConn = Annotated[Connection[Any], Depends(get_sync_conn)]
+StreamConn = Annotated[AsyncConnection[Any], Depends(get_stream_conn)]
+
+
+def check_routes(app: object) -> None:
+    """Refuse, at startup, generator endpoints that depend on a Conn ended before the response."""
+    bad = []
+    for route in _routes(app):
+        ep = endpoint_of({"route": route})
+        if ep.streams and _uses_ended_conn(route.dependant):
+            bad.append(ep.where())
+    if bad:
+        raise stream_error(", ".join(bad))
+
+
+def _routes(app: object) -> list[Any]:
+    """The app's FastAPI routes (those with a dependant), mounted routers included."""
+    out: list[Any] = []
+    todo = list(getattr(app, "routes", ()))
+    while todo:
+        route = todo.pop()
+        if getattr(route, "dependant", None) is not None:
+            out.append(route)
+        todo.extend(getattr(route, "routes", ()) or ())
+    return out
+
+
+def _uses_ended_conn(dependant: Any) -> bool:
+    todo = [dependant]
+    while todo:
+        dep = todo.pop()
+        kind = KINDS.get(dep.call) if dep.call is not None else None
+        if kind is not None and not kind.stream:
+            return True
+        todo.extend(dep.dependencies)
+    return False
+
+
+# -- for _read.py (ClusterLifespan's read dependencies), which ends its leases itself ------
+
+_AsyncLease = AsyncLease
+_SyncLease = SyncLease
+_unavailable = unavailable
+
+
+def _end_before_response(request: HTTPConnection, lease: AsyncLease | SyncLease) -> None:
+    """Also end `lease` on FastAPI's function exit stack (a no-op if already ended)."""
+    stack = request.scope.get(_FUNCTION_STACK)
+    if isinstance(stack, AsyncExitStack):
+        stack.push_async_exit(lease)

@@ -169,10 +169,13 @@ class PoolLifespan:
         )
 
     def __call__(self, app: object) -> AbstractAsyncContextManager[dict[str, Any]]:
-        return self._run()
+        return self._run(app)
 
     @asynccontextmanager
-    async def _run(self) -> AsyncIterator[dict[str, Any]]:
+    async def _run(self, app: object) -> AsyncIterator[dict[str, Any]]:
+        from ._deps import check_routes  # _deps imports this module
+
+        check_routes(app)
         async_pools: dict[str, AsyncPool[Any]] = {}
         sync_pools: dict[str, Pool[Any]] = {}
         try:

@@ -1,0 +1,292 @@
+"""One request's borrow: where it is attributed, how it ends (commit/rollback), and its errors."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import weakref
+from collections.abc import MutableMapping
+from types import CodeType, TracebackType
+from typing import Any, NamedTuple
+
+import anyio
+import psycopg
+from fastapi import HTTPException
+from psycopg import AsyncConnection, Connection
+from psycopg.pq import TransactionStatus
+
+from poolkit import AsyncPool, Pool, PoolClosed, PoolTimeout, TooManyRequests
+
+logger = logging.getLogger("poolkit.fastapi")
+
+_IDLE = TransactionStatus.IDLE
+_INTRANS = TransactionStatus.INTRANS
+_INERROR = TransactionStatus.INERROR
+_UNKNOWN = TransactionStatus.UNKNOWN
+# Errors where the client may simply try again: answered 503 + Retry-After.
+_RETRYABLE = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+_UNAVAILABLE = {PoolTimeout: "timeout", TooManyRequests: "queue_full", PoolClosed: "closing"}
+UNAVAILABLE = (PoolTimeout, TooManyRequests, PoolClosed)
+
+
+class Endpoint:
+    """What the dependencies need to know about one route, worked out once per route."""
+
+    __slots__ = ("_path", "code", "fast_sync", "name", "streams", "tags")
+
+    def __init__(self, route: Any, endpoint: Any) -> None:
+        func = inspect.unwrap(endpoint) if endpoint is not None else None
+        self.code: CodeType | None = getattr(func, "__code__", None)
+        self.name = getattr(func, "__qualname__", repr(endpoint))
+        # A generator endpoint runs its body while the response streams: after the
+        # function exit stack has ended every Conn.
+        self.streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
+        path = getattr(route, "path_format", None) or getattr(route, "path", None)
+        self.tags: dict[str, str] = {}
+        self._path = path or "(no route)"
+        # Whether SyncConn parameters are lent by the route's wrapper (see _wrap.py);
+        # None until the first sync dependency of this route asks.
+        self.fast_sync: bool | None = None
+
+    def tag(self, method: str) -> str:
+        """The borrow tag: method and route template, so hold time is reported per endpoint."""
+        tag = self.tags.get(method)
+        if tag is None:
+            tag = self.tags[method] = f"{method} {self._path}"
+        return tag
+
+    def where(self) -> str:
+        if self.code is None:
+            return self.name
+        return f"{self.code.co_filename}:{self.code.co_firstlineno} in {self.name}"
+
+
+# By id(route): Starlette's routes define __eq__ without __hash__, so they cannot key a
+# dict (or a WeakKeyDictionary) themselves. The weak reference guards against a reused id;
+# the finalizer forgets a route's entry when the route goes.
+_endpoints: dict[int, tuple[weakref.ref[Any], Endpoint]] = {}
+
+
+def endpoint_of(scope: MutableMapping[str, Any]) -> Endpoint:
+    """The Endpoint of the route serving this request (worked out once per route)."""
+    route = scope.get("route")
+    key = id(route)
+    entry = _endpoints.get(key)
+    if entry is not None and entry[0]() is route:
+        return entry[1]
+    info = Endpoint(route, getattr(route, "endpoint", None) or scope.get("endpoint"))
+    if route is not None:
+        try:
+            ref = weakref.ref(route)
+        except TypeError:  # not weak-referenceable: worked out per request
+            return info
+        _endpoints[key] = (ref, info)
+        weakref.finalize(route, _endpoints.pop, key, None)
+    return info
+
+
+class Kind(NamedTuple):
+    """What one dependency callable lends: from which pool, sync or async, until when."""
+
+    name: str
+    sync: bool
+    stream: bool
+
+
+# Every dependency callable poolkit_fastapi made, so routes can be searched for them.
+KINDS: dict[Any, Kind] = {}
+
+
+# -- the one place that borrows, attributed to the endpoint's code ----------------------
+
+
+async def borrow_async(pool: AsyncPool[Any], tag: str, ep: Endpoint) -> AsyncConnection[Any]:
+    conn: AsyncConnection[Any]
+    if isinstance(pool, AsyncPool):
+        conn = await pool._borrow(None, tag, ep.code)
+    else:  # a stand-in with the pool's public API (a cluster's primary, _read.py)
+        conn = await pool.getconn(tag=tag)
+    return conn
+
+
+def borrow_sync(pool: Pool[Any], tag: str, ep: Endpoint) -> Connection[Any]:
+    if isinstance(pool, Pool):
+        return pool._borrow(None, tag, ep.code)  # type: ignore[no-any-return]
+    return pool.getconn(tag=tag)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def unavailable(
+    pool: AsyncPool[Any] | Pool[Any], exc: Exception, retry_after: int
+) -> HTTPException:
+    """The 503 answered when the pool cannot lend: exhausted, queue full or closing."""
+    reason = next((r for cls, r in _UNAVAILABLE.items() if isinstance(exc, cls)), "unavailable")
+    # The full message (state, longest borrower's code site) is for operators, not clients.
+    logger.warning("pool %r: answering 503: %s", pool.name, exc)
+    messages = {
+        "timeout": f"no database connection became free within {pool.timeout:g} s",
+        "queue_full": "too many requests are already waiting for a database connection",
+        "closing": "the server is shutting down",
+    }
+    return HTTPException(
+        503,
+        detail={
+            "message": messages.get(reason, str(exc)) + "; retry later",
+            "pool": pool.name,
+            "reason": reason,
+        },
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _not_committed(
+    pool: AsyncPool[Any] | Pool[Any], conn: Any, exc: BaseException | None, retry_after: int
+) -> HTTPException:
+    """The error answered when a route returned normally but its work is not committed."""
+    if exc is None:
+        status = conn.pgconn.transaction_status
+        if status == _INERROR:
+            why = (
+                "a database error was caught inside the route and the transaction was not rolled"
+                " back (roll back, use a savepoint with conn.transaction(), or raise)"
+            )
+        elif status == TransactionStatus.ACTIVE:
+            why = "a query was still running on the connection when the route returned"
+        else:
+            why = "the connection was lost during the request"
+        logger.error("pool %r: the route returned normally but %s: answering 500", pool.name, why)
+        detail = f"the transaction was not committed: {why}; nothing was written"
+        return HTTPException(500, detail={"message": detail, "pool": pool.name})
+    sqlstate = getattr(exc, "sqlstate", None)
+    logger.error("pool %r: commit failed: %s", pool.name, exc, exc_info=exc)
+    if conn.broken or not isinstance(exc, psycopg.Error) or sqlstate is None:
+        detail = "the connection failed while committing: the outcome is unknown"
+        return HTTPException(500, detail={"message": detail, "pool": pool.name})
+    detail = "the transaction could not be committed; nothing was written"
+    body = {"message": detail, "pool": pool.name, "sqlstate": sqlstate}
+    if sqlstate in _RETRYABLE:
+        return HTTPException(503, detail=body, headers={"Retry-After": str(retry_after)})
+    return HTTPException(500, detail=body)
+
+
+# -- ending a borrow ----------------------------------------------------------------------
+
+
+class AsyncLease:
+    """One request's borrow from an async pool; an async exit callback of FastAPI's stacks."""
+
+    __slots__ = ("conn", "done", "pool", "retry_after")
+
+    def __init__(self, pool: AsyncPool[Any], conn: AsyncConnection[Any], retry_after: int) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.retry_after = retry_after
+        self.done = False
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.end(exc)
+
+    async def end(self, exc: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        conn = self.conn
+        status = conn.pgconn.transaction_status
+        if status != _IDLE:
+            try:
+                error = await self._finish(status, exc)
+            except BaseException:
+                # Cancelled mid-commit or mid-rollback: no cancel scope on the common
+                # path (it costs more than the pool), so shield only the return here:
+                # under a cancelled scope every await would raise again.
+                with anyio.CancelScope(shield=True):
+                    await self.pool.putconn(conn)
+                raise
+            await self.pool.putconn(conn)
+            if error is not None:
+                raise error
+        else:
+            # putconn's fast path does not suspend, so nothing can interrupt it (its
+            # slow path copes with cancellation itself).
+            await self.pool.putconn(conn)
+
+    async def _finish(self, status: int, exc: BaseException | None) -> HTTPException | None:
+        """Commit or roll back; the error to answer with, if any."""
+        conn = self.conn
+        if exc is None:
+            if status == _INTRANS:
+                try:
+                    await conn.commit()
+                except Exception as ex:
+                    error = _not_committed(self.pool, conn, ex, self.retry_after)
+                    error.__cause__ = ex
+                    return error
+                return None
+            if status == _INERROR:
+                with contextlib.suppress(Exception):
+                    await conn.rollback()
+            return _not_committed(self.pool, conn, None, self.retry_after)
+        if status != _UNKNOWN:
+            try:
+                await conn.rollback()
+            except Exception as ex:
+                logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
+        return None
+
+
+class SyncLease:
+    """The sync twin of AsyncLease, for `def` routes: ends in a worker thread."""
+
+    __slots__ = ("conn", "done", "pool", "retry_after")
+
+    def __init__(self, pool: Pool[Any], conn: Connection[Any], retry_after: int) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.retry_after = retry_after
+        self.done = False
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.done:
+            # Its own limiter: with every default worker blocked in getconn, the thread
+            # that gives a connection back must not wait behind them.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.end, exc, limiter=anyio.CapacityLimiter(1))
+
+    def end(self, exc: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        conn = self.conn
+        try:
+            status = conn.pgconn.transaction_status
+            if exc is None:
+                if status == _INTRANS:
+                    try:
+                        conn.commit()
+                    except Exception as ex:
+                        raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
+                elif status != _IDLE:
+                    if status == _INERROR:
+                        with contextlib.suppress(Exception):
+                            conn.rollback()
+                    raise _not_committed(self.pool, conn, None, self.retry_after)
+            elif status != _IDLE and status != _UNKNOWN:
+                try:
+                    conn.rollback()
+                except Exception as ex:
+                    logger.warning("pool %r: rollback failed: %s", self.pool.name, ex)
+        finally:
+            self.pool.putconn(conn)

@@ -1,0 +1,138 @@
+"""The fast path of `def` routes: borrow, commit and return in the route's own worker thread.
+
+A sync dependency costs FastAPI a thread hop to enter and, for its cleanup, another one
+to exit, on top of the hop that runs the `def` route: three where an inline
+`with pool.connection()` has one, and each hop is tens of microseconds of GIL hand-offs.
+So when a `def` route takes SyncConn only as its own parameter (no sub-dependency asks
+for it), its `dependant.call` (what FastAPI's request handler calls, read on every
+request) is replaced by a wrapper around the same endpoint: the dependency, on the event
+loop, hands over a `Pending` placeholder, and the wrapper, already in the route's thread,
+swaps in a borrowed connection, runs the endpoint, then commits or rolls back and
+returns it, all before the response is built. `route.endpoint` stays the user's function.
+Any other shape keeps the general path (borrow and end on FastAPI's stacks).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from psycopg import Connection
+
+from poolkit import Pool
+
+from ._lease import KINDS, UNAVAILABLE, Endpoint, SyncLease, borrow_sync, unavailable
+from ._lifespan import WiringError
+
+_WRAPPED = "__poolkit_sync_route__"
+
+
+class Pending:
+    """What a SyncConn parameter holds until the route's wrapper swaps in the connection."""
+
+    __slots__ = ("ep", "lease", "pool", "retry_after", "tag")
+
+    def __init__(self, pool: Pool[Any], tag: str, ep: Endpoint, retry_after: int) -> None:
+        self.pool = pool
+        self.tag = tag
+        self.ep = ep
+        self.retry_after = retry_after
+        self.lease: SyncLease | None = None
+
+    def borrow(self) -> Connection[Any]:
+        lease = self.lease
+        if lease is None:
+            try:
+                conn = borrow_sync(self.pool, self.tag, self.ep)
+            except UNAVAILABLE as exc:
+                raise unavailable(self.pool, exc, self.retry_after) from None
+            lease = self.lease = SyncLease(self.pool, conn, self.retry_after)
+        return lease.conn
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached if FastAPI called the endpoint without our wrapper.
+        raise WiringError(
+            f"SyncConn placeholder used directly ({name!r}) in {self.ep.where()}: "
+            "poolkit_fastapi's route wrapper did not run; please report this"
+        )
+
+
+def install(route: Any) -> bool:
+    """Wrap `route`'s endpoint call if the route can use the fast path; True if it does."""
+    dependant: Any = getattr(route, "dependant", None)
+    call = getattr(dependant, "call", None)
+    if call is None:
+        return False
+    if getattr(call, _WRAPPED, False):
+        return True
+    endpoint = getattr(route, "endpoint", None)
+    if (
+        call is not endpoint
+        or not inspect.isfunction(call)
+        or inspect.iscoroutinefunction(call)
+        or inspect.isgeneratorfunction(call)
+        or inspect.isasyncgenfunction(call)
+        or not _only_direct(dependant)
+    ):
+        return False
+    dependant.call = _wrapper(call)
+    return True
+
+
+def _is_sync_conn(call: Any) -> bool:
+    kind = KINDS.get(call)
+    return kind is not None and kind.sync and not kind.stream
+
+
+def _only_direct(dependant: Any) -> bool:
+    """True if SyncConn appears among the endpoint's own parameters and nowhere deeper."""
+    direct = False
+    for dep in dependant.dependencies:
+        if _is_sync_conn(dep.call):
+            direct = True
+            if dep.dependencies:
+                return False
+            continue
+        todo = list(dep.dependencies)
+        while todo:
+            sub = todo.pop()
+            if _is_sync_conn(sub.call):
+                return False
+            todo.extend(sub.dependencies)
+    return direct
+
+
+def _wrapper(endpoint: Any) -> Any:
+    @functools.wraps(endpoint)
+    def route(**values: Any) -> Any:
+        pending: list[Pending] = []
+        try:
+            for key, value in values.items():
+                if type(value) is Pending:
+                    values[key] = value.borrow()
+                    if value not in pending:
+                        pending.append(value)
+            result = endpoint(**values)
+        except BaseException as exc:
+            _end_all(pending, exc)
+            raise
+        _end_all(pending, None)
+        return result
+
+    setattr(route, _WRAPPED, True)
+    return route
+
+
+def _end_all(pending: list[Pending], exc: BaseException | None) -> None:
+    """End every lease, last borrowed first; the first error (a failed commit) wins."""
+    error: BaseException | None = None
+    for p in reversed(pending):
+        if p.lease is None:
+            continue
+        try:
+            p.lease.end(exc if error is None else error)
+        except BaseException as ex:
+            error = error or ex
+    if error is not None:
+        raise error

@@ -1,0 +1,458 @@
+"""poolkit_fastapi wiring that cannot go wrong: one connection per pool per request, generator
+endpoints, borrow sites attributed to the endpoint; against a real server and real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import psycopg
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from psycopg import AsyncConnection, Connection
+
+from poolkit import PoolConfig
+from poolkit_fastapi import (
+    Conn,
+    PoolLifespan,
+    StreamConn,
+    SyncConn,
+    WiringError,
+    conn_dependency,
+    get_conn,
+    get_pools,
+    get_sync_conn,
+    pool_router,
+)
+from tests.test_fastapi import Hooks, serve, until
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve()
+
+_IDS = "SELECT pg_backend_pid(), pg_current_xact_id()::text"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def one_conn(dsn: str, **settings: Any) -> PoolConfig:
+    """A pool of exactly one connection: a second borrow in the same request would deadlock."""
+    settings.setdefault("timeout", 2.0)
+    return PoolConfig.from_url(dsn, min_size=1, max_size=1, **settings)
+
+
+# Module level so FastAPI resolves the annotations; each asks for the default pool its own way.
+async def bare_get_conn(
+    conn: Annotated[AsyncConnection[Any], Depends(get_conn)],
+) -> AsyncConnection[Any]:
+    return conn
+
+
+async def uncached_conn(
+    conn: Annotated[AsyncConnection[Any], Depends(get_conn, use_cache=False)],
+) -> AsyncConnection[Any]:
+    return conn
+
+
+def bare_get_sync_conn(
+    conn: Annotated[Connection[Any], Depends(get_sync_conn)],
+) -> Connection[Any]:
+    return conn
+
+
+async def _ids(conn: AsyncConnection[Any]) -> list[str]:
+    row = await (await conn.execute(_IDS)).fetchone()
+    assert row is not None
+    return [str(row[0]), str(row[1])]
+
+
+def _sync_ids(conn: Connection[Any]) -> list[str]:
+    row = conn.execute(_IDS).fetchone()
+    assert row is not None
+    return [str(row[0]), str(row[1])]
+
+
+def sharing_app(lifespan: PoolLifespan) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/conn-and-bare")
+    async def conn_and_bare(
+        conn: Conn, other: Annotated[AsyncConnection[Any], Depends(get_conn)]
+    ) -> dict[str, Any]:
+        return {"same": conn is other, "ids": [await _ids(conn), await _ids(other)]}
+
+    @app.get("/conn-and-sub-dependency")
+    async def conn_and_sub(
+        conn: Conn,
+        bare: Annotated[AsyncConnection[Any], Depends(bare_get_conn)],
+        uncached: Annotated[AsyncConnection[Any], Depends(uncached_conn)],
+        spelled: Annotated[AsyncConnection[Any], conn_dependency()],
+    ) -> dict[str, Any]:
+        conns = [conn, bare, uncached, spelled]
+        return {"same": all(c is conn for c in conns), "ids": [await _ids(c) for c in conns]}
+
+    @app.get("/sync-and-bare")
+    def sync_and_bare(
+        conn: SyncConn, other: Annotated[Connection[Any], Depends(bare_get_sync_conn)]
+    ) -> dict[str, Any]:
+        return {"same": conn is other, "ids": [_sync_ids(conn), _sync_ids(other)]}
+
+    return app
+
+
+# ---- One connection and one transaction per pool per request ------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/conn-and-bare", "/conn-and-sub-dependency", "/sync-and-bare"])
+async def test_every_spelling_shares_one_connection_and_one_transaction(
+    path: str, app_dsn: str
+) -> None:
+    cfg = one_conn(app_dsn)
+    lifespan = PoolLifespan(cfg, sync_pools=cfg.replace(name="default-sync"))
+    async with serve(sharing_app(lifespan)) as (client, state):
+        # max_size=1: a second borrow would wait for the first and time out (503).
+        r = await client.get(path)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["same"] is True
+        pids = {pid for pid, _ in body["ids"]}
+        xacts = {xact for _, xact in body["ids"]}
+        assert len(pids) == 1 and len(xacts) == 1, body
+        for _, pool in get_pools(state).items():
+            assert pool.stats()["in_use"] == 0
+            assert pool.stats()["timeouts"] == 0
+
+
+def thread_app(lifespan: PoolLifespan) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/owner")
+    def owner(conn: SyncConn, request: Request) -> dict[str, Any]:
+        (borrow,) = get_pools(request).get_sync().borrowed()
+        return {"owner": borrow.owner, "me": f"thread {threading.current_thread().name!r}"}
+
+    @app.get("/inline")
+    def inline(request: Request) -> dict[str, Any]:
+        with get_pools(request).get_sync().connection() as conn:
+            conn.execute("SELECT 1")
+        return {"owner": "", "me": ""}
+
+    @app.get("/fail-after-write")
+    def fail_after_write(conn: SyncConn, other: SyncConn, t: str) -> dict[str, Any]:
+        assert conn is other
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS pk_w (t text)")
+        raise HTTPException(409, "refused after writing")
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_def_route_borrows_and_ends_in_its_own_thread(
+    app_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One thread hop per `def` request, like an inline `with pool.connection()`: the
+    route's worker thread borrows, runs the route, commits and returns."""
+    hops = 0
+    run_sync = anyio.to_thread.run_sync
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    cfg = one_conn(app_dsn)
+    async with serve(thread_app(PoolLifespan(sync_pools=cfg))) as (client, state):
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        await client.get("/inline")
+        inline_hops, hops = hops, 0  # FastAPI validates a `def` route's answer in a thread too
+        for n in range(1, 4):
+            body = (await client.get("/owner")).json()
+            assert body["owner"] == body["me"]
+            assert hops == n * inline_hops
+        monkeypatch.undo()
+        r = await client.get("/fail-after-write", params={"t": "x"})
+        assert r.status_code == 409
+        pool = get_pools(state).get_sync()
+        assert pool.stats()["in_use"] == 0
+        with pool.connection() as conn:  # rolled back: the temp table is gone
+            assert conn.execute("SELECT to_regclass('pk_w')").fetchone() == (None,)
+
+
+@pytest.mark.anyio
+async def test_each_route_is_inspected_once(app_dsn: str) -> None:
+    """The endpoint's site, kind and tag are worked out on the first request only (routes
+    cannot key a dict: Starlette's Route defines __eq__ without __hash__)."""
+    from poolkit_fastapi._lease import endpoint_of
+
+    app = sharing_app(PoolLifespan(one_conn(app_dsn)))
+    seen: list[Any] = []
+
+    @app.get("/seen")
+    async def see(conn: Conn, request: Request) -> dict[str, bool]:
+        seen.append(endpoint_of(request.scope))
+        return {"ok": True}
+
+    async with serve(app) as (client, _):
+        for _ in range(3):
+            assert (await client.get("/seen")).status_code == 200
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
+
+
+# ---- Generator endpoints ------------------------------------------------------------------------
+
+
+def generator_app(lifespan: PoolLifespan) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/lines", response_class=StreamingResponse)
+    async def lines(conn: Conn) -> AsyncIterator[str]:
+        yield "x"
+
+    return app
+
+
+def stream_app(lifespan: PoolLifespan) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/lines", response_class=StreamingResponse)
+    async def lines(conn: StreamConn, request: Request) -> AsyncIterator[str]:
+        pool = get_pools(request).get()
+        for _ in range(3):
+            row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+            assert row is not None
+            yield json.dumps({"pid": row[0], "in_use": pool.stats()["in_use"]}) + "\n"
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_generator_endpoint_with_conn_fails_at_startup_pointing_to_stream_conn(
+    app_dsn: str,
+) -> None:
+    with pytest.raises(WiringError, match="StreamConn") as info:
+        async with serve(generator_app(PoolLifespan(one_conn(app_dsn)))):
+            pass
+    assert "lines" in str(info.value) and HERE.name in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_generator_endpoint_added_after_startup_fails_at_its_first_request(
+    app_dsn: str,
+) -> None:
+    app = FastAPI(lifespan=PoolLifespan(one_conn(app_dsn)))
+    async with serve(app, raise_app_exceptions=True) as (client, state):
+
+        @app.get("/late")
+        async def late(conn: Conn) -> AsyncIterator[str]:
+            yield "x"
+
+        with pytest.raises(WiringError, match="StreamConn"):
+            await client.get("/late")
+        assert get_pools(state).get().stats()["in_use"] == 0
+        assert get_pools(state).get().stats()["borrows"] == 0
+
+
+@pytest.mark.anyio
+async def test_generator_endpoint_with_stream_conn_keeps_it_until_the_stream_ends(
+    app_dsn: str,
+) -> None:
+    async with serve(stream_app(PoolLifespan(one_conn(app_dsn)))) as (client, state):
+        r = await client.get("/lines")
+        assert r.status_code == 200
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        assert len(lines) == 3 and {line["in_use"] for line in lines} == {1}
+        assert len({line["pid"] for line in lines}) == 1
+        await until(lambda: get_pools(state).get().stats()["in_use"] == 0, "the return")
+
+
+# ---- Borrow sites are the endpoint's own file:line ----------------------------------------------
+
+
+def site_app(lifespan: PoolLifespan, hooks: Hooks) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(pool_router(dashboard=True))
+
+    @app.get("/hold")
+    async def hold_here(conn: Conn) -> dict[str, bool]:
+        hooks.held += 1
+        await hooks.release.wait()
+        return {"ok": True}
+
+    @app.get("/quick")
+    async def quick(conn: Conn) -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def _site_of(func_name: str) -> str:
+    """`file:line in name` of a function defined in this file: its first line, the first
+    decorator's (what Python calls the function's first line)."""
+    lines = HERE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if f"def {func_name}(" in line:
+            while lines[i - 1].strip().startswith("@"):
+                i -= 1
+            return f"{HERE}:{i + 1} in {func_name}"
+    raise AssertionError(func_name)
+
+
+@pytest.mark.anyio
+async def test_borrow_site_is_the_endpoint_in_borrowed_timeout_and_dashboard(
+    app_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooks = Hooks()
+    site = _site_of("hold_here")
+    caplog.set_level(logging.WARNING, logger="poolkit")
+    async with serve(site_app(PoolLifespan(one_conn(app_dsn, timeout=0.3)), hooks)) as (
+        client,
+        state,
+    ):
+        holder = asyncio.ensure_future(client.get("/hold"))
+        await until(lambda: hooks.held == 1, "the holder to borrow")
+        pool = get_pools(state).get()
+        assert [b.site for b in pool.borrowed()] == [f"{site} [GET /hold]"]
+        data = (await client.get("/_poolkit/data")).json()
+        assert site in json.dumps(data)
+        # The PoolTimeout message (logged with the 503) names the longest borrower.
+        r = await client.get("/quick")
+        assert r.status_code == 503
+        timeouts = [m for m in caplog.messages if "answering 503" in m]
+        assert timeouts and site in timeouts[0], timeouts
+        hooks.release.set()
+        assert (await holder).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_leak_warning_names_the_endpoint(
+    app_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooks = Hooks()
+    site = _site_of("hold_here")
+    caplog.set_level(logging.WARNING, logger="poolkit.leak")
+    cfg = one_conn(app_dsn, leak_threshold=0.05)
+    async with serve(site_app(PoolLifespan(cfg), hooks)) as (client, state):
+        holder = asyncio.ensure_future(client.get("/hold"))
+        await until(lambda: hooks.held == 1, "the holder to borrow")
+        pool = get_pools(state).get()
+        pool.housekeeping_interval = 0.02
+        await until(
+            lambda: any(site in r.getMessage() for r in caplog.records if r.name == "poolkit.leak"),
+            "the leak warning",
+        )
+        hooks.release.set()
+        assert (await holder).status_code == 200
+
+
+def sync_site_app() -> FastAPI:
+    """For uvicorn: a `def` route on a sync pool, holding its connection until told."""
+    import os
+
+    cfg = PoolConfig.from_url(os.environ["DATABASE_URL"], min_size=1, max_size=2, name="s")
+    app = FastAPI(lifespan=PoolLifespan(sync_pools=cfg))
+    app.include_router(pool_router(dashboard=True))
+
+    @app.get("/sync-hold")
+    def sync_hold_here(conn: SyncConn, s: float) -> dict[str, bool]:
+        conn.execute("SELECT pg_sleep(%s)", (s,))
+        return {"ok": True}
+
+    return app
+
+
+@pytest.fixture
+def uvicorn_url(app_dsn: str, tmp_path: Path) -> Iterator[str]:
+    sock = str(tmp_path / "app.sock")
+    env = {"DATABASE_URL": app_dsn, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    with open(tmp_path / "uvicorn.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory",
+             "tests.test_fastapi_wiring:sync_site_app", "--uds", sock, "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            yield sock
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.anyio
+async def test_sync_borrow_site_under_uvicorn(uvicorn_url: str) -> None:
+    site = _site_of("sync_hold_here")
+    transport = httpx.AsyncHTTPTransport(uds=uvicorn_url)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=20) as c:
+        for _ in range(400):
+            try:
+                if (await c.get("/_poolkit/data")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+        holder = asyncio.ensure_future(c.get("/sync-hold", params={"s": 2}))
+        sites: list[str] = []
+        while not holder.done() and not sites:
+            pools = (await c.get("/_poolkit/data")).json()["pools"]
+            sites = [b["site"] for p in pools for b in p["borrowed"]]
+            await asyncio.sleep(0.02)
+        assert sites == [f"{site} [GET /sync-hold]"]
+        assert (await holder).status_code == 200
+
+
+# ---- Cancellation while committing --------------------------------------------------------------
+
+
+SLOW_COMMIT = """
+CREATE TABLE IF NOT EXISTS pk_slow_commit (t text);
+CREATE OR REPLACE FUNCTION pk_slow_commit_fn() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+DROP TRIGGER IF EXISTS pk_slow_commit_tr ON pk_slow_commit;
+CREATE CONSTRAINT TRIGGER pk_slow_commit_tr AFTER INSERT ON pk_slow_commit
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION pk_slow_commit_fn();
+"""
+
+
+@pytest.mark.anyio
+async def test_request_cancelled_during_commit_gives_the_slot_back(dsn: str, app_dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(SLOW_COMMIT)
+    app = FastAPI(lifespan=PoolLifespan(one_conn(app_dsn, timeout=5)))
+
+    @app.post("/slow")
+    async def slow(conn: Conn) -> dict[str, bool]:
+        await conn.execute("INSERT INTO pk_slow_commit VALUES ('x')")
+        return {"ok": True}  # the commit takes a second (the deferred trigger)
+
+    @app.get("/quick")
+    async def quick(conn: Conn) -> dict[str, bool]:
+        await conn.execute("SELECT 1")
+        return {"ok": True}
+
+    async with serve(app) as (client, state):
+        pool = get_pools(state).get()
+        request = asyncio.ensure_future(client.post("/slow"))
+        await until(lambda: pool.stats()["in_use"] == 1, "the borrow")
+        await asyncio.sleep(0.3)  # inside the commit now
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await until(lambda: pool.stats()["in_use"] == 0, "the slot to come back")
+        # max_size=1: the next request can only succeed if the slot was not lost.
+        assert (await client.get("/quick")).status_code == 200

@@ -95,6 +95,7 @@ def test_snapshot_masks_secrets_in_event_details(app_dsn: str, dsn: str) -> None
 
 def test_history_window_and_pools_going_away(app_dsn: str) -> None:
     with Pool(app_dsn, min_size=1, max_size=1) as pool:
+        pool.wait()  # `with` opens without waiting, as psycopg_pool's does
         pools: dict[str, Any] = {"a": pool}
         history = DashboardHistory(pools, interval=1.0, window=3.0)
         for t in range(10):

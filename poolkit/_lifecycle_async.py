@@ -209,6 +209,11 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                     if self._connecting:
                         return self.housekeeping_interval
                 wait -= now - self._last_attempt
+                if self._reconnect_failed is not None and self._failing_since:
+                    # Try again when reconnect_timeout runs out, so that the callback comes
+                    # on time rather than at the next backoff step.
+                    due = self._failing_since + self.reconnect_timeout - now
+                    wait = min(wait, max(0.0, due))
                 if wait > 0:
                     return wait
                 # While failing, one attempt at a time.

@@ -15,7 +15,7 @@ Each use is here because psycopg has no public way to do it:
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 # Attributes of a psycopg connection holding the client-side settings a borrower may
@@ -30,6 +30,10 @@ _SNAPSHOT_ATTRS = (
     "server_cursor_factory",
 )
 _snapshot_dict = itemgetter(*_SNAPSHOT_ATTRS)
+# C-level getters for the hot path (no Python frame): ATTRS_OF(conn.__dict__) and
+# THRESHOLD_OF(conn) equal to snapshot()'s two parts means nothing changed.
+ATTRS_OF = _snapshot_dict
+THRESHOLD_OF = attrgetter("_prepared.prepare_threshold")
 
 
 def snapshot(conn: Any) -> tuple[tuple[Any, ...], int | None]:
@@ -41,6 +45,10 @@ def unchanged(conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> bool:
     """True if no client-side setting differs from `snapshot()`'s (cheap: every return)."""
     now: tuple[Any, ...] = _snapshot_dict(conn.__dict__)
     return now == attrs and conn._prepared.prepare_threshold == threshold
+
+
+# The attribute's name, for setattr() on the hot path (a C call, cheaper than set_pool()).
+POOL_ATTR = "_pool"
 
 
 def set_pool(conn: Any, pool: Any) -> None:

@@ -19,6 +19,7 @@ from . import _psycopg, _reset
 from ._acompat import ensure
 from ._leaks import logger
 from ._lifecycle_async import AsyncLifecycle
+from ._psycopg import ATTRS_OF, POOL_ATTR, THRESHOLD_OF
 from ._slot import Slot
 
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
@@ -61,14 +62,15 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
             self._late_return(slot, now)
         # As psycopg_pool does: a connection kept after its return must not keep the pool
         # alive, and psycopg reads this attribute in close(), __exit__ and __del__.
-        _psycopg.set_pool(conn, None)
+        setattr(conn, POOL_ATTR, None)
         if (
             conn.pgconn.transaction_status == _IDLE
             and now < slot.expire_at
             and slot.created_at >= self._invalid_before
             and self._no_reset
             and key not in _psycopg.DIRTY
-            and _psycopg.unchanged(conn, slot.attrs, slot.threshold)
+            and ATTRS_OF(conn.__dict__) == slot.attrs  # _psycopg.unchanged(), inlined
+            and THRESHOLD_OF(conn) == slot.threshold
             and not self._closed
         ):
             slot.returned_at = slot.last_good = now

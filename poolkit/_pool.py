@@ -22,7 +22,7 @@ from psycopg.pq import TransactionStatus
 from . import _psycopg, _reset
 from ._compat import ASYNC, ensure
 from ._config import PoolConfig, config_for_pool
-from ._conn import check_result, connect_timeout_default, ping_gen
+from ._conn import connect_timeout_default
 from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
 from ._leaks import FRAMEWORK_FILES, Site, is_framework, logger, user_frame
 from ._peek import PEEK_AFTER
@@ -394,23 +394,16 @@ class Pool(Returns[CT], Generic[CT]):
                     self._lost(slot)
                     return False
                 if idle_for >= self._bypass or broken is None:
-                    with self._lock:
-                        self._n_valid_run += 1
-                    try:
-                        check_result(
-                            conn.wait(ping_gen(conn.pgconn), timeout=max(0.001, deadline - now))
-                        )
-                    except Exception:
-                        with self._lock:
-                            self._n_valid_fail += 1
-                        self._lost(slot)
+                    if not self._ping(slot, deadline):
                         return False
-                    slot.last_good = monotonic()
                 else:
                     with self._lock:
                         self._n_valid_skip += 1
         except BaseException:
-            self._retire(slot)
+            # Cancelled (or worse) mid-check: close it and keep the books, unless what was
+            # running had disposed of it already (a failed check= or reset drain).
+            if slot.conn is not None:
+                self._retire(slot)
             raise
         if conn.pgconn.transaction_status != _IDLE:
             # Safety net: nothing may reach a borrower mid-transaction.

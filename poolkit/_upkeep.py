@@ -83,11 +83,15 @@ class Upkeep(PoolCore, Generic[CT]):
             for s in due:
                 self._idle.remove(s)
         for slot in due:
-            if self._ping(slot, now + self.timeout):
-                slot.returned_at = monotonic()
-                slot.conn.__class__ = slot.guarded
-                with self._lock:
-                    self._put_idle_locked(slot)
+            self._recheck(slot, now + self.timeout)
+
+    def _recheck(self, slot: Slot, deadline: float) -> None:
+        """Ping an idle slot taken out of the pool; back to idle if it answered."""
+        if self._ping(slot, deadline):
+            slot.returned_at = monotonic()
+            slot.conn.__class__ = slot.guarded
+            with self._lock:
+                self._put_idle_locked(slot)
 
     def _ping(self, slot: Slot, deadline: float) -> bool:
         """One round trip on an idle slot (after reading any pending reset)."""
@@ -122,11 +126,7 @@ class Upkeep(PoolCore, Generic[CT]):
             self._idle.clear()
         now = monotonic()
         for slot in slots:
-            if self._ping(slot, now + self.timeout):
-                slot.returned_at = monotonic()
-                slot.conn.__class__ = slot.guarded
-                with self._lock:
-                    self._put_idle_locked(slot)
+            self._recheck(slot, now + self.timeout)
         with self._lock:
             self._last_attempt = 0.0  # a refill may start at once
         self._wakeup.set()

@@ -81,11 +81,15 @@ class AsyncUpkeep(PoolCore, Generic[ACT]):
             for s in due:
                 self._idle.remove(s)
         for slot in due:
-            if await self._ping(slot, now + self.timeout):
-                slot.returned_at = monotonic()
-                slot.conn.__class__ = slot.guarded
-                with self._lock:
-                    self._put_idle_locked(slot)
+            await self._recheck(slot, now + self.timeout)
+
+    async def _recheck(self, slot: Slot, deadline: float) -> None:
+        """Ping an idle slot taken out of the pool; back to idle if it answered."""
+        if await self._ping(slot, deadline):
+            slot.returned_at = monotonic()
+            slot.conn.__class__ = slot.guarded
+            with self._lock:
+                self._put_idle_locked(slot)
 
     async def _ping(self, slot: Slot, deadline: float) -> bool:
         """One round trip on an idle slot (after reading any pending reset)."""
@@ -122,11 +126,7 @@ class AsyncUpkeep(PoolCore, Generic[ACT]):
             self._idle.clear()
         now = monotonic()
         for slot in slots:
-            if await self._ping(slot, now + self.timeout):
-                slot.returned_at = monotonic()
-                slot.conn.__class__ = slot.guarded
-                with self._lock:
-                    self._put_idle_locked(slot)
+            await self._recheck(slot, now + self.timeout)
         with self._lock:
             self._last_attempt = 0.0  # a refill may start at once
         self._wakeup.set()

@@ -33,6 +33,7 @@ from ._slot import Slot
 CT = TypeVar("CT", bound=Connection[Any])
 
 _IDLE = TransactionStatus.IDLE
+_new = object.__new__
 _UNKNOWN = TransactionStatus.UNKNOWN
 
 
@@ -41,11 +42,11 @@ class _ConnectionBlock(Generic[CT]):
 
     __slots__ = ("_conn", "_pool", "_site", "_tag", "_timeout")
 
-    def __init__(self, pool: Pool[CT], timeout: float | None, tag: str | None, site: Site) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._tag = tag
-        self._site = site
+    # Filled in by Pool.connection() (no __init__: one Python call less per borrow).
+    _pool: Pool[CT]
+    _timeout: float | None
+    _tag: str | None
+    _site: Site
 
     def __enter__(self) -> CT:
         self._conn = conn = self._pool._borrow(self._timeout, self._tag, self._site)
@@ -138,7 +139,12 @@ class Pool(Returns[CT], Generic[CT]):
         self, timeout: float | None = None, *, tag: str | None = None
     ) -> _ConnectionBlock[CT]:
         """Borrow a connection for an `with` block; the way to use the pool."""
-        return _ConnectionBlock(self, timeout, tag, _getframe(1))
+        block: _ConnectionBlock[CT] = _new(_ConnectionBlock)
+        block._pool = self
+        block._timeout = timeout
+        block._tag = tag
+        block._site = _getframe(1)
+        return block
 
     def getconn(self, timeout: float | None = None, *, tag: str | None = None) -> CT:
         """Borrow a connection; pair every call with `putconn()` (prefer `connection()`)."""
@@ -148,9 +154,13 @@ class Pool(Returns[CT], Generic[CT]):
         """Borrow, attributing the borrow to `site` (a frame, a function's code, or None)."""
         now = monotonic()
         slot: Slot | None = None
-        with self._lock:
-            if self._idle and not self._draining:
-                slot = self._idle.popleft() if self._fifo else self._idle.pop()
+        # acquire()/release() rather than `with`: half the cost, on the path of every borrow.
+        lock = self._lock
+        lock.acquire()
+        try:
+            idle = self._idle
+            if idle and not self._draining:
+                slot = idle.popleft() if self._fifo else idle.pop()
                 # _lendable_now(), inlined: this is the path of nearly every borrow.
                 if (
                     now - slot.returned_at < self._instant_window
@@ -164,7 +174,30 @@ class Pool(Returns[CT], Generic[CT]):
                     self._lent[id(conn)] = slot
                     self._n_fast += 1
                     conn.__class__ = slot.cls
-                    return self._lend(slot, now, tag, site, None, True)
+                    # _lend(), inlined (a Python call is ~2% of a borrow+return): keep the
+                    # two in step.
+                    if site is None:
+                        site = _getframe(1)
+                    if site.__class__ is CodeType:
+                        slot.code, slot.lasti = site, -1
+                    else:
+                        f: FrameType = site  # type: ignore[assignment]
+                        skip = FRAMEWORK_FILES.get(f.f_code.co_filename)
+                        if skip or (skip is None and is_framework(f.f_code.co_filename)):
+                            f = user_frame(f)
+                        slot.code, slot.lasti = f.f_code, f.f_lasti
+                        if self._capture_stack:
+                            slot.stack = format_stack(f)
+                    slot.t0 = now
+                    slot.owner = get_ident()
+                    slot.task = None
+                    slot.tag = tag
+                    slot.warned = False
+                    slot.conn = None
+                    setattr(conn, POOL_ATTR, self)
+                    return conn  # type: ignore[no-any-return]
+        finally:
+            lock.release()
         if slot is not None:
             conn = slot.conn
             idle_for = now - slot.returned_at
@@ -209,13 +242,13 @@ class Pool(Returns[CT], Generic[CT]):
         if site is None:
             site = _getframe(2)
         if site.__class__ is CodeType:
-            slot.code, slot.lineno = site, site.co_firstlineno
+            slot.code, slot.lasti = site, -1
         else:
             f: FrameType = site  # type: ignore[assignment]  # (no cast(): a call per borrow)
             skip = FRAMEWORK_FILES.get(f.f_code.co_filename)
             if skip or (skip is None and is_framework(f.f_code.co_filename)):
                 f = user_frame(f)
-            slot.code, slot.lineno = f.f_code, f.f_lineno
+            slot.code, slot.lasti = f.f_code, f.f_lasti
             if self._capture_stack:
                 slot.stack = format_stack(f)
         slot.t0 = now

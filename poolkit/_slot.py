@@ -33,7 +33,7 @@ class Slot:
         "expire_at",
         "guarded",
         "last_good",
-        "lineno",
+        "lasti",
         "owner",
         "parked",
         "peek",
@@ -72,20 +72,23 @@ class Slot:
         # The current borrow (valid while lent).
         self.t0 = 0.0
         self.code: CodeType | None = None
-        self.lineno = 0
+        # The borrowing frame's f_lasti (-1: the code's first line). The line number is
+        # worked out only when reported: f_lineno scans the code's line table on every
+        # borrow, a fifth of the cost of a borrow+return at module level.
+        self.lasti = -1
         self.owner = 0
         self.task: Any = None
         self.tag: str | None = None
         self.warned = False
         self.stack: list[str] | None = None
-        self.returned_at_frame: tuple[CodeType, int] | None = None
+        self.returned_at_frame: tuple[CodeType, int] | None = None  # (code, f_lasti)
 
     # -- reporting -------------------------------------------------------------------
 
     @property
     def site(self) -> str:
         """Where the current borrow started: file:line in function [tag]."""
-        return _site(self.code, self.lineno, self.tag)
+        return _site(self.code, self.lasti, self.tag)
 
     @property
     def return_site(self) -> str:
@@ -123,6 +126,17 @@ class Slot:
         return "".join(traceback.format_stack(frame)) if frame is not None else ""
 
 
-def _site(code: CodeType | None, lineno: int, tag: str | None) -> str:
-    where = f"{code.co_filename}:{lineno} in {code.co_name}" if code is not None else "<unknown>"
+def line_of(code: CodeType, lasti: int) -> int:
+    """The source line of the instruction at byte offset `lasti` (-1: the first line)."""
+    if lasti >= 0:
+        for start, end, line in code.co_lines():
+            if start <= lasti < end and line is not None:
+                return line
+    return code.co_firstlineno
+
+
+def _site(code: CodeType | None, lasti: int, tag: str | None) -> str:
+    if code is None:
+        return f"<unknown> [{tag}]" if tag else "<unknown>"
+    where = f"{code.co_filename}:{line_of(code, lasti)} in {code.co_name}"
     return f"{where} [{tag}]" if tag else where

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import weakref
 from collections import abc
@@ -451,6 +452,28 @@ async def test_commit_on_a_deaf_network_has_a_deadline(
 
 
 # -- 3: use after return -----------------------------------------------------------------
+
+
+async def test_borrow_and_return_sites_name_the_exact_lines(make_pool: MakeAsyncPool) -> None:
+    # Sites keep the frame's instruction offset and work out the line when reported:
+    # the line must still be the borrow's (and the return's), wherever it is in a function.
+    here = os.path.basename(__file__)
+    pool = await make_pool(max_size=2, name="pk-trust-sites")
+    async with pool.connection():
+        line = sys._getframe().f_lineno - 1
+        (info,) = pool.borrowed()
+        assert f"{here}:{line} in test_borrow_and_return_sites" in info.site
+    for _ in range(3):  # a later offset in the same code object
+        pass
+    conn = await pool.getconn()
+    line = sys._getframe().f_lineno - 1
+    (info,) = pool.borrowed()
+    assert f"{here}:{line} in test_borrow_and_return_sites" in info.site
+    await pool.putconn(conn)
+    back = sys._getframe().f_lineno - 1
+    with pytest.raises(ConnectionReturned) as err:
+        conn.cursor()
+    assert f"{here}:{line} in" in str(err.value) and f"{here}:{back} in" in str(err.value)
 
 
 async def test_use_after_return_raises_and_sends_nothing(

@@ -19,15 +19,14 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from . import _psycopg, _reset
-from ._acompat import ASYNC, current_owner, ensure
+from ._acompat import ASYNC, current_owner
 from ._config import PoolConfig, config_for_pool
 from ._conn import connect_timeout_default
-from ._errors import ConnectFailed, PoolTimeout, TooManyRequests
-from ._leaks import FRAMEWORK_FILES, Site, is_framework, logger, user_frame
+from ._leaks import FRAMEWORK_FILES, Site, is_framework, user_frame
 from ._peek import PEEK_AFTER
 from ._psycopg import POOL_ATTR
-from ._returns_async import AsyncReturns
 from ._slot import Slot
+from ._waits_async import AsyncWaits
 
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
 
@@ -67,7 +66,7 @@ class _ConnectionBlock(Generic[ACT]):
             await pool._return(conn, None)
 
 
-class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
+class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
     """An asyncio PostgreSQL pool, drop-in for psycopg_pool.AsyncConnectionPool.
 
     Adds validation with a bypass window, recovery without backoff lag while borrowers
@@ -308,145 +307,6 @@ class AsyncPool(AsyncReturns[ACT], Generic[ACT]):
                 RuntimeWarning,
                 stacklevel=5,
             )
-
-    async def _take_slot(self, t0: float, deadline: float) -> Slot:
-        """An idle slot, a stolen parked one, or one handed over after a wait in line."""
-        stolen: Slot | None = None
-        with self._lock:
-            if self._closed or self._draining:
-                raise self._closed_error()
-            if self._forked:
-                self._forked = False
-                self._start_worker()
-            gone = self._take_reclaimed()
-            if self._idle:
-                return self._idle.popleft() if self._fifo else self._idle.pop()
-            if self._parked and self._nconns + self._connecting >= self._max_size:
-                # At max_size with nothing idle: take a connection parked by a thread
-                # between two requests (Django's CONN_MAX_AGE) rather than wait.
-                _, stolen = self._parked.popitem()
-                stolen.parked = False
-                stolen.conn = stolen.wr()
-                self._n_stolen += 1
-                if stolen.conn is None:
-                    self._nconns -= 1
-                    stolen = None
-            if stolen is None:
-                if self._permanent_fix and not self._nconns:
-                    raise ConnectFailed(self._connect_failed_message())
-                if self.max_waiting and len(self._waiting) >= self.max_waiting:
-                    self._n_rejected += 1
-                    raise TooManyRequests(
-                        f"the pool {self.name!r} has already {len(self._waiting)} requests "
-                        f"waiting ({self._state_line()}): raise max_waiting or max_size"
-                    )
-                waiter = self._new_waiter()
-                self._waiting.append(waiter)
-                self._n_queued += 1
-                # Wake the worker only if it can open a connection for this borrower: at
-                # max_size, a return hands one over without it.
-                grow = self._nconns + self._connecting < self._max_size
-        self._report_reclaimed(gone)
-        if stolen is not None:
-            await self._recycle(stolen, monotonic())
-            return stolen
-        if grow:
-            self._wakeup.set()
-        try:
-            await waiter.wait(deadline)
-        except BaseException:
-            # Cancelled while in line: a connection handed over meanwhile goes back.
-            with self._lock:
-                if waiter.give_up():
-                    self._forget_waiter(waiter)
-                    handed = None
-                else:
-                    handed = waiter.item
-                    if handed is not None:
-                        self._put_idle_locked(handed)
-            raise
-        with self._lock:
-            if waiter.give_up():
-                self._forget_waiter(waiter)
-                self._n_timeouts += 1
-                self._failed_wait += monotonic() - t0
-                timed_out = True
-            else:
-                timed_out = False
-        if not timed_out:
-            if waiter.error is not None:
-                raise waiter.error
-            return cast(Slot, waiter.item)
-        self._event("timeout", self._state_line())
-        raise PoolTimeout(self._timeout_message(monotonic() - t0))
-
-    async def _ready(self, slot: Slot, deadline: float) -> bool:
-        """Make a slot taken from idle ready to lend, or dispose of it and return False.
-
-        Round trips are bounded by the borrower's deadline: a black-holed network costs
-        the borrower its timeout, never more. A cancellation at any await closes the
-        connection and gives its slot back to the pool's books (never lost).
-        """
-        conn = slot.conn
-        conn.__class__ = slot.cls
-        try:
-            now = monotonic()
-            if slot.pending is not None and not await self._drain_reset(slot, deadline):
-                return False
-            if now >= slot.expire_at or slot.created_at < self._invalid_before:
-                self._retire(slot)
-                return False
-            idle_for = now - slot.returned_at
-            if idle_for > self.max_idle:
-                # Idle past max_idle: a firewall may have dropped it silently; a ping could
-                # hang until TCP gives up, so replace it instead.
-                self._retire(slot)
-                return False
-            if self._check is not None and (idle_for >= self._bypass or not slot.checked):
-                with self._lock:
-                    self._n_valid_run += 1
-                try:
-                    await ensure(self._check(cast(ACT, conn)))
-                except Exception as ex:
-                    await self._check_failed(slot, ex)
-                    return False
-                slot.checked = True
-                slot.last_good = monotonic()
-            else:
-                # Outside the bypass window, or a socket that spoke while idle: make sure.
-                broken = (
-                    self._peek
-                    and idle_for >= PEEK_AFTER
-                    and not slot.peek.quiet(conn)
-                    and slot.peek.broken(conn)
-                )
-                if broken:
-                    with self._lock:
-                        self._n_valid_fail += 1
-                    self._lost(slot)
-                    return False
-                if idle_for >= self._bypass or broken is None:
-                    if not await self._ping(slot, deadline):
-                        return False
-                else:
-                    with self._lock:
-                        self._n_valid_skip += 1
-        except BaseException:
-            # Cancelled (or worse) mid-check: close it and keep the books, unless what was
-            # running had disposed of it already (a failed check= or reset drain).
-            if slot.conn is not None:
-                self._retire(slot)
-            raise
-        if conn.pgconn.transaction_status != _IDLE:
-            # Safety net: nothing may reach a borrower mid-transaction.
-            logger.warning(
-                "pool %r: connection found %s at borrow: closed",
-                self.name,
-                TransactionStatus(conn.pgconn.transaction_status).name,
-            )
-            self._retire(slot)
-            return False
-        return True
 
     # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
 

@@ -18,8 +18,8 @@ from psycopg.pq import TransactionStatus
 from . import _psycopg, _reset
 from ._compat import Event, Waiter, ensure
 from ._conn import check_result, drain_gen, ping_gen
-from ._core import PoolCore
 from ._leaks import logger, warn_reclaimed
+from ._reporting import Reporting
 from ._slot import Slot
 
 CT = TypeVar("CT", bound=Connection[Any])
@@ -27,7 +27,7 @@ CT = TypeVar("CT", bound=Connection[Any])
 _IDLE = TransactionStatus.IDLE
 
 
-class Upkeep(PoolCore, Generic[CT]):
+class Upkeep(Reporting, Generic[CT]):
     """Idle connections: who gets one next, which to retire, which to check."""
 
     _configure: Callable[[CT], Any] | None

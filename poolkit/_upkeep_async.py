@@ -16,8 +16,8 @@ from psycopg.pq import TransactionStatus
 from . import _psycopg, _reset
 from ._acompat import Event, Waiter, ensure
 from ._conn import check_result, drain_gen, ping_gen
-from ._core import PoolCore
 from ._leaks import logger, warn_reclaimed
+from ._reporting import Reporting
 from ._slot import Slot
 
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
@@ -25,7 +25,7 @@ ACT = TypeVar("ACT", bound=AsyncConnection[Any])
 _IDLE = TransactionStatus.IDLE
 
 
-class AsyncUpkeep(PoolCore, Generic[ACT]):
+class AsyncUpkeep(Reporting, Generic[ACT]):
     """Idle connections: who gets one next, which to retire, which to check."""
 
     _configure: Callable[[ACT], Any] | None

@@ -35,6 +35,7 @@ FILES: dict[str, str | None] = {
     "poolkit/_upkeep_async.py": "poolkit/_upkeep.py",
     "poolkit/_lifecycle_async.py": "poolkit/_lifecycle.py",
     "poolkit/_returns_async.py": "poolkit/_returns.py",
+    "poolkit/_waits_async.py": "poolkit/_waits.py",
     "poolkit/_pool_async.py": "poolkit/_pool.py",
     "poolkit/_cluster_async.py": "poolkit/_cluster.py",
     "tests/_tcompat_async.py": None,  # hand-written pair (tests/_tcompat.py), not generated
@@ -53,6 +54,7 @@ NAMES = {
     "AsyncLifecycle": "Lifecycle",
     "AsyncPool": "Pool",
     "AsyncReturns": "Returns",
+    "AsyncWaits": "Waits",
     "AsyncUpkeep": "Upkeep",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
@@ -62,6 +64,7 @@ NAMES = {
     "_lifecycle_async": "_lifecycle",
     "_pool_async": "_pool",
     "_returns_async": "_returns",
+    "_waits_async": "_waits",
     "_upkeep_async": "_upkeep",
     "_tcompat_async": "_tcompat",
     "aclose": "close",

@@ -139,11 +139,15 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             host.worker = compat.spawn(self._watch, host, name=f"{self.name}[{host.label}] watch")
 
     async def wait(self, timeout: float = 30.0) -> None:
-        """Wait until every host was reached once, a primary is known and its pool is full."""
+        """Wait until every host was reached once, a primary is known and the pool of every
+        healthy host is full."""
         deadline = monotonic() + timeout
+        # A host is marked reached when its probe answers, just before its pool is started:
+        # wait for that pool too, or the first read-only borrow could go to the primary.
         while monotonic() < deadline and (
-            self.primary() is None or any(h.checked_at is None and h.error is None
-                                          for h in self.hosts)
+            self.primary() is None
+            or any((h.checked_at is None and h.error is None) or (h.healthy and h.pool is None)
+                   for h in self.hosts)
         ):  # fmt: skip
             failed = self._cl_connect_failed()
             if failed is not None:

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.utils.module_loading import import_string
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from poolkit import PoolTimeout
 from poolkit._dashboard import DashboardHistory, dashboard_html, snapshot_json
@@ -38,7 +38,7 @@ _REASONS = {
 
 
 @never_cache
-@require_GET
+@require_safe  # GET and HEAD: probes and load balancers send HEAD
 def health(request: HttpRequest) -> JsonResponse:
     """200 when every pooled database answers ``SELECT 1``, else 503; with each pool's stats.
 
@@ -105,7 +105,7 @@ def _dashboard_check() -> Any:
 
 
 @never_cache
-@require_GET
+@require_safe
 def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus text exposition of this process's pools (OpenTelemetry metric names)."""
     try:
@@ -143,7 +143,7 @@ def _dashboard_allowed(request: HttpRequest) -> HttpResponse | None:
 
 
 @never_cache
-@require_GET
+@require_safe
 def dashboard(request: HttpRequest) -> HttpResponse:
     """The live pool dashboard page (refreshes itself from ``dashboard/data``)."""
     denied = _dashboard_allowed(request)
@@ -153,7 +153,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 
 @never_cache
-@require_GET
+@require_safe
 def dashboard_data(request: HttpRequest) -> HttpResponse:
     """The dashboard's JSON snapshot of this process's pools (passwords masked)."""
     denied = _dashboard_allowed(request)

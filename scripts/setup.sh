@@ -3,7 +3,8 @@
 # Usage: bash scripts/setup.sh [--system] [--example fastapi|django]
 #   (default)  .venv with poolkit editable and its "dev" extra (test + bench + lint): what the tests need
 #   --example  only what that example app needs (".[fastapi,prometheus,embedded]"), nothing for tests
-#   --system   when root and apt-get exists, also install Debian's pgbouncer, chromium, chromium-driver
+#   --system   also install Debian's pgbouncer, chromium, chromium-driver when missing (needs root
+#              and apt-get; otherwise it names what is missing and the tests that need it skip)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
       shift
       ;;
     --example=*) example=${1#--example=} ;;
-    -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup: unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -78,28 +79,32 @@ fi
 # -- 3. Debian packages (--system only) ------------------------------------------------------------
 if [ "$system" = 1 ]; then
   packages=(pgbouncer chromium chromium-driver)
-  if [ "$(id -u)" != 0 ]; then
-    warn "--system needs root: not installing ${packages[*]}"
-  elif ! command -v apt-get >/dev/null 2>&1; then
-    warn "--system needs apt-get: not installing ${packages[*]}"
-  else
-    missing=()
+  missing=()
+  if command -v dpkg-query >/dev/null 2>&1; then
     for pkg in "${packages[@]}"; do
       dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
         || missing+=("$pkg")
     done
-    if [ ${#missing[@]} -eq 0 ]; then
-      say "Debian packages present: ${packages[*]}"
+  else
+    missing=("${packages[@]}")
+  fi
+  # Without them the PgBouncer and browser tests skip, each saying what is missing.
+  if [ ${#missing[@]} -eq 0 ]; then
+    say "Debian packages present: ${packages[*]}"
+  elif ! command -v apt-get >/dev/null 2>&1; then
+    warn "--system needs apt-get: not installing ${missing[*]}; the tests that need them skip"
+  elif [ "$(id -u)" != 0 ]; then
+    warn "--system needs root to install ${missing[*]}; the tests that need them skip." \
+      "Install them with: sudo apt-get install --no-install-recommends ${missing[*]}"
+  else
+    say "installing Debian packages: ${missing[*]} (apt-get update first)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt_opts=(-q -o Acquire::Retries=1 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30)
+    if apt-get "${apt_opts[@]}" update >/dev/null \
+      && apt-get "${apt_opts[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null; then
+      say "installed: ${missing[*]}"
     else
-      say "installing Debian packages: ${missing[*]} (apt-get update first)"
-      export DEBIAN_FRONTEND=noninteractive
-      apt_opts=(-q -o Acquire::Retries=1 -o Acquire::http::Timeout=30 -o Acquire::https::Timeout=30)
-      if apt-get "${apt_opts[@]}" update >/dev/null \
-        && apt-get "${apt_opts[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null; then
-        say "installed: ${missing[*]}"
-      else
-        warn "apt-get could not install ${missing[*]}; the tests that need them will say so"
-      fi
+      warn "apt-get could not install ${missing[*]}; the tests that need them skip"
     fi
   fi
 fi

@@ -31,7 +31,10 @@ START_TIMEOUT = 20.0
 DEFAULT_POOL_SIZE = 4
 SINGLE_DB = "poolkit_single"  # an alias whose pool has one server connection
 _SEARCH = ("/usr/sbin/pgbouncer", "/usr/local/sbin/pgbouncer", "/usr/bin/pgbouncer")
-_INSTALL_HINT = "install it with `bash scripts/setup.sh --system` or `apt-get install pgbouncer`"
+_INSTALL_HINT = (
+    "install it with `sudo apt-get install pgbouncer`"
+    " (or, as root, `bash scripts/setup.sh --system`)"
+)
 
 
 def find_pgbouncer() -> tuple[str | None, str]:

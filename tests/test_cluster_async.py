@@ -13,7 +13,7 @@ from example_apps._embedded_pg import _free_port as free_port
 from poolkit import AsyncClusterPool, ConfigError, ConnectFailed, PoolClosed, PoolTimeout
 from tests._helpers import terminate_backends
 from tests._replication import Replication
-from tests._tcompat_async import fixture, until
+from tests._tcompat_async import fixture, sleep, until
 
 pytestmark = pytest.mark.asyncio  # async-only
 MakeCluster = Callable[..., Awaitable[AsyncClusterPool[Any]]]  # async-only
@@ -58,6 +58,26 @@ async def test_roles_learned_and_stats(make_cluster: MakeCluster, replication: R
     assert replica["lag"] is not None and replica["lag"] < 5
     assert stats["size"] == primary["size"] + replica["size"] >= 2
     assert stats["in_use"] == 0
+
+
+async def test_wait_covers_a_replica_whose_pool_is_still_starting(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host counts as reached when its probe answers, a moment before its pool exists
+    # (a loaded machine widens that moment; the sleep makes it certain): wait() must not
+    # return in between, or the first read-only borrow goes to the primary.
+    start_pool = AsyncClusterPool._start_pool
+
+    async def slow_start(self: AsyncClusterPool[Any], host: Any) -> None:
+        if host.role == "replica":
+            await sleep(0.5)
+        await start_pool(self, host)
+
+    monkeypatch.setattr(AsyncClusterPool, "_start_pool", slow_start)
+    cluster = await make_cluster()
+    assert [h["size"] >= 1 for h in cluster.stats()["hosts"]] == [True, True]
+    async with cluster.connection(read_only=True) as conn:
+        assert await in_recovery(conn)
 
 
 async def test_multi_host_conninfo(make_cluster: MakeCluster, replication: Replication) -> None:

@@ -250,8 +250,9 @@ def _chromium() -> tuple[str, str]:
     missing = [p for p in (chromium, driver) if not os.access(p, os.X_OK)]
     if missing:
         pytest.skip(
-            f"headless Chromium not available ({', '.join(missing)} missing): install Debian's "
-            "chromium and chromium-driver (bash scripts/setup.sh --system)"
+            f"headless Chromium not available ({', '.join(missing)} missing): install it with "
+            "`sudo apt-get install chromium chromium-driver` (or, as root, "
+            "`bash scripts/setup.sh --system`)"
         )
     return chromium, driver
 

@@ -61,9 +61,9 @@ class ExampleProcess:
 
         return str(wait_until(printed, timeout=START_TIMEOUT, what="the example to print its URL"))
 
-    def stop(self) -> int:
+    def stop(self, signum: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signum)
         try:
             return self.proc.wait(timeout=30)
         finally:
@@ -125,6 +125,12 @@ def test_example_endpoints_end_to_end(example: ExampleProcess, pg_server: PgServ
         wait_ready(client, example)
         assert "database: postgresql://" in example.output
         assert "poolkit-secret" not in example.output  # the password never shows
+        # The address it printed opens on the pages to visit, not on a 404.
+        index = client.get("/")
+        assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+        for page in ("/docs", "/_poolkit/", "/ready"):
+            assert f'href="{page}"' in index.text, index.text
+            assert client.get(page).status_code == 200, page
         if example.embedded:
             assert "using an embedded PostgreSQL in .poolkit/pgdata/" in example.output
             assert (example.cwd / ".poolkit" / "pgdata" / "PG_VERSION").is_file()
@@ -192,7 +198,9 @@ def test_example_endpoints_end_to_end(example: ExampleProcess, pg_server: PgServ
         assert 'poolkit_hold_time_seconds_count{pool_name="default",route="POST /notes"}' in metrics
         assert 'route="GET /stats"' in metrics
 
-    assert example.stop() in (0, -signal.SIGTERM), example.output
+    # Ctrl-C (SIGINT) for the embedded run, as a user would; SIGTERM as a supervisor would.
+    signum = signal.SIGINT if example.embedded else signal.SIGTERM
+    assert example.stop(signum) in (0, -signum), example.output
     assert "Traceback" not in example.output, example.output
     # It printed the pages to open, the dashboard included: the example is the demo.
     assert f"API docs:       {base}/docs" in example.output, example.output
@@ -267,7 +275,9 @@ def test_example_answers_bad_input_with_422(example: ExampleProcess) -> None:
         assert client.patch(f"/notes/{note_id}", json={"title": "a\x00"}).status_code == 422
         assert client.patch(f"/notes/{note_id}", json={"tags": ["a\x00"]}).status_code == 422
         assert client.delete(f"/notes/{note_id}").status_code == 204
-    assert example.stop() in (0, -signal.SIGTERM), example.output
+    # Ctrl-C (SIGINT) for the embedded run, as a user would; SIGTERM as a supervisor would.
+    signum = signal.SIGINT if example.embedded else signal.SIGTERM
+    assert example.stop(signum) in (0, -signum), example.output
     assert "Traceback" not in example.output, example.output
     assert "error ignored" not in example.output, example.output
     assert " 500 " not in example.output, example.output

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import psycopg
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi import Path as PathParam
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from psycopg.rows import dict_row
 from pydantic import AfterValidator, BaseModel, Field
 
@@ -156,6 +156,17 @@ def create_app(database_url: str | None = None) -> FastAPI:
     # A real app guards the dashboard with its own auth: dashboard_dependencies=[Depends(...)].
     router = pool_router(dashboard=dashboard_enabled(), dashboard_prefix=DASHBOARD_PREFIX)
     app.include_router(router, tags=["operations"])
+    pages = [("/docs", "API docs"), ("/notes", "notes (JSON)"), ("/ready", "readiness")]
+    if dashboard_enabled():
+        pages.insert(1, (f"{DASHBOARD_PREFIX}/", "pool dashboard"))
+    pages.append(("/metrics", "Prometheus metrics"))
+    links = "".join(f'<li><a href="{href}">{text}</a> <code>{href}</code>' for href, text in pages)
+    index_page = f"<!doctype html><title>poolkit notes</title><h1>poolkit notes</h1><ul>{links}"
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def index() -> str:
+        # The address printed at startup lands on the pages to open, not on a 404.
+        return index_page
 
     @app.post("/notes", status_code=201)
     async def create_note(note: NoteIn, conn: Conn) -> Note:

@@ -201,6 +201,9 @@ def test_health_and_metrics_views() -> None:
     assert default["status"] == "ok"
     assert default["stats"]["in_use"] == 0
     assert default["stats"]["name"] == "default"
+    # HEAD answers like GET (load balancers and probes send it).
+    status, headers, _ = call_wsgi("/poolkit/health", method="HEAD")
+    assert (status, headers["Content-Type"]) == (200, "application/json")
 
     call_json("/pid")
     status, headers, body = call_wsgi("/poolkit/metrics")

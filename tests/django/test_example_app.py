@@ -115,8 +115,10 @@ def test_dashboard_is_on_in_the_example_and_shows_the_masked_url(
         )
         assert password not in json.dumps(snap)
         assert "pool dashboard: http://127.0.0.1:" in app.logs()
+        assert app.json("/")["dashboard"] == "/poolkit/dashboard/"  # the index lists it
     with example(example_db, tmp_path / "off.log", POOLKIT_DASHBOARD="0") as app:
         assert app.get("/poolkit/dashboard/")[0] == 404
+        assert "dashboard" not in app.json("/")
         assert "pool dashboard" not in app.logs()
 
 

@@ -40,8 +40,14 @@ def router(replication: Replication, django_db_blocker: Any) -> Iterator[Replica
         router = ReplicaRouter()
         stack.callback(router.close)
         assert router.replicas == [REPLICA]
-        wait_until(lambda: router.topology().get(REPLICA, {}).get("ok"), timeout=10, what="probe")
+        # Both probes: the primary's may answer after the replica's (a loaded machine).
+        wait_until(lambda: _probed(router.topology()), timeout=10, what="both probes")
         yield router
+
+
+def _probed(topology: dict[str, dict[str, Any]]) -> bool:
+    primary, replica = topology.get(PRIMARY, {}), topology.get(REPLICA, {})
+    return primary.get("role") == "primary" and bool(replica.get("ok"))
 
 
 def test_reads_to_replica_writes_and_after_write_to_primary(router: ReplicaRouter) -> None:

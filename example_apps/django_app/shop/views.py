@@ -6,6 +6,7 @@ import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import DataError, IntegrityError, transaction
 from django.http import HttpRequest, JsonResponse
@@ -68,14 +69,10 @@ def _rejected(exc: Rejected) -> JsonResponse:
 
 @require_GET
 def index(request: HttpRequest) -> JsonResponse:
-    return JsonResponse(
-        {
-            "products": "/products/",
-            "orders": "/orders/ (POST)",
-            "health": "/poolkit/health",
-            "metrics": "/poolkit/metrics",
-        }
-    )
+    pages = {"products": "/products/", "orders": "/orders/ (POST)"}
+    if settings.POOLKIT_DASHBOARD:
+        pages["dashboard"] = "/poolkit/dashboard/"
+    return JsonResponse({**pages, "health": "/poolkit/health", "metrics": "/poolkit/metrics"})
 
 
 @csrf_exempt

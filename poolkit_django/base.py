@@ -15,7 +15,7 @@ from django.utils.asyncio import async_unsafe
 from psycopg import IsolationLevel, sql
 from psycopg.pq import TransactionStatus
 
-from poolkit import Pool, PoolConfig
+from poolkit import PoolConfig
 
 from . import _checks, _registry
 from ._creation import DatabaseCreation
@@ -92,7 +92,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         return _registry.entry_for(self, conn_params, config)
 
     @property
-    def pool(self) -> Pool[Any] | None:
+    def pool(self) -> _registry.AnyPool | None:
         """The pool of this alias (not opened here, as in Django's own backend), or None."""
         entry = self._pk_entry()
         return None if entry is None else entry.pool

@@ -371,6 +371,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
         fork of its own connections.
         """
         self._cl_pid = os.getpid()
+        self._parked.clear()  # the parent's: each host pool rebuilds its connections
         self._changed = compat.Event()
         self._lock = compat.Lock()
         for host in self.hosts:

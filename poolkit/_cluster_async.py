@@ -366,6 +366,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         fork of its own connections.
         """
         self._cl_pid = os.getpid()
+        self._parked.clear()  # the parent's: each host pool rebuilds its connections
         self._changed = compat.Event()
         self._lock = compat.Lock()
         for host in self.hosts:

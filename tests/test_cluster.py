@@ -178,6 +178,47 @@ def test_primary_turns_read_only(make_cluster: MakeCluster, replication: Replica
         conn.execute("CREATE TEMP TABLE t (x int)")
 
 
+def test_write_only_cluster_opens_no_replica_pool(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    cluster = make_cluster(replica_pools=False)
+    replica = host_stats(cluster, replication.label(replication.standby))
+    assert (replica["role"], replica["healthy"], replica["size"]) == ("replica", True, 0)
+    with cluster.connection(read_only=True) as conn:
+        assert not in_recovery(conn)  # reads go to the primary
+    assert cluster.stats()["reads_on_primary"] == 1
+
+
+def test_parked_connection_of_an_old_role_is_not_unparked(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # Django's CONN_MAX_AGE: a connection kept by its thread between requests.
+    cluster = make_cluster()
+    conn = cluster.getconn()
+    assert cluster._park(conn)
+    assert cluster.stats()["in_use"] == 0
+    assert cluster._unpark(conn)
+    assert cluster.stats()["in_use"] == 1
+    assert cluster._park(conn)
+    replication.set_primary_read_only(True)
+    label = replication.label(replication.primary)
+    until(lambda: host_stats(cluster, label)["role"] == "replica", timeout=5, what="flip")
+    assert not cluster._unpark(conn)
+    until(lambda: conn.closed, timeout=5, what="the parked connection closed")
+    assert cluster.stats()["in_use"] == 0
+
+
+def test_parked_connection_taken_by_another_borrower(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(min_size=1, max_size=1)
+    conn = cluster.getconn()
+    assert cluster._park(conn)
+    other = cluster.getconn(timeout=2)  # at max_size: the pool takes the parked one
+    assert other is conn
+    assert not cluster._unpark(conn)  # its parker no longer has it
+    cluster.putconn(other)
+    assert cluster.stats()["in_use"] == 0
+
+
 def test_terminated_backends_recover(
     make_cluster: MakeCluster, replication: Replication, app_name: str
 ) -> None:

@@ -446,6 +446,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
             if host.pool is None and (self.replica_pools or host.role == "primary"):
                 self._start_pool(host)
         if changed:
+            self._lost_primary(host)
             self._notify()
         self._drain(host, retired)
 
@@ -458,8 +459,17 @@ class ClusterPool(ClusterCore, Generic[CT]):
         self._close_probe(host)
         if was_healthy:
             logger.warning("cluster %r: %s is down: %s", self.name, host.label, host.error)
+            self._lost_primary(host)
             self._notify()
         self._drain(host, retired)
+
+    def _lost_primary(self, host: Host) -> None:
+        """No primary known after `host` changed: probe the others now, not at their next
+        interval (each then probes every FAST_PROBE until a primary is seen)."""
+        if self.primary() is None:
+            for other in self.hosts:
+                if other is not host:
+                    other.wake = True
 
     def _start_pool(self, host: Host) -> None:
         role = host.role

@@ -157,6 +157,29 @@ async def test_failover_writes_follow_promotion(
     assert stats["in_use"] == 0
 
 
+@pytest.mark.slow
+async def test_switchover_seen_without_waiting_for_the_interval(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # The writer flip: the old primary stays up read-only, the standby is promoted. A
+    # refused write (or a new connection failing its role check) has the old primary
+    # probed; with no primary left, the other hosts are probed at once too, not after
+    # topology_interval (a minute here).
+    cluster = await make_cluster(topology_interval=60)
+    new_primary = replication.switchover()
+    try:
+        async with cluster.connection() as conn:
+            await conn.execute("CREATE TEMP TABLE t (x int)")
+            assert conn.info.port == new_primary.port  # the flip was seen already
+    except psycopg.errors.ReadOnlySqlTransaction:
+        pass  # sent to the old primary: refused, never acknowledged
+    label = replication.label(new_primary)
+    await until(lambda: cluster.stats()["primary"] == label, timeout=3, what="the new primary")
+    async with cluster.connection(timeout=3) as conn:
+        assert conn.info.port == new_primary.port
+        assert not await in_recovery(conn)
+
+
 async def test_primary_turns_read_only(make_cluster: MakeCluster, replication: Replication) -> None:
     cluster = await make_cluster()
     held = await cluster.getconn()

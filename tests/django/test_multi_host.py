@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -12,12 +13,13 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_finished, request_started
 from django.db import Error, connections
+from django.test import override_settings
 
 import poolkit_django
 from poolkit import ClusterPool
 from tests._helpers import wait_until
 from tests._replication import Replication
-from tests.django._support import extra_database
+from tests.django._support import call_json, call_wsgi, extra_database
 
 ALIAS = "pk_multi"
 # The issue's target: a write borrow succeeds within 2 s after the promotion finished.
@@ -93,6 +95,7 @@ def test_demoted_primary_is_left_and_parked_connections_not_reused(
                 first_ok = time.monotonic()
             item += 1
         assert first_ok is not None, "no write succeeded within 10 s of the promotion"
+        print(f"first write {first_ok - promoted:.2f} s after the promotion, {failures} failed")
         assert first_ok - promoted < WRITES_BACK_WITHIN, (first_ok - promoted, failures)
         for n in range(item, item + 20):
             assert write(n) == new.port
@@ -159,6 +162,7 @@ def test_failover_under_writes_loses_no_acknowledged_write(
             stop.set()
             for t in threads:
                 t.join(30)
+        print(f"first write {first_ok - promoted:.2f} s after the promotion, errors {errors}")
         assert first_ok - promoted < WRITES_BACK_WITHIN, (first_ok - promoted, errors)
         # Every write committed after the promotion ran on the new primary.
         assert {port for _, t, port in acked if t > promoted} == {new.port}
@@ -178,3 +182,56 @@ def test_mismatched_host_and_port_lists_are_a_setting_error(django_db_blocker: A
         pytest.raises(ImproperlyConfigured, match=r"\['HOST'\].*3 hosts and 2 ports"),
     ):
         connections[ALIAS].ensure_connection()
+
+
+def test_status_health_and_metrics_show_each_host(
+    replication: Replication, django_db_blocker: Any
+) -> None:
+    from django.core.management import call_command
+
+    with (
+        django_db_blocker.unblock(),
+        extra_database(ALIAS, replication.multi_host_dsn(), pool={"min_size": 1}),
+    ):
+        out = io.StringIO()
+        call_command("poolkit_status", "--database", ALIAS, stdout=out)
+        text = out.getvalue()
+        assert f"primary: {replication.label(replication.primary)}" in text, text
+        assert f"host {replication.label(replication.standby)}: replica (healthy" in text, text
+        report = call_json("/poolkit/health")
+        assert report["databases"][ALIAS]["status"] == "ok"
+        assert report["databases"][ALIAS]["stats"]["primary"] == replication.label(
+            replication.primary
+        )
+        status, _, body = call_wsgi("/poolkit/metrics")
+        assert status == 200
+        assert f'pool_name="{ALIAS}[{replication.label(replication.primary)}]"' in body.decode()
+
+
+@pytest.mark.usefixtures("table")
+def test_a_read_only_error_has_the_host_probed_at_once(
+    replication: Replication, django_db_blocker: Any
+) -> None:
+    """A write that meets 25006 wakes the monitor (no waiting for topology_interval)."""
+    with (
+        django_db_blocker.unblock(),
+        override_settings(POOLKIT_TOPOLOGY_INTERVAL=60),
+        extra_database(ALIAS, replication.multi_host_dsn(), pool={"min_size": 1, "timeout": 5}),
+    ):
+        assert write(1) == replication.primary.port
+        pool = poolkit_django.get_pool(ALIAS)
+        assert isinstance(pool, ClusterPool)
+        label = replication.label(replication.primary)
+        replication.set_primary_read_only(True)
+        try:
+            wait_until(lambda: replication.primary.query("SHOW default_transaction_read_only")
+                       == "on", timeout=5)  # fmt: skip
+            with pytest.raises(Error, match="read-only transaction"):
+                write(2)  # the pooled session got the reload: refused, never acknowledged
+            wait_until(lambda: pool.stats()["primary"] is None, timeout=2, what="the probe")
+        finally:
+            replication.set_primary_read_only(False)
+        # No primary known: probed every 0.1 s, so it is found again as soon as it is one.
+        assert write(3) == replication.primary.port
+        assert pool.stats()["primary"] == label
+    assert rows(replication.primary) >= {1, 3}

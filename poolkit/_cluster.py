@@ -30,6 +30,7 @@ from ._cluster_base import (
     Lent,
     logger,
     probe_kwargs,
+    reports_read_only,
     reveals_change,
 )
 from ._config import PoolConfig
@@ -311,6 +312,8 @@ class ClusterPool(ClusterCore, Generic[CT]):
                 conn.execute("RESET default_transaction_read_only")
             except psycopg.Error:
                 host.wake = True
+        elif host.role == "primary" and reports_read_only(conn):
+            host.wake = True  # the session saw the server turn read-only (a writer flip)
         lent.pool.putconn(conn)
         if lent.pool is not host.pool and not lent.pool.stats()["in_use"]:
             with contextlib.suppress(ValueError):  # another thread removed it first

@@ -242,6 +242,26 @@ def test_parked_connection_taken_by_another_borrower(make_cluster: MakeCluster) 
     assert cluster.stats()["in_use"] == 0
 
 
+def test_session_told_read_only_has_the_host_probed(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # Through getconn()/putconn(), as the integrations borrow: no error reaches the cluster,
+    # but the server reported default_transaction_read_only=on to the session.
+    cluster = make_cluster(topology_interval=60)
+    replication.set_primary_read_only(True)
+    try:
+        conn = cluster.getconn()
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("CREATE TEMP TABLE t (x int)")
+        conn.rollback()
+        cluster.putconn(conn)
+        label = replication.label(replication.primary)
+        until(lambda: host_stats(cluster, label)["role"] == "replica", timeout=2,
+                    what="the probe after the report")  # fmt: skip
+    finally:
+        replication.set_primary_read_only(False)
+
+
 def test_terminated_backends_recover(
     make_cluster: MakeCluster, replication: Replication, app_name: str
 ) -> None:

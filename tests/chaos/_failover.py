@@ -1,8 +1,10 @@
 """Failover chaos: a real app server on a primary + standby, writers and readers, one fault.
 
 Scenario "promote": the primary stops and the standby is promoted while the load runs.
-Scenario "replica_down": the standby stops. Writers POST unique ids through the primary,
-readers GET through a replica; afterwards every acknowledged id must be in the database.
+Scenario "switchover": the primary turns read-only without dropping a session (the Aurora
+writer flip) and the standby is promoted. Scenario "replica_down": the standby stops.
+Writers POST unique ids through the primary, readers GET through a replica; afterwards
+every acknowledged id must be in the database.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ WRITES_BACK_WITHIN_S = 2.0  # the issue's target, from the end of the promotion
 READS_OK_AFTER_S = 1.0  # no read that starts this long after the fault may fail
 READY_TIMEOUT_S = 30.0
 RESULTS = ARTIFACTS / "chaos-failover.json"
-SCENARIOS = ("promote", "replica_down")
+SCENARIOS = ("promote", "switchover", "replica_down")
+PROMOTIONS = ("promote", "switchover")
 TITLES = {
     "promote": "primary stopped, standby promoted",
+    "switchover": "primary turned read-only (sessions kept), standby promoted",
     "replica_down": "replica stopped",
 }
 
@@ -179,8 +183,11 @@ def run_failover(
         loads += [writers.start(), readers.start()]
         time.sleep(BASELINE_S)
         fault_start = time.monotonic()
-        if scenario == "promote":
-            pair.failover()
+        if scenario in PROMOTIONS:
+            if scenario == "promote":
+                pair.failover()
+            else:
+                pair.switchover()
             fault_end = pair.promoted_at
         else:
             pair.stop_standby()
@@ -194,7 +201,7 @@ def run_failover(
         returncode = server.stop()
         for sampler in samplers.values():
             sampler.stop()
-    primary_now = standby if scenario == "promote" else old_primary
+    primary_now = standby if scenario in PROMOTIONS else old_primary
     counts = db_counts(primary_now.admin_dsn, app.count_sql, app_name)
     row, problems = _judge(
         app, scenario, written, read, counts, fault_start, fault_end,
@@ -245,7 +252,7 @@ def _judge(
         )
     first_write = min((r[T1] for r in ok_writes if r[T1] > fault_end), default=None)
     back = None if first_write is None else first_write - fault_end
-    if scenario == "promote":
+    if scenario in PROMOTIONS:
         if back is None or back > WRITES_BACK_WITHIN_S:
             problems.append(f"first write after the promotion: {back} s (target 2 s)")
         late_writes = [r for r in failed_writes if r[T0] >= fault_end + WRITES_BACK_WITHIN_S]
@@ -299,7 +306,7 @@ def render(rows: dict[str, Any]) -> str:
     ]
     for key in sorted(rows, key=lambda k: (SCENARIOS.index(k.split("/")[1]), k)):
         r = rows[key]
-        back = "-" if r["scenario"] != "promote" else f"{r['first_write_after_s']:.2f} s"
+        back = "-" if r["scenario"] not in PROMOTIONS else f"{r['first_write_after_s']:.2f} s"
         seen, bound = r["max_connections"], r["bounds"]
         out.append(
             f"| {TITLES[r['scenario']]} | {r['framework']} | {r['acknowledged']} of"

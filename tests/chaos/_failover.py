@@ -250,6 +250,9 @@ def _judge(
             f"{len(late_reads)} reads failed that started >= {READS_OK_AFTER_S} s after the"
             f" fault: {short(late_reads[0][BODY])}"
         )
+    # The write outage: the longest time without an acknowledged write around the fault.
+    ends = sorted(r[T1] for r in ok_writes if fault_start - 1.0 <= r[T1])
+    gap = max((b - a for a, b in zip(ends, ends[1:], strict=False)), default=None)
     first_write = min((r[T1] for r in ok_writes if r[T1] > fault_end), default=None)
     back = None if first_write is None else first_write - fault_end
     if scenario in PROMOTIONS:
@@ -276,6 +279,7 @@ def _judge(
         "duplicates": len(duplicates),
         "failed_writes": len(failed_writes),
         "first_write_after_s": back,
+        "write_gap_s": gap,
         "fault_s": fault_end - fault_start,
         "reads": len(reads),
         "failed_reads": len(failed_reads),
@@ -299,10 +303,10 @@ def _record(row: dict[str, Any]) -> None:
 def render(rows: dict[str, Any]) -> str:
     """The results as the Markdown table of docs/reliability.md."""
     out = [
-        "| scenario | framework | writes acknowledged | lost | first write after the"
-        " promotion | failed writes | failed reads (all / started >= 1 s after) |"
-        " max connections: old primary, standby (bound) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| scenario | framework | writes acknowledged | lost | fault took | first write"
+        " after the promotion | longest write gap | failed writes | failed reads (all /"
+        " started >= 1 s after) | max connections: old primary, standby (bound) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key in sorted(rows, key=lambda k: (SCENARIOS.index(k.split("/")[1]), k)):
         r = rows[key]
@@ -310,7 +314,8 @@ def render(rows: dict[str, Any]) -> str:
         seen, bound = r["max_connections"], r["bounds"]
         out.append(
             f"| {TITLES[r['scenario']]} | {r['framework']} | {r['acknowledged']} of"
-            f" {r['writes']} | {r['lost']} | {back} | {r['failed_writes']} |"
+            f" {r['writes']} | {r['lost']} | {r['fault_s']:.2f} s | {back} |"
+            f" {r['write_gap_s']:.2f} s | {r['failed_writes']} |"
             f" {r['failed_reads']} / {r['failed_reads_late']} | {seen['primary']}"
             f" ({bound['primary']}), {seen['standby']} ({bound['standby']}) |"
         )

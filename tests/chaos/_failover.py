@@ -10,6 +10,7 @@ every acknowledged id must be in the database.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import sys
 import time
@@ -252,7 +253,7 @@ def _judge(
         )
     # The write outage: the longest time without an acknowledged write around the fault.
     ends = sorted(r[T1] for r in ok_writes if fault_start - 1.0 <= r[T1])
-    gap = max((b - a for a, b in zip(ends, ends[1:], strict=False)), default=None)
+    gap = max((b - a for a, b in itertools.pairwise(ends)), default=None)
     first_write = min((r[T1] for r in ok_writes if r[T1] > fault_end), default=None)
     back = None if first_write is None else first_write - fault_end
     if scenario in PROMOTIONS:

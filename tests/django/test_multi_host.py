@@ -235,3 +235,25 @@ def test_a_read_only_error_has_the_host_probed_at_once(
         assert write(3) == replication.primary.port
         assert pool.stats()["primary"] == label
     assert rows(replication.primary) >= {1, 3}
+
+
+def test_replica_router_with_a_multi_host_primary(
+    replication: Replication, django_db_blocker: Any
+) -> None:
+    """The router's monitor lists each server once, and shows the alias's primary host."""
+    from poolkit_django.routers import ReplicaRouter
+
+    with (
+        django_db_blocker.unblock(),
+        extra_database(ALIAS, replication.multi_host_dsn()),
+        extra_database("pk_multi_replica", replication.standby.dsn, TEST={"MIRROR": ALIAS}),
+        override_settings(POOLKIT_PRIMARY=ALIAS),
+    ):
+        router = ReplicaRouter()
+        try:
+            wait_until(lambda: router.topology().get("pk_multi_replica", {}).get("ok"),
+                       timeout=10, what="the probe")  # fmt: skip
+            assert router.topology()[ALIAS]["role"] == "primary"
+            assert router.db_for_read(None) == "pk_multi_replica"
+        finally:
+            router.close()

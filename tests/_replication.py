@@ -123,7 +123,16 @@ class Replication:
         """The Aurora-style writer flip: the primary stays up but turns read-only, the
         standby catches up and is promoted; no connection is cut. Returns the new primary."""
         self.set_primary_read_only(True)
-        self._wait_caught_up()
+        # The reload reaches the sessions asynchronously, and a commit already under way
+        # still lands: promote once the standby has all the WAL and none is coming.
+        wait_until(
+            lambda: self.primary.query("SHOW default_transaction_read_only") == "on",
+            timeout=10, what="the primary to turn read-only",
+        )  # fmt: skip
+        for _ in range(50):
+            target = self._wait_caught_up()
+            if self.primary.query("SELECT pg_current_wal_lsn()::text") == target:
+                break
         self.promote_started = time.monotonic()
         return self._promote()
 
@@ -138,12 +147,14 @@ class Replication:
         self.promoted_at = time.monotonic()
         return self.standby
 
-    def _wait_caught_up(self) -> None:
+    def _wait_caught_up(self) -> object:
+        """Until the standby replayed the primary's current WAL position; returns it."""
         target = self.primary.query("SELECT pg_current_wal_lsn()::text")
         wait_until(
             lambda: self.standby.query(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
             timeout=30, what="the standby to catch up",
         )  # fmt: skip
+        return target
 
     def pause_replay(self) -> None:
         self.standby.query("SELECT pg_wal_replay_pause()")

@@ -250,6 +250,9 @@ def test_session_told_read_only_has_the_host_probed(
     cluster = make_cluster(topology_interval=60)
     replication.set_primary_read_only(True)
     try:
+        # The reload is signalled to the sessions asynchronously: until a new one sees it.
+        until(lambda: replication.primary.query("SHOW default_transaction_read_only")
+                    == "on", timeout=5, what="the reload")  # fmt: skip
         conn = cluster.getconn()
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("CREATE TEMP TABLE t (x int)")

@@ -247,6 +247,9 @@ async def test_session_told_read_only_has_the_host_probed(
     cluster = await make_cluster(topology_interval=60)
     replication.set_primary_read_only(True)
     try:
+        # The reload is signalled to the sessions asynchronously: until a new one sees it.
+        await until(lambda: replication.primary.query("SHOW default_transaction_read_only")
+                    == "on", timeout=5, what="the reload")  # fmt: skip
         conn = await cluster.getconn()
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             await conn.execute("CREATE TEMP TABLE t (x int)")

@@ -193,6 +193,9 @@ def test_status_health_and_metrics_show_each_host(
         django_db_blocker.unblock(),
         extra_database(ALIAS, replication.multi_host_dsn(), pool={"min_size": 1}),
     ):
+        pool = poolkit_django.get_pool(ALIAS)
+        assert isinstance(pool, ClusterPool)
+        pool.wait(10)  # every host reached once
         out = io.StringIO()
         call_command("poolkit_status", "--database", ALIAS, stdout=out)
         text = out.getvalue()

@@ -333,11 +333,18 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             raise psycopg.ProgrammingError(
                 f"can't park connection in cluster {self.name!r}: it was not lent by it"
             )
-        if lent.session_ro or lent.pool is not lent.host.pool or not lent.pool._park(conn):
+        if lent.session_ro or lent.pool is not lent.host.pool:
             return False
+        # Booked as parked before the pool parks it: a borrower may take it from the pool
+        # at once (at max_size), and its _lend() then finds the books in order.
         del self._lent[conn]
         lent.host.lent -= 1
         self._parked[conn] = lent
+        if not lent.pool._park(conn):
+            del self._parked[conn]
+            self._lent[conn] = lent
+            lent.host.lent += 1
+            return False
         return True
 
     def _unpark(self, conn: ACT, tag: str | None = None, site: Site = None) -> bool:

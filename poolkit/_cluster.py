@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
+from sys import _getframe
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
@@ -29,10 +30,12 @@ from ._cluster_base import (
     Lent,
     logger,
     probe_kwargs,
+    reports_read_only,
     reveals_change,
 )
 from ._config import PoolConfig
 from ._errors import PoolClosed
+from ._leaks import Site
 from ._pool import Pool
 
 __all__ = ["ClusterPool"]
@@ -104,9 +107,11 @@ class ClusterPool(ClusterCore, Generic[CT]):
 
     Writes go to the current primary, reads (`read_only=True`) to a replica within
     `max_replica_lag` seconds, chosen by `read_policy`; roles are polled every
-    `topology_interval` and at once after an error that hints at a change. Every
-    other keyword is a PoolConfig setting applied to each host's pool. Use it with
-    `with ClusterPool(...) as cluster` or `cluster.open()`.
+    `topology_interval` and at once after an error that hints at a change. With
+    `replica_pools=False` replicas get no pool (only the monitor's probe): a write-only
+    cluster, whose reads go to the primary. Every other keyword is a PoolConfig setting
+    applied to each host's pool. Use it with `with ClusterPool(...) as
+    cluster` or `cluster.open()`.
     """
 
     def __init__(
@@ -120,14 +125,17 @@ class ClusterPool(ClusterCore, Generic[CT]):
         max_replica_lag: float = 10.0,
         read_policy: str = "least_busy",
         fallback: str = "primary",
+        replica_pools: bool = True,
         **settings: Any,
     ) -> None:
         self._cl_init(
             conninfo, config, settings, topology_interval, max_replica_lag, read_policy, fallback
         )
+        self.replica_pools = bool(replica_pools)
         self._connection_class = connection_class
         self._configure = configure
         self._lent: dict[CT, Lent] = {}
+        self._parked: dict[CT, Lent] = {}  # connections parked in their host's pool
         self._changed = compat.Event()
         self._lock = compat.Lock()
 
@@ -227,6 +235,12 @@ class ClusterPool(ClusterCore, Generic[CT]):
         `read_only=True, primary=True` is a read-only transaction on the primary (to read
         one's own writes).
         """
+        return self._borrow(timeout, read_only, primary, tag, _getframe(1))
+
+    def _borrow(
+        self, timeout: float | None, read_only: bool, primary: bool, tag: str | None, site: Site
+    ) -> CT:
+        """Borrow, attributing the borrow to `site` for the host pool's leak tracking."""
         if not self._cl_opened or self._cl_closed:
             state = "closed" if self._cl_closed else "not open: call open() first"
             raise PoolClosed(f"the cluster {self.name!r} is {state}")
@@ -241,7 +255,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
             left = deadline - monotonic()
             if host is not None and pool is not None:
                 try:
-                    conn = pool.getconn(max(left, 0.0), tag=tag)
+                    conn = pool._borrow(max(left, 0.0), tag, site)
                 except PoolClosed:
                     # The host changed role or went down while we waited: route again.
                     if self._cl_closed:
@@ -280,6 +294,8 @@ class ClusterPool(ClusterCore, Generic[CT]):
             except BaseException:
                 pool.putconn(conn)
                 raise
+        # Taken from a parker by its pool (at max_size): that parker no longer has it.
+        self._parked.pop(conn, None)
         self._lent[conn] = Lent(host, pool, session_ro)
         host.lent += 1
         return conn
@@ -300,6 +316,8 @@ class ClusterPool(ClusterCore, Generic[CT]):
                 conn.execute("RESET default_transaction_read_only")
             except psycopg.Error:
                 host.wake = True
+        elif host.role == "primary" and reports_read_only(conn):
+            host.wake = True  # the session saw the server turn read-only (a writer flip)
         lent.pool.putconn(conn)
         if lent.pool is not host.pool and not lent.pool.stats()["in_use"]:
             with contextlib.suppress(ValueError):  # another thread removed it first
@@ -310,6 +328,46 @@ class ClusterPool(ClusterCore, Generic[CT]):
         lent = self._lent.get(conn)
         if lent is not None and reveals_change(exc, conn):
             lent.host.wake = True
+
+    # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
+
+    def _park(self, conn: CT) -> bool:
+        """Keep `conn` reserved for its borrower in its host's pool (see Pool._park).
+
+        False, and nothing done, when it must go back through putconn() instead: the
+        host changed role since the borrow, or the borrow changed the session.
+        """
+        lent = self._lent.get(conn)
+        if lent is None:
+            raise psycopg.ProgrammingError(
+                f"can't park connection in cluster {self.name!r}: it was not lent by it"
+            )
+        if lent.session_ro or lent.pool is not lent.host.pool:
+            return False
+        # Booked as parked before the pool parks it: a borrower may take it from the pool
+        # at once (at max_size), and its _lend() then finds the books in order.
+        del self._lent[conn]
+        lent.host.lent -= 1
+        self._parked[conn] = lent
+        if not lent.pool._park(conn):
+            del self._parked[conn]
+            self._lent[conn] = lent
+            lent.host.lent += 1
+            return False
+        return True
+
+    def _unpark(self, conn: CT, tag: str | None = None, site: Site = None) -> bool:
+        """Take back a parked connection: False if its pool gave it to someone else, or
+        if its host changed role meanwhile (its retired pool closes it: never lent as the
+        old role)."""
+        lent = self._parked.pop(conn, None)
+        if lent is None or lent.pool is not lent.host.pool:
+            return False
+        if not lent.pool._unpark(conn, tag, site):
+            return False
+        self._lent[conn] = lent
+        lent.host.lent += 1
+        return True
 
     def check(self) -> None:
         """Validate every idle connection of every host now (Pool.check on each)."""
@@ -327,6 +385,7 @@ class ClusterPool(ClusterCore, Generic[CT]):
         fork of its own connections.
         """
         self._cl_pid = os.getpid()
+        self._parked.clear()  # the parent's: each host pool rebuilds its connections
         self._changed = compat.Event()
         self._lock = compat.Lock()
         for host in self.hosts:
@@ -398,9 +457,10 @@ class ClusterPool(ClusterCore, Generic[CT]):
                 retired = self._detach(host)
             elif host.pool is not None and host.pool.closed:
                 retired = self._detach(host)  # closed under us (a failed wait()): replace it
-            if host.pool is None:
+            if host.pool is None and (self.replica_pools or host.role == "primary"):
                 self._start_pool(host)
         if changed:
+            self._lost_primary(host)
             self._notify()
         self._drain(host, retired)
 
@@ -413,8 +473,17 @@ class ClusterPool(ClusterCore, Generic[CT]):
         self._close_probe(host)
         if was_healthy:
             logger.warning("cluster %r: %s is down: %s", self.name, host.label, host.error)
+            self._lost_primary(host)
             self._notify()
         self._drain(host, retired)
+
+    def _lost_primary(self, host: Host) -> None:
+        """No primary known after `host` changed: probe the others now, not at their next
+        interval (each then probes every FAST_PROBE until a primary is seen)."""
+        if self.primary() is None:
+            for other in self.hosts:
+                if other is not host:
+                    other.wake = True
 
     def _start_pool(self, host: Host) -> None:
         role = host.role

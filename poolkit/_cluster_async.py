@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
+from sys import _getframe
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
@@ -24,10 +25,12 @@ from ._cluster_base import (
     Lent,
     logger,
     probe_kwargs,
+    reports_read_only,
     reveals_change,
 )
 from ._config import PoolConfig
 from ._errors import PoolClosed
+from ._leaks import Site
 from ._pool_async import AsyncPool
 
 __all__ = ["AsyncClusterPool"]
@@ -99,9 +102,11 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
 
     Writes go to the current primary, reads (`read_only=True`) to a replica within
     `max_replica_lag` seconds, chosen by `read_policy`; roles are polled every
-    `topology_interval` and at once after an error that hints at a change. Every
-    other keyword is a PoolConfig setting applied to each host's pool. Use it with
-    `async with AsyncClusterPool(...) as cluster` or `await cluster.open()`.
+    `topology_interval` and at once after an error that hints at a change. With
+    `replica_pools=False` replicas get no pool (only the monitor's probe): a write-only
+    cluster, whose reads go to the primary. Every other keyword is a PoolConfig setting
+    applied to each host's pool. Use it with `async with AsyncClusterPool(...) as
+    cluster` or `await cluster.open()`.
     """
 
     def __init__(
@@ -115,14 +120,17 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         max_replica_lag: float = 10.0,
         read_policy: str = "least_busy",
         fallback: str = "primary",
+        replica_pools: bool = True,
         **settings: Any,
     ) -> None:
         self._cl_init(
             conninfo, config, settings, topology_interval, max_replica_lag, read_policy, fallback
         )
+        self.replica_pools = bool(replica_pools)
         self._connection_class = connection_class
         self._configure = configure
         self._lent: dict[ACT, Lent] = {}
+        self._parked: dict[ACT, Lent] = {}  # connections parked in their host's pool
         self._changed = compat.Event()
         self._lock = compat.Lock()
 
@@ -222,6 +230,12 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         `read_only=True, primary=True` is a read-only transaction on the primary (to read
         one's own writes).
         """
+        return await self._borrow(timeout, read_only, primary, tag, _getframe(1))
+
+    async def _borrow(
+        self, timeout: float | None, read_only: bool, primary: bool, tag: str | None, site: Site
+    ) -> ACT:
+        """Borrow, attributing the borrow to `site` for the host pool's leak tracking."""
         if not self._cl_opened or self._cl_closed:
             state = "closed" if self._cl_closed else "not open: call open() first"
             raise PoolClosed(f"the cluster {self.name!r} is {state}")
@@ -236,7 +250,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             left = deadline - monotonic()
             if host is not None and pool is not None:
                 try:
-                    conn = await pool.getconn(max(left, 0.0), tag=tag)
+                    conn = await pool._borrow(max(left, 0.0), tag, site)
                 except PoolClosed:
                     # The host changed role or went down while we waited: route again.
                     if self._cl_closed:
@@ -275,6 +289,8 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
             except BaseException:
                 await pool.putconn(conn)
                 raise
+        # Taken from a parker by its pool (at max_size): that parker no longer has it.
+        self._parked.pop(conn, None)
         self._lent[conn] = Lent(host, pool, session_ro)
         host.lent += 1
         return conn
@@ -295,6 +311,8 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                 await conn.execute("RESET default_transaction_read_only")
             except psycopg.Error:
                 host.wake = True
+        elif host.role == "primary" and reports_read_only(conn):
+            host.wake = True  # the session saw the server turn read-only (a writer flip)
         await lent.pool.putconn(conn)
         if lent.pool is not host.pool and not lent.pool.stats()["in_use"]:
             with contextlib.suppress(ValueError):  # another thread removed it first
@@ -305,6 +323,46 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         lent = self._lent.get(conn)
         if lent is not None and reveals_change(exc, conn):
             lent.host.wake = True
+
+    # -- parking (Django's CONN_MAX_AGE) -------------------------------------------------
+
+    def _park(self, conn: ACT) -> bool:
+        """Keep `conn` reserved for its borrower in its host's pool (see Pool._park).
+
+        False, and nothing done, when it must go back through putconn() instead: the
+        host changed role since the borrow, or the borrow changed the session.
+        """
+        lent = self._lent.get(conn)
+        if lent is None:
+            raise psycopg.ProgrammingError(
+                f"can't park connection in cluster {self.name!r}: it was not lent by it"
+            )
+        if lent.session_ro or lent.pool is not lent.host.pool:
+            return False
+        # Booked as parked before the pool parks it: a borrower may take it from the pool
+        # at once (at max_size), and its _lend() then finds the books in order.
+        del self._lent[conn]
+        lent.host.lent -= 1
+        self._parked[conn] = lent
+        if not lent.pool._park(conn):
+            del self._parked[conn]
+            self._lent[conn] = lent
+            lent.host.lent += 1
+            return False
+        return True
+
+    def _unpark(self, conn: ACT, tag: str | None = None, site: Site = None) -> bool:
+        """Take back a parked connection: False if its pool gave it to someone else, or
+        if its host changed role meanwhile (its retired pool closes it: never lent as the
+        old role)."""
+        lent = self._parked.pop(conn, None)
+        if lent is None or lent.pool is not lent.host.pool:
+            return False
+        if not lent.pool._unpark(conn, tag, site):
+            return False
+        self._lent[conn] = lent
+        lent.host.lent += 1
+        return True
 
     async def check(self) -> None:
         """Validate every idle connection of every host now (Pool.check on each)."""
@@ -322,6 +380,7 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         fork of its own connections.
         """
         self._cl_pid = os.getpid()
+        self._parked.clear()  # the parent's: each host pool rebuilds its connections
         self._changed = compat.Event()
         self._lock = compat.Lock()
         for host in self.hosts:
@@ -395,9 +454,10 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                 retired = self._detach(host)
             elif host.pool is not None and host.pool.closed:
                 retired = self._detach(host)  # closed under us (a failed wait()): replace it
-            if host.pool is None:
+            if host.pool is None and (self.replica_pools or host.role == "primary"):
                 await self._start_pool(host)
         if changed:
+            self._lost_primary(host)
             self._notify()
         await self._drain(host, retired)
 
@@ -410,8 +470,17 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
         await self._close_probe(host)
         if was_healthy:
             logger.warning("cluster %r: %s is down: %s", self.name, host.label, host.error)
+            self._lost_primary(host)
             self._notify()
         await self._drain(host, retired)
+
+    def _lost_primary(self, host: Host) -> None:
+        """No primary known after `host` changed: probe the others now, not at their next
+        interval (each then probes every FAST_PROBE until a primary is seen)."""
+        if self.primary() is None:
+            for other in self.hosts:
+                if other is not host:
+                    other.wake = True
 
     async def _start_pool(self, host: Host) -> None:
         role = host.role

@@ -136,6 +136,20 @@ def reveals_change(exc: BaseException | None, conn: Any = None) -> bool:
     return False
 
 
+def reports_read_only(conn: Any) -> bool:
+    """True when the server told this session it no longer takes writes (no I/O here).
+
+    PostgreSQL 14+ reports both settings to the client whenever they change: on a reload
+    that turns default_transaction_read_only on (the Aurora-style writer flip), the session
+    learns it at its next statement, before the monitor's next probe.
+    """
+    info = conn.info
+    return bool(
+        info.parameter_status("default_transaction_read_only") == "on"
+        or info.parameter_status("in_hot_standby") == "on"
+    )
+
+
 class Host:
     """One server of the cluster: its current pool, role and health, as the monitor sees it."""
 

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import asgiref
 import django
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from psycopg.conninfo import make_conninfo
 
 import poolkit
-from poolkit import ConfigError, Pool, PoolConfig
+from poolkit import ClusterPool, ConfigError, Pool, PoolConfig
 from poolkit._dashboard import CONFIG_FIELDS
 
 from ._options import rename_kwargs_error
@@ -41,15 +43,17 @@ class Entry:
     """One alias's pool and the connection settings it was built for."""
 
     __slots__ = (
-        "__weakref__", "alias", "auto_reset", "extra", "opened", "params", "parkable", "pid",
-        "pool",
+        "__weakref__", "alias", "auto_reset", "cluster", "extra", "opened", "params", "parkable",
+        "pid", "pool",
     )  # fmt: skip
 
-    def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool[Any]):
+    def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: AnyPool):
         self.alias = alias
         self.params = params
         self.extra = extra
         self.pool = pool
+        # A multi-host HOST: a write-only ClusterPool that follows the primary.
+        self.cluster = isinstance(pool, ClusterPool)
         self.opened = False
         self.pid = os.getpid()
         # Parking skips the reset the pool runs on return: only without one on every return.
@@ -62,6 +66,13 @@ class Entry:
             f"<Entry {self.alias!r} dbname={self.params.get('dbname')!r} pool={self.pool.name!r}>"
         )
 
+
+# What an alias's pool is: one server, or the primary of several (a multi-host HOST).
+AnyPool = Pool[Any] | ClusterPool[Any]
+# Connection parameters that name the servers, and libpq's own choice among them: with
+# several hosts the ClusterPool routes, one host per pool.
+_HOST_KEYS = ("host", "hostaddr", "port")
+_LIBPQ_ROUTING = ("target_session_attrs", "load_balance_hosts")
 
 _entries: dict[str, Entry] = {}
 _lock = threading.RLock()
@@ -119,11 +130,45 @@ def _build(
     # Django's own code configures new connections (time zone, role), on a wrapper of its
     # own: binding the caller's would keep that wrapper (and its connection) alive.
     configurer = type(wrapper)(dict(wrapper.settings_dict), wrapper.alias)
+    if is_multi_host(conn_params):
+        cluster = _build_cluster(wrapper.alias, config, configurer._configure_connection)
+        return Entry(wrapper.alias, dict(conn_params), extra, cluster)
     pool: Pool[Any] = Pool(config=config, open=False, configure=configurer._configure_connection)
     return Entry(wrapper.alias, dict(conn_params), extra, pool)
 
 
-def open_entry(entry: Entry) -> Pool[Any]:
+def is_multi_host(conn_params: Mapping[str, Any]) -> bool:
+    """True when HOST (or PORT) lists several servers, as libpq accepts ("db1,db2")."""
+    return any("," in str(conn_params.get(key) or "") for key in _HOST_KEYS)
+
+
+def _build_cluster(alias: str, config: PoolConfig, configure: Any) -> ClusterPool[Any]:
+    """The pool of a multi-host alias: follows the primary as ClusterPool does.
+
+    Only the primary gets a pool (replicas have the monitor's probe connection and
+    nothing else): reads through this alias are the primary's too, as with one server;
+    replicas are separate aliases behind ReplicaRouter.
+    """
+    kwargs = dict(config.kwargs)
+    hosts = {k: str(kwargs.pop(k)) for k in _HOST_KEYS if kwargs.get(k) not in (None, "")}
+    for key in _LIBPQ_ROUTING:
+        kwargs.pop(key, None)
+    try:
+        return ClusterPool(
+            make_conninfo("", **hosts),
+            config=config.replace(kwargs=kwargs),
+            configure=configure,
+            replica_pools=False,
+            topology_interval=float(getattr(settings, "POOLKIT_TOPOLOGY_INTERVAL", 1.0)),
+        )
+    except ConfigError as exc:
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['HOST'] / ['PORT']: {exc}; give one PORT for every "
+            "host or one per host (HOST='db1,db2', PORT='5432' or '5432,5433')"
+        ) from None
+
+
+def open_entry(entry: Entry) -> AnyPool:
     if not entry.opened:
         with _lock:
             if not entry.opened:
@@ -140,7 +185,11 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     pool = open_entry(entry)
     # _borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
-    conn = pool._borrow(None, current_tag.get() or _thread_tag(), _user_frame(frame))
+    tag, site = current_tag.get() or _thread_tag(), _user_frame(frame)
+    if isinstance(pool, ClusterPool):
+        conn = pool._borrow(None, False, False, tag, site)
+    else:
+        conn = pool._borrow(None, tag, site)
     wrapper._pk_lease = entry
     if not wrapper._pk_guarded:
         # Once per wrapper (wrappers live in one thread): the thread's guard watches it.
@@ -357,12 +406,12 @@ def close_pools_for(dbname: str) -> None:
 # -- access --------------------------------------------------------------------------
 
 
-def pools() -> dict[str, Pool[Any]]:
+def pools() -> dict[str, AnyPool]:
     """The pools this process has built so far, by alias (none is created here)."""
     return {alias: e.pool for alias, e in list(_entries.items())}
 
 
-def get_pool(alias: str = "default") -> Pool[Any]:
+def get_pool(alias: str = "default") -> AnyPool:
     """The open pool behind ``DATABASES[alias]``, built if needed (health checks, tools)."""
     from django.db import connections
 

@@ -11,11 +11,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg
 from django.db.backends.signals import connection_created
+from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
+from django.utils.functional import cached_property
 from psycopg import IsolationLevel, sql
 from psycopg.pq import TransactionStatus
 
-from poolkit import Pool, PoolConfig
+from poolkit import ClusterPool, PoolConfig
 
 from . import _checks, _registry
 from ._creation import DatabaseCreation
@@ -38,6 +40,22 @@ def _discard(conn: Any) -> None:
         conn.execute("DISCARD ALL")
     except Exception:  # the pool examines what comes back: a broken one is replaced
         pass
+
+
+class _ErrorWrapper(DatabaseErrorWrapper):
+    """Django's error translation; an error on a multi-host alias's connection that may
+    reveal a failover (25006 on a demoted primary, a shutdown, a broken connection) also
+    has that host probed now instead of at the next topology_interval."""
+
+    wrapper: Any  # set by Django's __init__ (the stubs leave it out)
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_value is not None:
+            wrapper = self.wrapper
+            entry = wrapper._pk_lease
+            if entry is not None and entry.cluster and isinstance(entry.pool, ClusterPool):
+                entry.pool._suspect(wrapper._pk_conn, exc_value)
+        super().__exit__(exc_type, exc_value, traceback)
 
 
 class DatabaseWrapper(pg.DatabaseWrapper):
@@ -75,6 +93,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
 
         def _configure_connection(self, connection: Any) -> bool: ...
 
+    @cached_property
+    def wrap_database_errors(self) -> DatabaseErrorWrapper:
+        return _ErrorWrapper(self)
+
     # -- pool ----------------------------------------------------------------------------
 
     def _pk_config(self) -> PoolConfig | None:
@@ -92,7 +114,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         return _registry.entry_for(self, conn_params, config)
 
     @property
-    def pool(self) -> Pool[Any] | None:
+    def pool(self) -> _registry.AnyPool | None:
         """The pool of this alias (not opened here, as in Django's own backend), or None."""
         entry = self._pk_entry()
         return None if entry is None else entry.pool

@@ -75,7 +75,7 @@ class ReplicaRouter:
         self._rr = itertools.count()
         self._monitor: ClusterPool[Any] | None = None
         self._monitor_pid = 0
-        self._labels: dict[str, str] = {}
+        self._labels: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         _routers.append(self)
 
@@ -114,10 +114,12 @@ class ReplicaRouter:
         monitor = self._ensure_monitor()
         out: dict[str, dict[str, Any]] = {}
         hosts = {h["host"]: h for h in monitor.stats()["hosts"]}
-        for alias, label in self._labels.items():
-            host = hosts.get(label)
-            if host is None:
+        for alias, labels in self._labels.items():
+            seen = [hosts[label] for label in labels if label in hosts]
+            if not seen:
                 continue
+            # A multi-host alias (HOST "db1,db2") is where its pool writes: the primary.
+            host = next((h for h in seen if h["healthy"] and h["role"] == "primary"), seen[0])
             role, lag, healthy = host["role"], host["lag"], host["healthy"]
             ok = healthy and role == "replica" and lag is not None and lag <= self.max_replica_lag
             out[alias] = {"role": role, "healthy": healthy, "lag": lag, "ok": ok}
@@ -131,13 +133,13 @@ class ReplicaRouter:
             if self._monitor is not None and self._monitor_pid == os.getpid():
                 return self._monitor
             # One probe connection per server, no pooled ones: the aliases' own pools lend.
-            labels: dict[str, str] = {}
+            labels: dict[str, list[str]] = {}
             conninfos: dict[str, str] = {}
             for alias in [self.primary, *self.replicas]:
-                ci = _conninfo(alias)
-                label = split_hosts(ci)[0][0]
-                labels[alias] = label
-                conninfos.setdefault(label, ci)
+                hosts = split_hosts(_conninfo(alias))
+                labels[alias] = [label for label, _ in hosts]
+                for label, ci in hosts:
+                    conninfos.setdefault(label, ci)
             monitor = ClusterPool(
                 list(conninfos.values()),
                 min_size=0,

@@ -117,6 +117,26 @@ class Replication:
         """Stop the primary and promote the standby; return the new primary."""
         self.primary.stop("fast")
         self.promote_started = time.monotonic()  # for timings: the primary is down by now
+        return self._promote()
+
+    def switchover(self) -> ReplNode:
+        """The Aurora-style writer flip: the primary stays up but turns read-only, the
+        standby catches up and is promoted; no connection is cut. Returns the new primary."""
+        self.set_primary_read_only(True)
+        # The reload reaches the sessions asynchronously, and a commit already under way
+        # still lands: promote once the standby has all the WAL and none is coming.
+        wait_until(
+            lambda: self.primary.query("SHOW default_transaction_read_only") == "on",
+            timeout=10, what="the primary to turn read-only",
+        )  # fmt: skip
+        for _ in range(50):
+            target = self._wait_caught_up()
+            if self.primary.query("SELECT pg_current_wal_lsn()::text") == target:
+                break
+        self.promote_started = time.monotonic()
+        return self._promote()
+
+    def _promote(self) -> ReplNode:
         code, output = self.standby._run(
             [self.standby._bin("pg_ctl"), "promote", "-D", str(self.standby.data_dir), "-w", "-s"],
             timeout=60,
@@ -126,6 +146,15 @@ class Replication:
         wait_until(lambda: not self.standby.in_recovery(), timeout=30, what="the promotion")
         self.promoted_at = time.monotonic()
         return self.standby
+
+    def _wait_caught_up(self) -> object:
+        """Until the standby replayed the primary's current WAL position; returns it."""
+        target = self.primary.query("SELECT pg_current_wal_lsn()::text")
+        wait_until(
+            lambda: self.standby.query(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
+            timeout=30, what="the standby to catch up",
+        )  # fmt: skip
+        return target
 
     def pause_replay(self) -> None:
         self.standby.query("SELECT pg_wal_replay_pause()")
@@ -171,11 +200,7 @@ class Replication:
         if self.standby.query("SELECT pg_is_wal_replay_paused()"):
             self.standby.query("SELECT pg_wal_replay_resume()")
         self._wait_streaming(self.primary)
-        target = self.primary.query("SELECT pg_current_wal_lsn()::text")
-        wait_until(
-            lambda: self.standby.query(f"SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
-            timeout=30, what="the standby to catch up",
-        )  # fmt: skip
+        self._wait_caught_up()
 
     def cleanup(self) -> None:
         for node in (self.primary, self.standby):

@@ -177,6 +177,29 @@ async def test_failover_writes_follow_promotion(
     assert stats["in_use"] == 0
 
 
+@pytest.mark.slow
+async def test_switchover_seen_without_waiting_for_the_interval(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # The writer flip: the old primary stays up read-only, the standby is promoted. A
+    # refused write (or a new connection failing its role check) has the old primary
+    # probed; with no primary left, the other hosts are probed at once too, not after
+    # topology_interval (a minute here).
+    cluster = await make_cluster(topology_interval=60)
+    new_primary = replication.switchover()
+    try:
+        async with cluster.connection() as conn:
+            await conn.execute("CREATE TEMP TABLE t (x int)")
+            assert conn.info.port == new_primary.port  # the flip was seen already
+    except psycopg.errors.ReadOnlySqlTransaction:
+        pass  # sent to the old primary: refused, never acknowledged
+    label = replication.label(new_primary)
+    await until(lambda: cluster.stats()["primary"] == label, timeout=3, what="the new primary")
+    async with cluster.connection(timeout=3) as conn:
+        assert conn.info.port == new_primary.port
+        assert not await in_recovery(conn)
+
+
 async def test_primary_turns_read_only(make_cluster: MakeCluster, replication: Replication) -> None:
     cluster = await make_cluster()
     held = await cluster.getconn()
@@ -193,6 +216,70 @@ async def test_primary_turns_read_only(make_cluster: MakeCluster, replication: R
     replication.set_primary_read_only(False)
     async with cluster.connection(timeout=5) as conn:
         await conn.execute("CREATE TEMP TABLE t (x int)")
+
+
+async def test_write_only_cluster_opens_no_replica_pool(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    cluster = await make_cluster(replica_pools=False)
+    replica = host_stats(cluster, replication.label(replication.standby))
+    assert (replica["role"], replica["healthy"], replica["size"]) == ("replica", True, 0)
+    async with cluster.connection(read_only=True) as conn:
+        assert not await in_recovery(conn)  # reads go to the primary
+    assert cluster.stats()["reads_on_primary"] == 1
+
+
+async def test_parked_connection_of_an_old_role_is_not_unparked(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # Django's CONN_MAX_AGE: a connection kept by its thread between requests.
+    cluster = await make_cluster()
+    conn = await cluster.getconn()
+    assert cluster._park(conn)
+    assert cluster.stats()["in_use"] == 0
+    assert cluster._unpark(conn)
+    assert cluster.stats()["in_use"] == 1
+    assert cluster._park(conn)
+    replication.set_primary_read_only(True)
+    label = replication.label(replication.primary)
+    await until(lambda: host_stats(cluster, label)["role"] == "replica", timeout=5, what="flip")
+    assert not cluster._unpark(conn)
+    await until(lambda: conn.closed, timeout=5, what="the parked connection closed")
+    assert cluster.stats()["in_use"] == 0
+
+
+async def test_parked_connection_taken_by_another_borrower(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(min_size=1, max_size=1)
+    conn = await cluster.getconn()
+    assert cluster._park(conn)
+    other = await cluster.getconn(timeout=2)  # at max_size: the pool takes the parked one
+    assert other is conn
+    assert not cluster._unpark(conn)  # its parker no longer has it
+    await cluster.putconn(other)
+    assert cluster.stats()["in_use"] == 0
+
+
+async def test_session_told_read_only_has_the_host_probed(
+    make_cluster: MakeCluster, replication: Replication
+) -> None:
+    # Through getconn()/putconn(), as the integrations borrow: no error reaches the cluster,
+    # but the server reported default_transaction_read_only=on to the session.
+    cluster = await make_cluster(topology_interval=60)
+    replication.set_primary_read_only(True)
+    try:
+        # The reload is signalled to the sessions asynchronously: until a new one sees it.
+        await until(lambda: replication.primary.query("SHOW default_transaction_read_only")
+                    == "on", timeout=5, what="the reload")  # fmt: skip
+        conn = await cluster.getconn()
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            await conn.execute("CREATE TEMP TABLE t (x int)")
+        await conn.rollback()
+        await cluster.putconn(conn)
+        label = replication.label(replication.primary)
+        await until(lambda: host_stats(cluster, label)["role"] == "replica", timeout=2,
+                    what="the probe after the report")  # fmt: skip
+    finally:
+        replication.set_primary_read_only(False)
 
 
 async def test_terminated_backends_recover(

@@ -187,6 +187,7 @@ class LoadGen:
         duration: float | None = None,
         http_timeout: float = 20.0,
         max_seconds: float = 600.0,
+        method: str = "POST",
     ) -> None:
         self.out = out_dir / f"load-{prefix}.json"
         self.log = out_dir / f"load-{prefix}.log"
@@ -197,7 +198,7 @@ class LoadGen:
             "--prefix", prefix, "--clients", str(clients), "--think", str(think),
             "--json-key", json_key, "--json-extra", json.dumps(json_extra),
             "--timeout", str(http_timeout),
-            "--max-seconds", str(max_seconds), "--out", str(self.out),
+            "--max-seconds", str(max_seconds), "--out", str(self.out), "--method", method,
         ]  # fmt: skip
         if duration is not None:
             self.argv += ["--duration", str(duration)]

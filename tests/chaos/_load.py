@@ -4,7 +4,7 @@
         --prefix P --clients 4 --out results.json [--think 0.02] [--duration 10]
 
 Each client thread sends ``POST <url>`` with ``{"title": "R/<unique id>"}`` (plus any
-``--json-extra`` fields) back to back (one
+``--json-extra`` fields), or with ``--method GET`` a plain ``GET <url>``, back to back (one
 HTTP connection per request, so a cut never leaves the outcome of a reused socket ambiguous) and
 records (id, client, start, end, status, body-if-not-2xx). Times are ``time.monotonic()``,
 which on Linux is one clock for every process, so the test can line them up with its faults.
@@ -29,11 +29,13 @@ from urllib.parse import urlsplit
 MAX_BODY = 2000
 
 
-def _one_request(host: str, port: int, path: str, body: bytes, timeout: float) -> tuple[int, str]:
+def _one_request(
+    host: str, port: int, path: str, body: bytes | None, timeout: float
+) -> tuple[int, str]:
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     headers = {"Connection": "close", "Content-Type": "application/json"}
     try:
-        conn.request("POST", path, body=body, headers=headers)
+        conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
         retry_after = resp.getheader("Retry-After")
@@ -59,7 +61,9 @@ def _client(
     while not stop.is_set() and time.monotonic() < deadline:
         ident = f"{args.prefix}-{index}-{seq}"
         seq += 1
-        payload = json.dumps({**extra, args.json_key: f"{args.run}/{ident}"}).encode()
+        payload = None
+        if args.method == "POST":
+            payload = json.dumps({**extra, args.json_key: f"{args.run}/{ident}"}).encode()
         t0 = time.monotonic()
         try:
             status, body = _one_request(host, port, parts.path, payload, args.timeout)
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", required=True, help="id prefix, unique per generator")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--think", type=float, default=0.02, help="pause between requests (s)")
+    parser.add_argument("--method", choices=("POST", "GET"), default="POST")
     parser.add_argument("--json-key", required=True, help='the body is {KEY: "RUN/ID"}')
     parser.add_argument("--json-extra", default="{}", help="more JSON fields for the body")
     parser.add_argument("--timeout", type=float, default=20.0, help="per-request HTTP timeout (s)")

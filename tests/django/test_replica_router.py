@@ -131,8 +131,8 @@ def test_multi_host_default_follows_the_primary(
         assert not in_recovery("pk_multi")
         connections["pk_multi"].close()  # end of a request: the connection goes back
         new_primary = replication.failover()
-        # The pooled connection to the old primary is dead; the pool replaces it and libpq
-        # opens the new one on the writable host.
+        # target_session_attrs is ignored: the alias's ClusterPool routes to the new primary
+        # (more in tests/django/test_multi_host.py).
         with connections["pk_multi"].cursor() as cur:
             cur.execute("CREATE TEMP TABLE t (x int)")
             assert connections["pk_multi"].connection.info.port == new_primary.port

@@ -131,7 +131,16 @@ class Command(BaseCommand):
             health = "healthy" if cluster["healthy"] else "down"
             w(f"  role: {cluster['role']} ({health}{lag})")
         stats = info.get("stats")
-        if stats:
+        if stats and "hosts" in stats:  # a multi-host HOST: one pool per server
+            w(f"  primary: {stats['primary']} (failovers seen: {stats['failovers']})")
+            for h in stats["hosts"]:
+                lag = "" if h["lag"] is None else f" lag={h['lag']:.2f} s"
+                health = "healthy" if h["healthy"] else f"down: {h['error']}"
+                w(
+                    f"  host {h['host']}: {h['role']} ({health}{lag}) size={h['size']} "
+                    f"idle={h['idle']} in_use={h['in_use']} draining={h['draining']}"
+                )
+        elif stats:
             w(
                 "  pool: size={size} (min {min_size}, max {max_size}) idle={idle} "
                 "in_use={in_use} waiting={waiting}".format(**stats)

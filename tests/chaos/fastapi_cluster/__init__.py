@@ -1,0 +1,1 @@
+"""A FastAPI app on a primary + standby for the failover chaos runs."""

@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from types import CodeType, FrameType
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import asgiref
@@ -21,6 +21,7 @@ import django
 from django.core.exceptions import ImproperlyConfigured
 
 import poolkit
+import poolkit._conn
 from poolkit import ConfigError, Pool, PoolConfig
 from poolkit._dashboard import CONFIG_FIELDS
 
@@ -75,7 +76,13 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
     lending connections to the database it was built for before that.
     """
     alias = wrapper.alias
-    extra = (config, wrapper.timezone_name, wrapper.settings_dict["OPTIONS"].get("assume_role"))
+    settings = wrapper.settings_dict
+    extra = (
+        config,
+        wrapper.timezone_name,
+        settings["OPTIONS"].get("assume_role"),
+        bool(settings.get("CONN_HEALTH_CHECKS")),
+    )
     entry = _entries.get(alias)
     if entry is not None and entry.params == conn_params and entry.extra == extra:
         return entry
@@ -119,8 +126,27 @@ def _build(
     # Django's own code configures new connections (time zone, role), on a wrapper of its
     # own: binding the caller's would keep that wrapper (and its connection) alive.
     configurer = type(wrapper)(dict(wrapper.settings_dict), wrapper.alias)
-    pool: Pool[Any] = Pool(config=config, open=False, configure=configurer._configure_connection)
+    pool: Pool[Any] = Pool(
+        config=config,
+        open=False,
+        configure=configurer._configure_connection,
+        check=_health_check(wrapper.settings_dict),
+    )
     return Entry(wrapper.alias, dict(conn_params), extra, pool)
+
+
+# Whether the core runs a pool's own check_connection as its built-in validation (bounded
+# by the borrower's deadline; a failure invalidates older idle connections) rather than as
+# a user callback (unbounded, one connection at a time).
+_CHECK_IS_BUILTIN = hasattr(poolkit._conn, "is_builtin_check")
+
+
+def _health_check(settings_dict: Mapping[str, Any]) -> Any:
+    """The pool's check= for CONN_HEALTH_CHECKS, as Django's own pool sets it:
+    `check_connection` when on (validate=True is forced too, see _options.py), else None."""
+    if settings_dict.get("CONN_HEALTH_CHECKS") and _CHECK_IS_BUILTIN:
+        return Pool.check_connection
+    return None
 
 
 def open_entry(entry: Entry) -> Pool[Any]:
@@ -158,14 +184,21 @@ def _thread_tag() -> str | None:
     A thread started by a view does not inherit the view's tag (threads start with an
     empty context), so its hold time is listed under the thread's name; the counter
     Python adds ("Thread-7 (send_mail)", "ThreadPoolExecutor-0_3") is dropped, so one
-    kind of helper thread is one row.
+    kind of helper thread is one row. Worked out once per thread name: gunicorn's
+    gthread workers run every request without a view tag in such a thread.
     """
     thread = threading.current_thread()
+    name = thread.name
+    cached: tuple[str, str | None] | None = getattr(_local, "tag", None)
+    if cached is not None and cached[0] == name:
+        return cached[1]
     if thread is threading.main_thread():
-        return None
-    target = re.fullmatch(r"Thread-\d+ \((.+)\)", thread.name)
-    name = target.group(1) if target else re.sub(r"-\d+(?:_\d+)?$", "", thread.name)
-    return f"thread: {name}"
+        tag = None
+    else:
+        target = re.fullmatch(r"Thread-\d+ \((.+)\)", name)
+        tag = "thread: " + (target.group(1) if target else re.sub(r"-\d+(?:_\d+)?$", "", name))
+    _local.tag = (name, tag)
+    return tag
 
 
 def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
@@ -394,7 +427,9 @@ _STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 _SITE = tuple(
     os.path.abspath(p) + os.sep for p in (*site.getsitepackages(), site.getusersitepackages())
 )
-_skip_cache: dict[CodeType, bool] = {}
+# By file name, not code object: a str caches its hash, a code object hashes its
+# contents on every lookup (this walk runs at every borrow and unpark).
+_skip_cache: dict[str, bool] = {}
 
 
 def _is_framework(filename: str) -> bool:
@@ -413,10 +448,12 @@ def _user_frame(frame: FrameType) -> FrameType:
     for _ in range(64):
         if f is None:
             break
-        code = f.f_code
-        skip = cache.get(code)
+        filename = f.f_code.co_filename
+        skip = cache.get(filename)
         if skip is None:
-            skip = cache[code] = _is_framework(code.co_filename)
+            if len(cache) > 10_000:  # exec()'d or generated code with unique names
+                cache.clear()
+            skip = cache[filename] = _is_framework(filename)
         if not skip:
             return f
         f = f.f_back

@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from types import FrameType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 import asgiref
@@ -43,7 +43,7 @@ class Entry:
 
     __slots__ = (
         "__weakref__", "alias", "auto_reset", "extra", "opened", "params", "parkable", "pid",
-        "pool",
+        "pool", "stacks",
     )  # fmt: skip
 
     def __init__(self, alias: str, params: dict[str, Any], extra: tuple[Any, ...], pool: Pool[Any]):
@@ -57,6 +57,9 @@ class Entry:
         reset = pool.config.resolved_reset
         self.parkable = reset in ("auto", "none")
         self.auto_reset = reset == "auto"
+        # leak_capture_stack: borrows pass the frame (its stack is logged); otherwise its
+        # function's code object (see _site()).
+        self.stacks = pool.config.leak_capture_stack
 
     def __repr__(self) -> str:
         return (
@@ -166,7 +169,7 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     pool = open_entry(entry)
     # _borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
-    conn = pool._borrow(None, current_tag.get() or _thread_tag(), _user_frame(frame))
+    conn = pool._borrow(None, current_tag.get() or _thread_tag(), _site(entry, frame))
     wrapper._pk_lease = entry
     if not wrapper._pk_guarded:
         # Once per wrapper (wrappers live in one thread): the thread's guard watches it.
@@ -227,7 +230,7 @@ def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
         return False
     try:
         tag = current_tag.get() or _thread_tag()
-        back = bool(entry.pool._unpark(conn, tag, _user_frame(frame)))
+        back = bool(entry.pool._unpark(conn, tag, _site(entry, frame)))
     except Exception:  # a closed or rebuilt pool: the connection is gone either way
         logger.debug("pool %r: unpark failed", entry.pool.name, exc_info=True)
         back = False
@@ -458,6 +461,15 @@ def _user_frame(frame: FrameType) -> FrameType:
             return f
         f = f.f_back
     return frame
+
+
+def _site(entry: Entry, frame: FrameType) -> FrameType | CodeType:
+    """The borrow site handed to the pool: the user frame's function (file, name, first
+    line), or the frame itself when stacks are captured for the leak log. A code object
+    costs the pool nothing; a frame costs its line number (decoded from the line table),
+    about 3 µs at each borrow and unpark measured between queries."""
+    f = _user_frame(frame)
+    return f if entry.stacks else f.f_code
 
 
 def config_mapping(config: PoolConfig) -> Mapping[str, Any]:

@@ -116,6 +116,27 @@ def test_conn_health_checks_maps_to_the_check_callable(scratch: str) -> None:
         assert pool.stats()["validations_failed"] == 0
 
 
+def _query_in_helper(alias: str) -> None:
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("stacks", [False, True])
+def test_borrow_site_is_the_calling_function(scratch: str, stacks: bool) -> None:
+    """The borrow is attributed to the first function outside Django and poolkit: by its
+    code object (first line) by default, by its frame (the query's line, and the stack
+    for the leak log) with leak_capture_stack."""
+    pool = {"min_size": 0, "max_size": 1, "leak_capture_stack": stacks}
+    with extra_database("site", scratch, pool=pool):
+        wrapper = connections["site"]
+        _query_in_helper("site")
+        (info,) = wrapper.pool.borrowed()  # type: ignore[union-attr]
+        code = _query_in_helper.__code__
+        line = code.co_firstlineno + 1 if stacks else code.co_firstlineno
+        assert f"test_backend.py:{line} in _query_in_helper" in info.site
+        wrapper.close()
+
+
 def test_pool_false_is_django_without_a_pool(scratch: str) -> None:
     with extra_database("plain", scratch, pool=False):
         wrapper = connections["plain"]

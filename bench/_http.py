@@ -51,6 +51,41 @@ def _pinned(cpu: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", cpu, *argv] if pinning() else argv
 
 
+def pin_backends(dsn: str, server_pids: Sequence[int]) -> int:
+    """Pin the PostgreSQL backends serving `server_pids` to the client's CPU; how many.
+
+    Unpinned, the scheduler puts some backends on the server's CPU, where they take time
+    and cache from the server under test, and which configuration gets how many of them
+    is chance: fixed for a whole run (the connections are persistent), so it tilts every
+    rep of that run the same way. The backends are found by the server processes'
+    client ports (other sessions on a shared server are left alone); re-run after warm-up,
+    when lazily opened connections exist. No-op without pinning or without permission.
+    """
+    if not pinning():
+        return 0
+    import psutil
+    import psycopg
+
+    ports: set[int] = set()
+    for pid in server_pids:
+        with contextlib.suppress(psutil.Error):
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.raddr and c.status == psutil.CONN_ESTABLISHED:
+                    ports.add(c.laddr.port)
+    if not ports:
+        return 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE client_port = ANY(%s)", [list(ports)]
+        ).fetchall()
+    pinned = 0
+    for (pid,) in rows:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, {int(CLIENT_CPU)})
+            pinned += 1
+    return pinned
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -41,6 +41,7 @@ from bench._http import (
     load,
     load_tool,
     machine,
+    pin_backends,
     pinning,
     summarize,
     versions,
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in names[shift:] + names[:shift]:
                     url = urls[name] + path
                     load(url, suite.conns, args.warmup, method="GET", threads=2)
+                    pin_backends(dsn, [workers[name]])
                     cpu0 = _cpu_seconds(workers[name])
                     result = load(url, suite.conns, args.duration, method="GET", threads=2)
                     used = _cpu_seconds(workers[name]) - cpu0
@@ -367,7 +369,8 @@ def report(
         f"Django over HTTP ({args.suite}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; "
         f"gunicorn 1 gthread worker x {suite.threads} threads{' on CPU 0' if pin else ''}, "
         f"{load_tool()} 2 threads{' on CPU 1' if pin else ''}, {suite.conns} connections; "
-        f"pools of {POOL_SIZE}; {args.rounds} interleaved rounds of {args.duration} s. req/s, "
+        f"pools of {POOL_SIZE}{'; PostgreSQL backends on CPU 1' if pin else ''}; "
+        f"{args.rounds} interleaved rounds of {args.duration} s. req/s, "
         "p50, p99 and CPU (the worker's user+system time per request) are medians over the "
         "rounds; ratios are medians of per-round ratios, (min-max) over the rounds.",
         "",

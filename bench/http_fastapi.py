@@ -37,7 +37,17 @@ import psutil
 from fastapi import FastAPI, Request
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from bench._http import Result, Served, load, load_tool, machine, pinning, uvicorn_process, versions
+from bench._http import (
+    Result,
+    Served,
+    load,
+    load_tool,
+    machine,
+    pin_backends,
+    pinning,
+    uvicorn_process,
+    versions,
+)
 from poolkit import PoolConfig, mask_conninfo
 from poolkit_fastapi import Conn, PoolLifespan, SyncConn
 
@@ -214,10 +224,11 @@ def _cpu(pid: int) -> float:
     return float(times.user + times.system)
 
 
-def measure(served: Served, seconds: float, warmup: float, conns: int) -> Rep:
+def measure(served: Served, seconds: float, warmup: float, conns: int, dsn: str) -> Rep:
     url = served.url + PATH
     if warmup:
         load(url, conns, warmup, "GET", threads=THREADS)
+    pin_backends(dsn, [served.pid])
     before = _cpu(served.pid)
     result = load(url, conns, seconds, "GET", threads=THREADS)
     return Rep(result, _cpu(served.pid) - before)
@@ -257,7 +268,7 @@ def run(
                     order.reverse()
                 got: dict[str, Rep] = {}
                 for name, served in order:
-                    got[name] = measure(served, seconds, warmup, conns)
+                    got[name] = measure(served, seconds, warmup, conns, dsn)
                     time.sleep(0.2)
                 out[pair.label].append((got["baseline"], got["poolkit"]))
                 b, p = got["baseline"], got["poolkit"]
@@ -285,7 +296,8 @@ def report(
     lines = [
         f"FastAPI over HTTP, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine()}; uvicorn 1 "
         f"worker{' on CPU 0' if pin else ''}; {load_tool()} -t{THREADS} -c{args.conns} "
-        f"keep-alive{' on CPU 1' if pin else ''}; pool min=max={POOL_SIZE}; route = SELECT 1; "
+        f"keep-alive{' on CPU 1' if pin else ''}; pool min=max={POOL_SIZE}"
+        f"{'; PostgreSQL backends on CPU 1' if pin else ''}; route = SELECT 1; "
         f"{args.reps} interleaved reps of {args.duration:g} s (after {args.warmup:g} s warm-up)"
         ". Ratio = poolkit req/s / baseline req/s in the same rep; median (min-max) over reps.",
         "",

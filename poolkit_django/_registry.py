@@ -23,6 +23,7 @@ from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import make_conninfo
 
 import poolkit
+import poolkit._conn
 from poolkit import ClusterPool, ConfigError, Pool, PoolConfig
 from poolkit._dashboard import CONFIG_FIELDS
 
@@ -86,7 +87,13 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
     lending connections to the database it was built for before that.
     """
     alias = wrapper.alias
-    extra = (config, wrapper.timezone_name, wrapper.settings_dict["OPTIONS"].get("assume_role"))
+    settings = wrapper.settings_dict
+    extra = (
+        config,
+        wrapper.timezone_name,
+        settings["OPTIONS"].get("assume_role"),
+        bool(settings.get("CONN_HEALTH_CHECKS")),
+    )
     entry = _entries.get(alias)
     if entry is not None and entry.params == conn_params and entry.extra == extra:
         return entry
@@ -133,7 +140,12 @@ def _build(
     if is_multi_host(conn_params):
         cluster = _build_cluster(wrapper.alias, config, configurer._configure_connection)
         return Entry(wrapper.alias, dict(conn_params), extra, cluster)
-    pool: Pool[Any] = Pool(config=config, open=False, configure=configurer._configure_connection)
+    pool: Pool[Any] = Pool(
+        config=config,
+        open=False,
+        configure=configurer._configure_connection,
+        check=_health_check(wrapper.settings_dict),
+    )
     return Entry(wrapper.alias, dict(conn_params), extra, pool)
 
 
@@ -168,6 +180,20 @@ def _build_cluster(alias: str, config: PoolConfig, configure: Any) -> ClusterPoo
         ) from None
 
 
+# Whether the core runs a pool's own check_connection as its built-in validation (bounded
+# by the borrower's deadline; a failure invalidates older idle connections) rather than as
+# a user callback (unbounded, one connection at a time).
+_CHECK_IS_BUILTIN = hasattr(poolkit._conn, "is_builtin_check")
+
+
+def _health_check(settings_dict: Mapping[str, Any]) -> Any:
+    """The pool's check= for CONN_HEALTH_CHECKS, as Django's own pool sets it:
+    `check_connection` when on (validate=True is forced too, see _options.py), else None."""
+    if settings_dict.get("CONN_HEALTH_CHECKS") and _CHECK_IS_BUILTIN:
+        return Pool.check_connection
+    return None
+
+
 def open_entry(entry: Entry) -> AnyPool:
     if not entry.opened:
         with _lock:
@@ -185,7 +211,7 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     pool = open_entry(entry)
     # _borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
-    tag, site = current_tag.get() or _thread_tag(), _user_frame(frame)
+    tag, site = current_tag.get() or _thread_tag(), _site(entry, frame)
     if isinstance(pool, ClusterPool):
         conn = pool._borrow(None, False, False, tag, site)
     else:
@@ -207,14 +233,21 @@ def _thread_tag() -> str | None:
     A thread started by a view does not inherit the view's tag (threads start with an
     empty context), so its hold time is listed under the thread's name; the counter
     Python adds ("Thread-7 (send_mail)", "ThreadPoolExecutor-0_3") is dropped, so one
-    kind of helper thread is one row.
+    kind of helper thread is one row. Worked out once per thread name: gunicorn's
+    gthread workers run every request without a view tag in such a thread.
     """
     thread = threading.current_thread()
+    name = thread.name
+    cached: tuple[str, str | None] | None = getattr(_local, "tag", None)
+    if cached is not None and cached[0] == name:
+        return cached[1]
     if thread is threading.main_thread():
-        return None
-    target = re.fullmatch(r"Thread-\d+ \((.+)\)", thread.name)
-    name = target.group(1) if target else re.sub(r"-\d+(?:_\d+)?$", "", thread.name)
-    return f"thread: {name}"
+        tag = None
+    else:
+        target = re.fullmatch(r"Thread-\d+ \((.+)\)", name)
+        tag = "thread: " + (target.group(1) if target else re.sub(r"-\d+(?:_\d+)?$", "", name))
+    _local.tag = (name, tag)
+    return tag
 
 
 def give_back(wrapper: DatabaseWrapper, conn: Any) -> None:
@@ -243,7 +276,7 @@ def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
         return False
     try:
         tag = current_tag.get() or _thread_tag()
-        back = bool(entry.pool._unpark(conn, tag, _user_frame(frame)))
+        back = bool(entry.pool._unpark(conn, tag, _site(entry, frame)))
     except Exception:  # a closed or rebuilt pool: the connection is gone either way
         logger.debug("pool %r: unpark failed", entry.pool.name, exc_info=True)
         back = False
@@ -443,7 +476,9 @@ _STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 _SITE = tuple(
     os.path.abspath(p) + os.sep for p in (*site.getsitepackages(), site.getusersitepackages())
 )
-_skip_cache: dict[CodeType, bool] = {}
+# By file name, not code object: a str caches its hash, a code object hashes its
+# contents on every lookup (this walk runs at every borrow and unpark).
+_skip_cache: dict[str, bool] = {}
 
 
 def _is_framework(filename: str) -> bool:
@@ -462,14 +497,22 @@ def _user_frame(frame: FrameType) -> FrameType:
     for _ in range(64):
         if f is None:
             break
-        code = f.f_code
-        skip = cache.get(code)
+        filename = f.f_code.co_filename
+        skip = cache.get(filename)
         if skip is None:
-            skip = cache[code] = _is_framework(code.co_filename)
+            if len(cache) > 10_000:  # exec()'d or generated code with unique names
+                cache.clear()
+            skip = cache[filename] = _is_framework(filename)
         if not skip:
             return f
         f = f.f_back
     return frame
+
+
+def _site(entry: Entry, frame: FrameType) -> FrameType:
+    """The borrow site handed to the pool: the user frame (the pool keeps its code and
+    instruction offset, and works out the line only when it reports the borrow)."""
+    return _user_frame(frame)
 
 
 def config_mapping(config: PoolConfig) -> Mapping[str, Any]:

@@ -16,7 +16,8 @@ from django.core.management import call_command
 from django.db import connection, connections
 from django.test import TestCase, TransactionTestCase, override_settings
 
-from poolkit_django import get_pool, pools
+from poolkit import Pool
+from poolkit_django import _registry, get_pool, pools
 from tests._helpers import wait_until
 from tests.django._support import call_json, call_wsgi, extra_database, free_port, scratch_database
 from tests.django.project.testapp.models import Note
@@ -87,6 +88,52 @@ def test_conn_health_checks_turns_validation_on(dsn: str) -> None:
     with extra_database("hc", dsn, pool={"min_size": 0, "max_size": 1}, CONN_HEALTH_CHECKS=True):
         pool = connections["hc"].pool
         assert pool is not None and pool.config.validate
+
+
+@pytest.mark.xfail(
+    not _registry._CHECK_IS_BUILTIN,
+    reason="needs the core to run check_connection as its built-in validation "
+    "(poolkit._conn.is_builtin_check, Pool._check_fn: see docs/django.md)",
+    strict=True,
+)
+def test_conn_health_checks_maps_to_the_check_callable(scratch: str) -> None:
+    # As Django's own pool (and its test_pooling_health_checks): pool._check is
+    # check_connection with CONN_HEALTH_CHECKS, None without; either way the borrow path
+    # runs the built-in, deadline-bounded validation, not a callback.
+    settings = {"pool": {"min_size": 0, "max_size": 1}}
+    with extra_database("hc_off", scratch, **settings, CONN_HEALTH_CHECKS=False):
+        pool = connections["hc_off"].pool
+        assert pool is not None and pool._check is None
+    with extra_database("hc_on", scratch, **settings, CONN_HEALTH_CHECKS=True):
+        wrapper = connections["hc_on"]
+        pool = wrapper.pool
+        assert pool is not None and pool._check is Pool.check_connection
+        assert pool._check_fn is None and pool.config.validate  # type: ignore[attr-defined]
+        with wrapper.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        wrapper.close()
+        assert pool.stats()["validations_failed"] == 0
+
+
+def _query_in_helper(alias: str) -> None:
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("stacks", [False, True])
+def test_borrow_site_is_the_calling_function(scratch: str, stacks: bool) -> None:
+    """The borrow is attributed to the first function outside Django and poolkit, at the
+    query's line, with or without leak_capture_stack (which adds the stack to the leak log)."""
+    pool = {"min_size": 0, "max_size": 1, "leak_capture_stack": stacks}
+    with extra_database("site", scratch, pool=pool):
+        wrapper = connections["site"]
+        _query_in_helper("site")
+        (info,) = wrapper.pool.borrowed()  # type: ignore[union-attr]
+        code = _query_in_helper.__code__
+        line = code.co_firstlineno + 1
+        assert f"test_backend.py:{line} in _query_in_helper" in info.site
+        wrapper.close()
 
 
 def test_pool_false_is_django_without_a_pool(scratch: str) -> None:

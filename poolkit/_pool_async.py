@@ -21,7 +21,7 @@ from psycopg.pq import TransactionStatus
 from . import _psycopg, _reset
 from ._acompat import ASYNC, current_owner
 from ._config import PoolConfig, config_for_pool
-from ._conn import connect_timeout_default
+from ._conn import connect_timeout_default, is_builtin_check
 from ._leaks import FRAMEWORK_FILES, Site, is_framework, user_frame
 from ._peek import PEEK_AFTER
 from ._psycopg import POOL_ATTR
@@ -101,7 +101,11 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
         self.connection_class = connection_class
         self.close_returns = close_returns
         self._configure = configure
+        # psycopg_pool's attribute, kept as given (Django's own suite reads it). The pools'
+        # own check_connection means the built-in validation (unless validate=False turned
+        # it off); any other callable runs as the user's check (see _waits._ready).
         self._check = check
+        self._check_fn = None if cfg.validate and is_builtin_check(check) else check
         self._reconnect_failed = reconnect_failed
         self._init_core(cfg, cfg.name)
         policy = cfg.resolved_reset
@@ -165,7 +169,7 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                     and slot.pending is None
                     and now < slot.expire_at
                     and slot.created_at >= self._invalid_before
-                    and (slot.checked or not self._check)
+                    and (slot.checked or not self._check_fn)
                 ):
                     # Back a moment ago: nothing to check, book it in the same lock.
                     conn = slot.conn
@@ -204,7 +208,7 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                 and idle_for < self._fast_window
                 and now < slot.expire_at
                 and slot.created_at >= self._invalid_before
-                and (slot.checked or not self._check)
+                and (slot.checked or not self._check_fn)
                 and not (self._peek and not slot.peek.quiet(conn))
             ):
                 conn.__class__ = slot.cls
@@ -219,7 +223,7 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
             and slot.pending is None
             and now < slot.expire_at
             and slot.created_at >= self._invalid_before
-            and (slot.checked or not self._check)
+            and (slot.checked or not self._check_fn)
         )
 
     def _lend(

@@ -22,6 +22,7 @@ _psycopg.SESSION_TAGS.update(
         b"CREATE TABLE": TEMP,
     }
 )
+_psycopg.SESSION_PREFIXES = tuple(_psycopg.SESSION_TAGS)
 
 # Identity first: RESET ALL alone leaves SET ROLE and SET SESSION AUTHORIZATION in force.
 _IDENTITY = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL"

@@ -29,7 +29,7 @@ _IDLE = TransactionStatus.IDLE
 class Waits(Returns[CT], Generic[CT]):
     """A slot for a borrower when none is lendable as it is: queue, steal, validate."""
 
-    _check: Callable[[CT], Any] | None
+    _check_fn: Callable[[CT], Any] | None  # the user's check=: None for the built-in one
     _peek: bool
     _fifo: bool
 
@@ -126,11 +126,11 @@ class Waits(Returns[CT], Generic[CT]):
                 # hang until TCP gives up, so replace it instead.
                 self._retire(slot)
                 return False
-            if self._check is not None and (idle_for >= self._bypass or not slot.checked):
+            if self._check_fn is not None and (idle_for >= self._bypass or not slot.checked):
                 with self._lock:
                     self._n_valid_run += 1
                 try:
-                    ensure(self._check(cast(CT, conn)))
+                    ensure(self._check_fn(cast(CT, conn)))
                 except Exception as ex:
                     self._check_failed(slot, ex)
                     return False

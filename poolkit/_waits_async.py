@@ -27,7 +27,7 @@ _IDLE = TransactionStatus.IDLE
 class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
     """A slot for a borrower when none is lendable as it is: queue, steal, validate."""
 
-    _check: Callable[[ACT], Any] | None
+    _check_fn: Callable[[ACT], Any] | None  # the user's check=: None for the built-in one
     _peek: bool
     _fifo: bool
 
@@ -124,11 +124,11 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                 # hang until TCP gives up, so replace it instead.
                 self._retire(slot)
                 return False
-            if self._check is not None and (idle_for >= self._bypass or not slot.checked):
+            if self._check_fn is not None and (idle_for >= self._bypass or not slot.checked):
                 with self._lock:
                     self._n_valid_run += 1
                 try:
-                    await ensure(self._check(cast(ACT, conn)))
+                    await ensure(self._check_fn(cast(ACT, conn)))
                 except Exception as ex:
                     await self._check_failed(slot, ex)
                     return False

@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from types import CodeType, FrameType
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import asgiref
@@ -23,7 +23,6 @@ from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import make_conninfo
 
 import poolkit
-import poolkit._conn
 from poolkit import ClusterPool, ConfigError, Pool, PoolConfig
 from poolkit._dashboard import CONFIG_FIELDS
 
@@ -180,16 +179,10 @@ def _build_cluster(alias: str, config: PoolConfig, configure: Any) -> ClusterPoo
         ) from None
 
 
-# Whether the core runs a pool's own check_connection as its built-in validation (bounded
-# by the borrower's deadline; a failure invalidates older idle connections) rather than as
-# a user callback (unbounded, one connection at a time).
-_CHECK_IS_BUILTIN = hasattr(poolkit._conn, "is_builtin_check")
-
-
 def _health_check(settings_dict: Mapping[str, Any]) -> Any:
     """The pool's check= for CONN_HEALTH_CHECKS, as Django's own pool sets it:
     `check_connection` when on (validate=True is forced too, see _options.py), else None."""
-    if settings_dict.get("CONN_HEALTH_CHECKS") and _CHECK_IS_BUILTIN:
+    if settings_dict.get("CONN_HEALTH_CHECKS"):
         return Pool.check_connection
     return None
 

@@ -36,6 +36,7 @@ FILES: dict[str, str | None] = {
     "poolkit/_lifecycle_async.py": "poolkit/_lifecycle.py",
     "poolkit/_returns_async.py": "poolkit/_returns.py",
     "poolkit/_waits_async.py": "poolkit/_waits.py",
+    "poolkit/_topology_async.py": "poolkit/_topology.py",
     "poolkit/_pool_async.py": "poolkit/_pool.py",
     "poolkit/_cluster_async.py": "poolkit/_cluster.py",
     "tests/_tcompat_async.py": None,  # hand-written pair (tests/_tcompat.py), not generated
@@ -55,6 +56,7 @@ NAMES = {
     "AsyncPool": "Pool",
     "AsyncReturns": "Returns",
     "AsyncWaits": "Waits",
+    "AsyncTopology": "Topology",
     "AsyncUpkeep": "Upkeep",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
@@ -65,6 +67,7 @@ NAMES = {
     "_pool_async": "_pool",
     "_returns_async": "_returns",
     "_waits_async": "_waits",
+    "_topology_async": "_topology",
     "_upkeep_async": "_upkeep",
     "_tcompat_async": "_tcompat",
     "aclose": "close",

@@ -86,6 +86,23 @@ def test_bypass_window_lends_recent_connections_without_round_trip(
     assert st["validations_skipped"] == 3
 
 
+def test_check_connection_as_check_is_the_builtin_validation(make_pool: MakePool) -> None:
+    # psycopg_pool's recipe check=Pool.check_connection (Django's pool for CONN_HEALTH_CHECKS)
+    # means the pool's own validation: kept as pool._check, bypass window honoured; with
+    # validate=False it runs as given, on every borrow outside the window.
+    pool = make_pool(validation_bypass=60.0, check=Pool.check_connection)
+    assert pool._check is Pool.check_connection
+    for _ in range(3):
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+    assert pool.stats()["validations_run"] == 0
+    plain = make_pool(validate=False, check=Pool.check_connection)
+    for _ in range(2):
+        with plain.connection():
+            pass
+    assert plain.stats()["validations_run"] >= 1
+
+
 def test_validation_outside_bypass_window(make_pool: MakePool) -> None:
     pool = make_pool(validation_bypass=0.05)
     with pool.connection():

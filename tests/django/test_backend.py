@@ -17,7 +17,7 @@ from django.db import connection, connections
 from django.test import TestCase, TransactionTestCase, override_settings
 
 from poolkit import Pool
-from poolkit_django import _registry, get_pool, pools
+from poolkit_django import get_pool, pools
 from tests._helpers import wait_until
 from tests.django._support import call_json, call_wsgi, extra_database, free_port, scratch_database
 from tests.django.project.testapp.models import Note
@@ -90,12 +90,6 @@ def test_conn_health_checks_turns_validation_on(dsn: str) -> None:
         assert pool is not None and pool.config.validate
 
 
-@pytest.mark.xfail(
-    not _registry._CHECK_IS_BUILTIN,
-    reason="needs the core to run check_connection as its built-in validation "
-    "(poolkit._conn.is_builtin_check, Pool._check_fn: see docs/django.md)",
-    strict=True,
-)
 def test_conn_health_checks_maps_to_the_check_callable(scratch: str) -> None:
     # As Django's own pool (and its test_pooling_health_checks): pool._check is
     # check_connection with CONN_HEALTH_CHECKS, None without; either way the borrow path

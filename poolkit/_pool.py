@@ -25,7 +25,7 @@ from ._config import PoolConfig, config_for_pool
 from ._conn import connect_timeout_default, is_builtin_check
 from ._leaks import FRAMEWORK_FILES, Site, is_framework, user_frame
 from ._peek import PEEK_AFTER
-from ._psycopg import POOL_ATTR
+from ._psycopg import ATTRS_OF, POOL_ATTR, THRESHOLD_OF
 from ._slot import Slot
 from ._waits import Waits
 
@@ -327,16 +327,23 @@ class Pool(Waits[CT], Generic[CT]):
         key = id(conn)
         if not self._no_reset or key in _psycopg.DIRTY or conn.pgconn.transaction_status != _IDLE:
             return False
-        with self._lock:
-            slot = self._lent.get(key)
-            if slot is None or slot.wr() is not conn:
-                self._not_mine(conn)
-            if self._waiting or not _psycopg.unchanged(conn, slot.attrs, slot.threshold):
+        slot = self._lent.get(key)
+        if slot is None or slot.wr() is not conn:
+            self._not_mine(conn)
+        # The borrower's own connection: its settings are read outside the lock.
+        if ATTRS_OF(conn.__dict__) != slot.attrs or THRESHOLD_OF(conn) != slot.threshold:
+            return False
+        lock = self._lock
+        lock.acquire()  # (not `with`: this runs at the end of every Django request)
+        try:
+            if self._waiting or self._lent.get(key) is not slot:
                 return False
             del self._lent[key]
             slot.parked = True
             slot.returned_at = now
             self._parked[key] = slot
+        finally:
+            lock.release()
         self._hold_q.append((slot.tag, now - slot.t0))
         if slot.warned:
             self._late_return(slot, now)

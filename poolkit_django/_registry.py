@@ -6,9 +6,6 @@ import contextlib
 import logging
 import os
 import re
-import site
-import sys
-import sysconfig
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -16,17 +13,15 @@ from contextvars import ContextVar
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import asgiref
-import django
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from psycopg.conninfo import make_conninfo
 
-import poolkit
 from poolkit import ClusterPool, ConfigError, Pool, PoolConfig
 from poolkit._dashboard import CONFIG_FIELDS
 
 from ._options import rename_kwargs_error
+from ._sites import user_frame
 
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
@@ -204,7 +199,7 @@ def lend(wrapper: DatabaseWrapper, entry: Entry, frame: FrameType) -> Any:
     pool = open_entry(entry)
     # _borrow instead of getconn(): getconn() records its caller, Django's connect(),
     # as the borrow site; the leak tracker must name the application code instead.
-    tag, site = current_tag.get() or _thread_tag(), _site(entry, frame)
+    tag, site = current_tag.get() or _thread_tag(), user_frame(frame)
     if isinstance(pool, ClusterPool):
         conn = pool._borrow(None, False, False, tag, site)
     else:
@@ -269,7 +264,7 @@ def unpark(wrapper: DatabaseWrapper, conn: Any, frame: FrameType) -> bool:
         return False
     try:
         tag = current_tag.get() or _thread_tag()
-        back = bool(entry.pool._unpark(conn, tag, _site(entry, frame)))
+        back = bool(entry.pool._unpark(conn, tag, user_frame(frame)))
     except Exception:  # a closed or rebuilt pool: the connection is gone either way
         logger.debug("pool %r: unpark failed", entry.pool.name, exc_info=True)
         back = False
@@ -455,57 +450,6 @@ def get_pool(alias: str = "default") -> AnyPool:
             f"DATABASES[{alias!r}]['OPTIONS']['pool'] is False: pooling is off for this alias"
         )
     return open_entry(found)
-
-
-# -- borrow site ---------------------------------------------------------------------
-
-
-def _dir(module: Any) -> str:
-    return os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
-
-
-_SKIPPED = (_dir(django), _dir(asgiref), _dir(poolkit), _dir(sys.modules[__name__]))
-_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
-_SITE = tuple(
-    os.path.abspath(p) + os.sep for p in (*site.getsitepackages(), site.getusersitepackages())
-)
-# By file name, not code object: a str caches its hash, a code object hashes its
-# contents on every lookup (this walk runs at every borrow and unpark).
-_skip_cache: dict[str, bool] = {}
-
-
-def _is_framework(filename: str) -> bool:
-    return (
-        filename.startswith("<")
-        or filename.startswith(_SKIPPED)
-        or (filename.startswith(_STDLIB) and not filename.startswith(_SITE))
-    )
-
-
-def _user_frame(frame: FrameType) -> FrameType:
-    """The innermost frame outside Django, asgiref, poolkit and the stdlib: the view,
-    command or thread function that made the query (or `frame` if there is none)."""
-    cache = _skip_cache
-    f: FrameType | None = frame
-    for _ in range(64):
-        if f is None:
-            break
-        filename = f.f_code.co_filename
-        skip = cache.get(filename)
-        if skip is None:
-            if len(cache) > 10_000:  # exec()'d or generated code with unique names
-                cache.clear()
-            skip = cache[filename] = _is_framework(filename)
-        if not skip:
-            return f
-        f = f.f_back
-    return frame
-
-
-def _site(entry: Entry, frame: FrameType) -> FrameType:
-    """The borrow site handed to the pool: the user frame (the pool keeps its code and
-    instruction offset, and works out the line only when it reports the borrow)."""
-    return _user_frame(frame)
 
 
 def config_mapping(config: PoolConfig) -> Mapping[str, Any]:

@@ -32,8 +32,8 @@ from ._waits import Waits
 CT = TypeVar("CT", bound=Connection[Any])
 
 _IDLE = TransactionStatus.IDLE
-_new = object.__new__
 _UNKNOWN = TransactionStatus.UNKNOWN
+_new = object.__new__
 
 
 class _ConnectionBlock(Generic[CT]):

@@ -31,8 +31,8 @@ from ._waits_async import AsyncWaits
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
 
 _IDLE = TransactionStatus.IDLE
-_new = object.__new__
 _UNKNOWN = TransactionStatus.UNKNOWN
+_new = object.__new__
 
 
 class _ConnectionBlock(Generic[ACT]):

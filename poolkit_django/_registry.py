@@ -81,12 +81,12 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
     lending connections to the database it was built for before that.
     """
     alias = wrapper.alias
-    settings = wrapper.settings_dict
+    settings_dict = wrapper.settings_dict  # (not `settings`: that is Django's, imported above)
     extra = (
         config,
         wrapper.timezone_name,
-        settings["OPTIONS"].get("assume_role"),
-        bool(settings.get("CONN_HEALTH_CHECKS")),
+        settings_dict["OPTIONS"].get("assume_role"),
+        bool(settings_dict.get("CONN_HEALTH_CHECKS")),
     )
     entry = _entries.get(alias)
     if entry is not None and entry.params == conn_params and entry.extra == extra:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -70,8 +69,7 @@ class PoolCore:
         self._fast_window = min(self._bypass, config.max_idle)
         self._lock = threading.Lock()
         self._reset_state()
-        self._gc_cb = _gc_callback(weakref.ref(self))
-        self._guarded: dict[type, type] = {}
+        self._handle_cls: dict[type, tuple[type, type]] = {}
         _fork.track(self)
 
     def _reset_state(self) -> None:
@@ -80,7 +78,10 @@ class PoolCore:
         self._lent: dict[int, Slot] = {}
         self._parked: dict[int, Slot] = {}
         self._waiting = deque()
-        self._reclaim: deque[weakref.ref[Any]] = deque()
+        # Handles collected while lent: (id, the connection's shared dict), queued by the
+        # handle's __del__ and settled under the lock by _take_reclaimed().
+        self._reclaim: deque[tuple[int, dict[str, Any]]] = deque()
+        self._reclaimed_late: list[Slot] = []  # settled while booking, not reported yet
         self._nconns = 0  # open connections: idle + lent + parked + being checked
         self._connecting = 0  # connection attempts in flight
         self._closed = True
@@ -146,10 +147,13 @@ class PoolCore:
 
     # -- guards and slots ----------------------------------------------------------------
 
-    def _guarded_class(self, cls: type[Any]) -> type[Any]:
-        """The class a returned connection of class `cls` wears (refusing any use)."""
-        sub = self._guarded.get(cls)
-        if sub is None:
+    def _handle_classes(self, cls: type[Any]) -> tuple[type[Any], type[Any]]:
+        """The classes of the handles lent on connections of class `cls`: while lent, and
+        once returned (refusing any use). See _psycopg.handle_classes()."""
+        pair = self._handle_cls.get(cls)
+        if pair is None:
+            # Weak: a handle kept after its return must not keep the pool alive (its threads
+            # and connections would outlive every reference to it).
             pool_ref = weakref.ref(self)
 
             def refuse(conn: Any) -> BaseException:
@@ -158,20 +162,48 @@ class PoolCore:
                     return ConnectionReturned("this connection was returned to a closed pool")
                 return pool._refuse_returned(conn)
 
-            sub = self._guarded[cls] = _psycopg.guarded_class(cls, refuse)
-        return sub
+            def reclaim(key: int, state: dict[str, Any]) -> None:
+                # Maybe inside the garbage collector, while this thread holds the pool's
+                # lock: only queue; the pool settles the books later.
+                pool = pool_ref()
+                if pool is not None:
+                    pool._reclaim.append((key, state))
+
+            pair = self._handle_cls[cls] = _psycopg.handle_classes(cls, refuse, reclaim)
+        return pair
 
     def _refuse_returned(self, conn: Any) -> ConnectionReturned:
-        """The error for any use of `conn` after its return (see _psycopg.guarded_class)."""
-        slot = next((s for s in self._idle if s.conn is conn), None)
+        """The error for any use of a handle after its return (see _psycopg.handle_classes)."""
+        state = conn.__dict__
         where = ""
-        if slot is not None:
-            where = f" (borrowed at {slot.site}, returned at {slot.return_site})"
+        for slot in list(self._idle):
+            if slot.conn is not None and slot.conn.__dict__ is state:
+                where = f" (last borrowed at {slot.site}, returned at {slot.return_site})"
+        for book in (self._lent, self._parked):
+            for slot in list(book.values()):
+                if slot.conn is not None and slot.conn.__dict__ is state:
+                    where = (
+                        f" (returned at {slot.return_site}); its server connection is lent "
+                        f"again, now to the borrower at {slot.site}"
+                    )
         return ConnectionReturned(
-            f"this connection was returned to pool {self.name!r}{where} and may belong to "
-            "another borrower now: nothing was sent. Use a connection only inside its "
-            "`with pool.connection()` block, or until putconn()."
+            f"this connection was returned to pool {self.name!r}{where}: nothing was sent. "
+            "Use a connection only inside its `with pool.connection()` block, or until "
+            "putconn(); each borrow gets its own connection object."
         )
+
+    def _book(self, book: dict[int, Slot], key: int, slot: Slot) -> None:
+        """book[key] = slot (lock held), settling first a collected handle whose id it was."""
+        if book.setdefault(key, slot) is not slot:
+            # Another slot under this id: its handle was collected (a live handle has an id
+            # of its own), and the id reused before the pool settled it.
+            self._reclaimed_late.extend(self._take_reclaimed())
+            old = book.get(key)
+            if old is not None and old is not slot:
+                self._n_reclaimed += 1
+                old.parked = False
+                self._reclaimed_late.append(old)
+            book[key] = slot
 
     # -- accounting (called with the lock held) ----------------------------------------
 
@@ -263,7 +295,7 @@ class PoolCore:
         """
         slots = [*self._idle, *self._lent.values(), *self._parked.values()]
         was_open = not self._closed
-        _fork.orphan([s.conn if s.conn is not None else s.wr() for s in slots])
+        _fork.orphan([s.conn for s in slots if s.conn is not None])
         self._lock = threading.Lock()
         self._reset_state()
         # The parent's events, worker handles and deadlines are not ours either (a lock
@@ -277,29 +309,23 @@ class PoolCore:
         """The lifecycle's own state (see AsyncLifecycle/Lifecycle)."""
 
     def _take_reclaimed(self) -> list[Slot]:
-        """Slots of garbage-collected borrows, taken off the books (lock held)."""
+        """Slots of handles collected while lent, taken off the books (lock held).
+
+        Their connections are still open (the pool's own object holds them): the caller
+        closes them (_report_reclaimed), since their borrower's state is unknown.
+        """
         out: list[Slot] = []
         while self._reclaim:
-            wr = self._reclaim.popleft()
+            key, state = self._reclaim.popleft()
             for book in (self._lent, self._parked):
-                for key, slot in book.items():
-                    if slot.wr is wr:
-                        del book[key]
-                        out.append(slot)
-                        break
-        self._nconns -= len(out)
+                slot = book.get(key)
+                if slot is not None and slot.conn is not None and slot.conn.__dict__ is state:
+                    del book[key]
+                    slot.parked = False
+                    out.append(slot)
+                    break
         self._n_reclaimed += len(out)
+        if self._reclaimed_late:
+            out += self._reclaimed_late
+            self._reclaimed_late = []
         return out
-
-
-def _gc_callback(pool_ref: weakref.ref[PoolCore]) -> Callable[[weakref.ref[Any]], None]:
-    # Bound to a weak reference: a connection kept after its return must not keep the
-    # pool alive (its threads and connections would outlive every reference to it).
-    # Runs inside the garbage collector, maybe while this thread holds the pool's lock:
-    # it only queues; the pool settles the books later.
-    def on_gc(wr: weakref.ref[Any]) -> None:
-        pool = pool_ref()
-        if pool is not None:
-            pool._reclaim.append(wr)
-
-    return on_gc

@@ -148,8 +148,8 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
             self._idle.clear()
             self._parked.clear()
         for slot in idle:
-            conn = slot.conn if slot.conn is not None else slot.wr()
-            slot.conn = conn
+            if slot.parked:
+                slot.disown()
             self._retire(slot)
         self._wakeup.set()
         worker, self._worker = self._worker, None
@@ -245,9 +245,7 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
             return False
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
-        slot.guarded = self._guarded_class(slot.cls)
-        slot.wr = ref(conn, self._gc_cb)
-        conn.__class__ = slot.guarded
+        slot.cls, slot.guarded = self._handle_classes(slot.cls)
         with self._lock:
             self._connecting -= 1
             if self._closed:
@@ -296,7 +294,7 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                         f"configure function {self._configure}: discarded"
                     )
             # The configure callback's own SETs are the session's baseline, not dirt.
-            _psycopg.DIRTY.pop(id(conn), None)
+            _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         except BaseException:
             _psycopg.close_now(conn)
             raise

@@ -146,8 +146,8 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
             self._idle.clear()
             self._parked.clear()
         for slot in idle:
-            conn = slot.conn if slot.conn is not None else slot.wr()
-            slot.conn = conn
+            if slot.parked:
+                slot.disown()
             self._retire(slot)
         self._wakeup.set()
         worker, self._worker = self._worker, None
@@ -243,9 +243,7 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
             return False
         took = monotonic() - t0
         slot = Slot(conn, t0 + took, t0 + took + self.max_lifetime * random.uniform(0.95, 1.0))
-        slot.guarded = self._guarded_class(slot.cls)
-        slot.wr = ref(conn, self._gc_cb)
-        conn.__class__ = slot.guarded
+        slot.cls, slot.guarded = self._handle_classes(slot.cls)
         with self._lock:
             self._connecting -= 1
             if self._closed:
@@ -294,7 +292,7 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                         f"configure function {self._configure}: discarded"
                     )
             # The configure callback's own SETs are the session's baseline, not dirt.
-            _psycopg.DIRTY.pop(id(conn), None)
+            _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         except BaseException:
             _psycopg.close_now(conn)
             raise

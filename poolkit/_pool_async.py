@@ -14,6 +14,7 @@ from time import monotonic
 from traceback import format_stack
 from types import CodeType, FrameType, TracebackType
 from typing import Any, Generic, TypeVar, cast
+from weakref import ref
 
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
@@ -25,7 +26,7 @@ from ._conn import connect_timeout_default, is_builtin_check
 from ._leaks import FRAMEWORK_FILES, Site, is_framework, user_frame
 from ._peek import PEEK_AFTER
 from ._psycopg import ATTRS_OF, POOL_ATTR, THRESHOLD_OF
-from ._slot import Slot
+from ._slot import NO_REF, Slot
 from ._waits_async import AsyncWaits
 
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])
@@ -172,10 +173,12 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                     and (slot.checked or not self._check_fn)
                 ):
                     # Back a moment ago: nothing to check, book it in the same lock.
-                    conn = slot.conn
-                    self._lent[id(conn)] = slot
+                    # A new handle for this borrow (_psycopg.new_handle(), inlined).
+                    conn = _new(slot.cls)
+                    conn.__dict__ = state = slot.conn.__dict__
+                    if self._lent.setdefault(id(conn), slot) is not slot:
+                        self._book(self._lent, id(conn), slot)
                     self._n_fast += 1
-                    conn.__class__ = slot.cls
                     # _lend(), inlined (a Python call is ~2% of a borrow+return): keep the
                     # two in step.
                     if site is None:
@@ -195,8 +198,7 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                     slot.task = current_owner()  # sync: slot.task = None
                     slot.tag = tag
                     slot.warned = False
-                    slot.conn = None
-                    setattr(conn, POOL_ATTR, self)
+                    state[POOL_ATTR] = self
                     return conn  # type: ignore[no-any-return]
         finally:
             lock.release()
@@ -211,8 +213,7 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                 and (slot.checked or not self._check_fn)
                 and not (self._peek and not slot.peek.quiet(conn))
             ):
-                conn.__class__ = slot.cls
-                return self._lend(slot, now, tag, site, None, False)
+                return self._lend(slot, now, tag, site, None, None)
         return await self._borrow_slow(now, timeout, tag, site, slot)
 
     def _lendable_now(self, slot: Slot, now: float) -> bool:
@@ -233,14 +234,17 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
         tag: str | None,
         site: Site,
         waited: float | None,
-        booked: bool,
+        handle: ACT | None,
     ) -> ACT:
-        """Record the borrow on `slot` (booked: already in _lent); the connection is unguarded.
+        """Record the borrow on `slot`, lending a new handle (or `handle`, already booked).
 
-        While lent, the pool holds the connection only through the slot's weak reference:
-        a borrower that drops it lets it be collected, and the slot comes back (_reclaim).
+        The pool keeps no reference to the handle: a borrower that drops it unreturned
+        lets it be collected, and the slot comes back (_reclaim).
         """
-        conn: ACT = slot.conn
+        if handle is None:
+            conn: ACT = _psycopg.new_handle(slot.conn, slot.cls)
+        else:
+            conn = handle
         if site is None:
             site = _getframe(2)
         if site.__class__ is CodeType:
@@ -258,11 +262,10 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
         slot.task = current_owner()  # sync: slot.task = None
         slot.tag = tag
         slot.warned = False
-        slot.conn = None
         setattr(conn, POOL_ATTR, self)  # psycopg's mark of a lent pooled connection
-        if not booked:
+        if handle is None:
             with self._lock:
-                self._lent[id(conn)] = slot
+                self._book(self._lent, id(conn), slot)
                 if waited is None:
                     self._n_fast += 1
         if waited is not None:
@@ -283,11 +286,10 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                 now = monotonic()
                 if self._lendable_now(slot, now):
                     # Handed over as it came back (the common case under contention).
-                    slot.conn.__class__ = slot.cls
-                    return self._lend(slot, now, tag, site, now - t0, False)
+                    return self._lend(slot, now, tag, site, now - t0, None)
             if await self._ready(slot, deadline):
                 now = monotonic()
-                return self._lend(slot, now, tag, site, now - t0, False)
+                return self._lend(slot, now, tag, site, now - t0, None)
             slot = None
 
     def _end_implicit_open(self) -> None:
@@ -324,10 +326,14 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
         """
         now = monotonic()
         key = id(conn)
-        if not self._no_reset or key in _psycopg.DIRTY or conn.pgconn.transaction_status != _IDLE:
+        if (
+            not self._no_reset
+            or id(conn.__dict__) in _psycopg.DIRTY  # (state_key(), inlined)
+            or conn.pgconn.transaction_status != _IDLE
+        ):
             return False
         slot = self._lent.get(key)
-        if slot is None or slot.wr() is not conn:
+        if slot is None or conn.__class__ is not slot.cls:
             self._not_mine(conn)
         # The borrower's own connection: its settings are read outside the lock.
         if ATTRS_OF(conn.__dict__) != slot.attrs or THRESHOLD_OF(conn) != slot.threshold:
@@ -340,7 +346,10 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
             del self._lent[key]
             slot.parked = True
             slot.returned_at = now
-            self._parked[key] = slot
+            # Weak, so that a parker that goes away lets its handle be collected; the pool
+            # needs it only to refuse it if it takes the connection back (Slot.disown()).
+            slot.wr = ref(conn)
+            self._book(self._parked, key, slot)
         finally:
             lock.release()
         self._hold_q.append((slot.tag, now - slot.t0))
@@ -358,10 +367,10 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
                     self._parked[id(conn)] = slot
                 return False
             slot.parked = False
-            slot.conn = conn
-            self._lent[id(conn)] = slot
+            slot.wr = NO_REF
+            self._book(self._lent, id(conn), slot)
             self._n_fast += 1
-        self._lend(slot, now, tag, site if site is not None else _getframe(1), None, True)
+        self._lend(slot, now, tag, site if site is not None else _getframe(1), None, conn)
         return True
 
     async def __aenter__(self) -> AsyncPool[ACT]:

@@ -10,6 +10,8 @@ Each use is here because psycopg has no public way to do it:
   the "auto" reset policy learns that a borrow left session state behind.
 - the client-side settings read in one call from the instance dict (`snapshot()`); they are
   restored through psycopg's public setters.
+- the instance dict itself: each borrow gets a new handle sharing it (`handle_classes()`),
+  which holds because psycopg keeps every attribute of a connection there (no __slots__).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _note_tags(conn: Any, results: list[Any]) -> None:
             continue
         for prefix, bit in SESSION_TAGS.items():
             if tag.startswith(prefix):
-                key = id(conn)
+                key = id(conn.__dict__)  # state_key(): shared by a connection's handles
                 DIRTY[key] = DIRTY.get(key, 0) | bit
 
 
@@ -127,19 +129,57 @@ def install_tracking(conn: Any) -> None:
     conn.server_cursor_factory = tracking_cursor(conn.server_cursor_factory)
 
 
-# Methods refused on a returned connection: every statement, commit, rollback, transaction,
+# Methods refused on a returned handle: every statement, commit, rollback, transaction,
 # pipeline, COPY and settings change goes through wait(); cursor() and close() are refused
-# before anything. A returned connection's class is swapped for a subclass that refuses
-# them (one attribute write each way: cheaper than any proxy), and swapped back at borrow.
+# before anything.
 GUARDED = ("wait", "cursor", "close")
 
 
-def guarded_class(cls: type[Any], refuse: Callable[[Any], BaseException]) -> type[Any]:
-    """A subclass of `cls` whose I/O entry points raise `refuse(conn)` (callers cache it)."""
+def handle_classes(
+    cls: type[Any],
+    refuse: Callable[[Any], BaseException],
+    reclaim: Callable[[int, dict[str, Any]], None],
+) -> tuple[type[Any], type[Any]]:
+    """The two classes of the handles lent on connections of class `cls` (callers cache it).
+
+    A handle is a new instance sharing the pooled connection's instance dict (psycopg keeps
+    all of a connection's state there): one per borrow, so a handle kept after its return
+    stays refused even once the same server connection is lent again (see new_handle()).
+    - lent: what the borrower holds; collected while still lent, it tells `reclaim` (its
+      id and the shared dict; it may run inside the garbage collector: reclaim only
+      queues). It replaces psycopg's __del__, whose warning is for unpooled connections.
+    - returned: what the handle wears once returned, for good: the I/O entry points raise
+      `refuse(handle)`, and its __del__ does nothing (this runs once per borrow).
+    """
+
+    def lent_del(self: Any) -> None:
+        state = self.__dict__
+        if state.get(POOL_ATTR) is not None:
+            reclaim(id(self), state)
+
+    def returned_del(self: Any) -> None:
+        pass
 
     def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise refuse(self)
 
+    names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    lent = type(cls.__name__, (cls,), {"__del__": lent_del, **names})
     ns: dict[str, Any] = dict.fromkeys(GUARDED, refused)
-    ns.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
-    return type(cls.__name__, (cls,), ns)
+    returned = type(cls.__name__, (lent,), {**ns, "__del__": returned_del, **names})
+    return lent, returned
+
+
+_new = object.__new__
+
+
+def new_handle(conn: Any, lent: type[Any]) -> Any:
+    """A new handle of class `lent` on pooled connection `conn` (the pools inline this)."""
+    handle = _new(lent)
+    handle.__dict__ = conn.__dict__
+    return handle
+
+
+def state_key(conn: Any) -> int:
+    """The key of a connection's DIRTY bits: the same for the connection and its handles."""
+    return id(conn.__dict__)

@@ -54,9 +54,14 @@ class Returns(Lifecycle[CT], Generic[CT]):
         now = monotonic()
         key = id(conn)
         slot = self._lent.get(key)
-        if slot is None or slot.wr() is not conn:
+        # Booked under its id, of this pool's handle class: the handle lent on this slot
+        # (a foreign object, or a handle of another pool, has another class).
+        if slot is None or conn.__class__ is not slot.cls:
             self._not_mine(conn)
             return
+        # From now on this handle refuses any use, for good: the next borrow of the same
+        # server connection gets a new one.
+        conn.__class__ = slot.guarded
         # Where it came back: putconn()'s caller; None for the end of a connection() block.
         slot.returned_at_frame = (f.f_code, f.f_lasti) if f is not None else None
         self._hold_q.append((slot.tag, now - slot.t0))
@@ -64,20 +69,19 @@ class Returns(Lifecycle[CT], Generic[CT]):
             self._late_return(slot, now)
         # As psycopg_pool does: a connection kept after its return must not keep the pool
         # alive, and psycopg reads this attribute in close(), __exit__ and __del__.
-        setattr(conn, POOL_ATTR, None)
+        state = conn.__dict__
+        state[POOL_ATTR] = None
         if (
             conn.pgconn.transaction_status == _IDLE
             and now < slot.expire_at
             and slot.created_at >= self._invalid_before
             and self._no_reset
-            and key not in _psycopg.DIRTY
-            and ATTRS_OF(conn.__dict__) == slot.attrs  # _psycopg.unchanged(), inlined
+            and id(state) not in _psycopg.DIRTY  # (state_key(), inlined)
+            and ATTRS_OF(state) == slot.attrs  # _psycopg.unchanged(), inlined
             and THRESHOLD_OF(conn) == slot.threshold
             and not self._closed
         ):
             slot.returned_at = slot.last_good = now
-            slot.conn = conn
-            conn.__class__ = slot.guarded
             lock = self._lock
             lock.acquire()  # (not `with`: half the cost, on the path of every return)
             try:
@@ -92,7 +96,6 @@ class Returns(Lifecycle[CT], Generic[CT]):
         with self._lock:
             if self._lent.pop(key, None) is not slot:
                 return  # returned twice, concurrently: the other return wins
-        slot.conn = conn
         try:
             if self._recycle(slot, now):
                 with self._lock:
@@ -177,7 +180,7 @@ class Returns(Lifecycle[CT], Generic[CT]):
                     self._n_resets += 1
             sql = self._reset_sql
             if self._auto:
-                mask = _psycopg.DIRTY.pop(id(conn), 0)
+                mask = _psycopg.DIRTY.pop(_psycopg.state_key(conn), 0)
                 sql = _reset.auto_sql(mask) if mask else None
             if sql is not None:
                 # Pipelined: the reset travels now and its answer is read by the next
@@ -198,7 +201,6 @@ class Returns(Lifecycle[CT], Generic[CT]):
         slot.returned_at = monotonic()
         if status == _IDLE:
             slot.last_good = now
-        conn.__class__ = slot.guarded
         return True
 
     def _restore(self, conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> None:

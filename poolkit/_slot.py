@@ -13,12 +13,26 @@ from . import _psycopg
 from ._peek import Peeker
 
 
+class _Gone:
+    pass
+
+
+# A weak reference that is already dead: `slot.wr()` is None whenever nothing is lent, and
+# dropping the borrow's own reference disarms its callback (a weakref freed before its
+# object never calls back).
+NO_REF: weakref.ref[Any] = weakref.ref(_Gone())
+
+
 class Slot:
     """One pooled connection and everything the pool knows about it.
 
-    While the connection is idle the slot holds it; while it is lent the slot holds only a
-    weak reference, so a borrower that drops it without returning it lets it be
-    garbage-collected, and the pool gets the slot back (see `Pool._reclaim`).
+    The slot holds the pool's own connection object (`conn`) for the connection's whole
+    life; it is never lent. Each borrow gets a new handle on it (see `_psycopg.handle`):
+    another object of the same class sharing its state, so a handle kept after its return
+    is refused for good, even once the same server connection is lent again. While lent,
+    the slot holds the handle only through a weak reference (`wr`), so a borrower that
+    drops it without returning it lets it be collected, and the pool gets the slot back
+    (see `Pool._reclaim`).
     """
 
     __slots__ = (
@@ -65,7 +79,7 @@ class Slot:
         self.dirty: bytes | None = None  # the reset this borrow made necessary
         self.pending: bytes | None = None  # a reset sent on return, answer not read yet
         self.peek = Peeker(conn)
-        self.wr: weakref.ref[Any] = weakref.ref(conn)  # the pool's, with its callback, soon
+        self.wr: weakref.ref[Any] = NO_REF  # the current borrow's handle (NO_REF: none)
         self.parked = False
         self.checked = False  # passed the user's check= callback at least once
         self.deadline = 0.0  # return-path I/O must end by then (0: none running)
@@ -82,6 +96,14 @@ class Slot:
         self.warned = False
         self.stack: list[str] | None = None
         self.returned_at_frame: tuple[CodeType, int] | None = None  # (code, f_lasti)
+
+    def disown(self) -> None:
+        """Refuse the parked borrower's handle from now on: the pool takes it back."""
+        handle = self.wr()
+        self.wr = NO_REF
+        self.parked = False
+        if handle is not None:
+            handle.__class__ = self.guarded
 
     # -- reporting -------------------------------------------------------------------
 

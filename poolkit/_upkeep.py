@@ -71,8 +71,7 @@ class Upkeep(Reporting, Generic[CT]):
             for key, s in list(self._parked.items()):
                 if now >= s.expire_at or now - s.returned_at > self.max_idle:
                     del self._parked[key]
-                    s.parked = False
-                    s.conn = s.wr()
+                    s.disown()
                     old.append(s)
         for s in old:
             self._retire(s)
@@ -89,7 +88,6 @@ class Upkeep(Reporting, Generic[CT]):
         """Ping an idle slot taken out of the pool; back to idle if it answered."""
         if self._ping(slot, deadline):
             slot.returned_at = monotonic()
-            slot.conn.__class__ = slot.guarded
             with self._lock:
                 self._put_idle_locked(slot)
 
@@ -97,7 +95,6 @@ class Upkeep(Reporting, Generic[CT]):
         """One round trip on an idle slot (after reading any pending reset)."""
 
         conn = slot.conn
-        conn.__class__ = slot.cls
         try:
             if slot.pending is not None and not self._drain_reset(slot, deadline):
                 return False
@@ -177,7 +174,7 @@ class Upkeep(Reporting, Generic[CT]):
             self._n_closed += 1
         if conn is not None:
             _psycopg.close_now(conn)
-            _psycopg.DIRTY.pop(id(conn), None)
+            _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         self._wakeup.set()
 
     def _lost(self, slot: Slot) -> None:
@@ -219,7 +216,7 @@ class Upkeep(Reporting, Generic[CT]):
                 ensure(self._configure(cast(CT, conn)))
                 if conn.pgconn.transaction_status != _IDLE:
                     raise ProgrammingError("configure function left a transaction open")
-            _psycopg.DIRTY.pop(id(conn), None)
+            _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         except Exception:
             self._lost(slot)
             return False
@@ -227,9 +224,10 @@ class Upkeep(Reporting, Generic[CT]):
         return True
 
     def _report_reclaimed(self, slots: list[Slot]) -> None:
-
+        """Close the connections of borrows collected unreturned (their state is unknown)."""
         for slot in slots:
             warn_reclaimed(self.name, slot)
             self._event("leak-reclaimed", slot.site)
+            self._retire(slot)
         if slots:
             self._wakeup.set()

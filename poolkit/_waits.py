@@ -49,12 +49,8 @@ class Waits(Returns[CT], Generic[CT]):
                 # At max_size with nothing idle: take a connection parked by a thread
                 # between two requests (Django's CONN_MAX_AGE) rather than wait.
                 _, stolen = self._parked.popitem()
-                stolen.parked = False
-                stolen.conn = stolen.wr()
+                stolen.disown()
                 self._n_stolen += 1
-                if stolen.conn is None:
-                    self._nconns -= 1
-                    stolen = None
             if stolen is None:
                 if self._permanent_fix and not self._nconns:
                     raise ConnectFailed(self._connect_failed_message())
@@ -112,7 +108,6 @@ class Waits(Returns[CT], Generic[CT]):
         connection and gives its slot back to the pool's books (never lost).
         """
         conn = slot.conn
-        conn.__class__ = slot.cls
         try:
             now = monotonic()
             if slot.pending is not None and not self._drain_reset(slot, deadline):

@@ -15,7 +15,14 @@ import pytest
 
 from example_apps._embedded_pg import DEFAULT_PASSWORD
 from example_apps._embedded_pg import _free_port as free_port
-from poolkit import ClusterPool, ConfigError, ConnectFailed, PoolClosed, PoolTimeout
+from poolkit import (
+    ClusterPool,
+    ConfigError,
+    ConnectFailed,
+    ConnectionReturned,
+    PoolClosed,
+    PoolTimeout,
+)
 from tests._helpers import terminate_backends
 from tests._replication import Replication
 from tests._tcompat import fixture, sleep, until
@@ -254,10 +261,13 @@ def test_parked_connection_of_an_old_role_is_not_unparked(
 def test_parked_connection_taken_by_another_borrower(make_cluster: MakeCluster) -> None:
     cluster = make_cluster(min_size=1, max_size=1)
     conn = cluster.getconn()
+    pid = conn.info.backend_pid
     assert cluster._park(conn)
     other = cluster.getconn(timeout=2)  # at max_size: the pool takes the parked one
-    assert other is conn
+    assert other is not conn and other.info.backend_pid == pid  # a new handle on it
     assert not cluster._unpark(conn)  # its parker no longer has it
+    with pytest.raises(ConnectionReturned):
+        conn.execute("SELECT 1")  # nor can it use it any more
     cluster.putconn(other)
     assert cluster.stats()["in_use"] == 0
 

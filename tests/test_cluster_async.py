@@ -10,7 +10,14 @@ import pytest
 
 from example_apps._embedded_pg import DEFAULT_PASSWORD
 from example_apps._embedded_pg import _free_port as free_port
-from poolkit import AsyncClusterPool, ConfigError, ConnectFailed, PoolClosed, PoolTimeout
+from poolkit import (
+    AsyncClusterPool,
+    ConfigError,
+    ConnectFailed,
+    ConnectionReturned,
+    PoolClosed,
+    PoolTimeout,
+)
 from tests._helpers import terminate_backends
 from tests._replication import Replication
 from tests._tcompat_async import fixture, sleep, until
@@ -251,10 +258,13 @@ async def test_parked_connection_of_an_old_role_is_not_unparked(
 async def test_parked_connection_taken_by_another_borrower(make_cluster: MakeCluster) -> None:
     cluster = await make_cluster(min_size=1, max_size=1)
     conn = await cluster.getconn()
+    pid = conn.info.backend_pid
     assert cluster._park(conn)
     other = await cluster.getconn(timeout=2)  # at max_size: the pool takes the parked one
-    assert other is conn
+    assert other is not conn and other.info.backend_pid == pid  # a new handle on it
     assert not cluster._unpark(conn)  # its parker no longer has it
+    with pytest.raises(ConnectionReturned):
+        await conn.execute("SELECT 1")  # nor can it use it any more
     await cluster.putconn(other)
     assert cluster.stats()["in_use"] == 0
 

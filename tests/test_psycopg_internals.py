@@ -53,14 +53,15 @@ def test_check_results_sees_every_command_tag(dsn: str) -> None:
     assert params == ["self", "results"], f"{INTERNALS}: _check_results signature {params}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         _psycopg.install_tracking(conn)
-        _psycopg.DIRTY.pop(id(conn), None)
+        _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         conn.execute("SELECT 1")
-        assert id(conn) not in _psycopg.DIRTY
+        assert _psycopg.state_key(conn) not in _psycopg.DIRTY
         conn.execute("SET work_mem = '5MB'")
-        assert _psycopg.DIRTY.pop(id(conn), 0), f"{INTERNALS}: SET not seen"
+        assert _psycopg.DIRTY.pop(_psycopg.state_key(conn), 0), f"{INTERNALS}: SET not seen"
         with conn.pipeline():
             conn.execute("LISTEN pk_internals")
-        assert _psycopg.DIRTY.pop(id(conn), 0), f"{INTERNALS}: pipelined LISTEN not seen"
+        key = _psycopg.state_key(conn)
+        assert _psycopg.DIRTY.pop(key, 0), f"{INTERNALS}: pipelined LISTEN not seen"
 
 
 @pytest.mark.parametrize("name", _psycopg.GUARDED)
@@ -81,3 +82,31 @@ def test_close_now_closes(dsn: str) -> None:
     conn: Any = psycopg.connect(dsn)
     _psycopg.close_now(conn)
     assert conn.closed and not conn.broken
+
+
+@pytest.mark.parametrize("cls", [Connection, AsyncConnection])
+def test_all_connection_state_is_in_the_instance_dict(cls: type[Any]) -> None:
+    # Each borrow lends a new handle sharing the pooled connection's instance dict: any
+    # state kept in __slots__ would not be shared, and handles would drift apart.
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        assert slots in ((), []), f"{INTERNALS}: {klass.__qualname__} has __slots__ {slots}"
+
+
+def test_a_handle_shares_the_connection(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        _psycopg.set_pool(conn, None)
+        lent, returned = _psycopg.handle_classes(
+            type(conn), lambda c: RuntimeError("refused"), lambda key, state: None
+        )
+        handle = _psycopg.new_handle(conn, lent)
+        assert isinstance(handle, Connection) and handle is not conn
+        assert handle.execute("SELECT pg_backend_pid()").fetchone() == (conn.info.backend_pid,)
+        handle.autocommit = False
+        assert conn.autocommit is False, f"{INTERNALS}: a handle's settings are its own"
+        handle.rollback()
+        assert _psycopg.state_key(handle) == _psycopg.state_key(conn)
+        handle.__class__ = returned
+        with pytest.raises(RuntimeError, match="refused"):
+            handle.execute("SELECT 1")
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -516,6 +516,59 @@ async def test_use_after_return_raises_and_sends_nothing(
         assert await one(again, "SELECT 1") == (1,)
 
 
+async def test_use_after_return_is_refused_once_lent_again(
+    make_pool: MakeAsyncPool, admin_conn: Any
+) -> None:
+    # The case that matters most: the same server connection already belongs to the next
+    # borrower. A stray statement through the old reference would run (and be committed)
+    # inside that borrower's transaction; it must be refused and reach nothing.
+    admin_conn.execute("CREATE TABLE IF NOT EXISTS pk_trust_relent (v int)")
+    admin_conn.execute("TRUNCATE pk_trust_relent")
+    pool = await make_pool(max_size=1, name="pk-trust-relent")
+    async with pool.connection() as first:
+        old_cur = first.cursor()
+        first_pid = first.info.backend_pid
+    async with pool.connection() as second:
+        assert second.info.backend_pid == first_pid  # the same server connection
+        assert second is not first
+        await second.execute("INSERT INTO pk_trust_relent VALUES (1)")
+        with pytest.raises(ConnectionReturned) as info:
+            await first.execute("INSERT INTO pk_trust_relent VALUES (2)")
+        msg = str(info.value)
+        assert "'pk-trust-relent'" in msg and "lent again" in msg, msg
+        assert "test_use_after_return_is_refused_once_lent_again" in msg, msg
+        with pytest.raises(ConnectionReturned):
+            await old_cur.execute("INSERT INTO pk_trust_relent VALUES (3)")
+        with pytest.raises(ConnectionReturned):
+            await first.commit()
+        with pytest.raises(ConnectionReturned):
+            await first.rollback()
+        with pytest.raises(ConnectionReturned):
+            first.cursor()
+        # The second borrower's transaction is untouched by all of that.
+        assert second.info.transaction_status == TransactionStatus.INTRANS
+    assert admin_conn.execute("SELECT array_agg(v) FROM pk_trust_relent").fetchone() == ([1],)
+    stats = pool.stats()
+    assert stats["in_use"] == 0 and stats["size"] == stats["idle"] == 1, stats
+
+
+async def test_connection_dropped_while_lent_is_reclaimed(
+    make_pool: MakeAsyncPool, admin_conn: Any
+) -> None:
+    # A borrower that loses its reference without returning it: the slot comes back, and
+    # the server connection behind it is closed, not left open outside the books.
+    pool = await make_pool(min_size=1, max_size=1, name="pk-trust-dropped")
+    conn = await pool.getconn()
+    pid = conn.info.backend_pid
+    del conn
+    gc.collect()
+    async with pool.connection(timeout=5) as again:
+        assert again.info.backend_pid != pid
+    await until(lambda: pool.stats()["size"] == 1 and pool.stats()["idle"] == 1, what="books")
+    alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+    await until(lambda: admin_conn.execute(alive, (pid,)).fetchone() == (0,), what="closed")
+
+
 # -- 3: recovery without backoff lag ------------------------------------------------------
 
 

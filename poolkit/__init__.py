@@ -4,7 +4,8 @@ from ._cluster import ClusterPool
 from ._cluster_async import AsyncClusterPool
 from ._cluster_base import ClusterStats, HostStats
 from ._config import PoolConfig, mask_conninfo
-from ._dashboard import DashboardHistory, dashboard_html, dashboard_snapshot
+from ._dashboard import dashboard_html, dashboard_snapshot
+from ._dashboard_history import DashboardHistory
 from ._errors import (
     ConfigError,
     ConnectFailed,
@@ -14,7 +15,8 @@ from ._errors import (
     PoolTimeout,
     TooManyRequests,
 )
-from ._metrics import instrument_otel, render_prometheus
+from ._metrics import render_prometheus
+from ._otel import instrument_otel
 from ._pool import Pool
 from ._pool_async import AsyncPool
 from ._stats import PoolStats

@@ -16,15 +16,8 @@ from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _cluster_acompat as compat
-from ._cluster_base import (
-    FAILED_TX,
-    FAST_PROBE,
-    Host,
-    Lent,
-    logger,
-    reports_read_only,
-    reveals_change,
-)
+from ._cluster_base import FAILED_TX, Host, Lent, logger
+from ._cluster_probe import FAST_PROBE, reports_read_only, reveals_change
 from ._config import PoolConfig
 from ._errors import PoolClosed
 from ._leaks import Site

@@ -9,45 +9,23 @@ from collections.abc import Sequence
 from time import monotonic
 from typing import Any, TypedDict
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from ._config import PoolConfig, mask_conninfo
+from ._cluster_hosts import split_hosts
+from ._config import PoolConfig
 from ._errors import ConfigError, ConnectFailed, PoolTimeout
 from ._messages import describe_error, permanent_fix
 
-__all__ = ["PROBE_SQL", "ClusterCore", "ClusterStats", "Host", "HostStats", "split_hosts"]
+# split_hosts lives in _cluster_hosts; it stays importable from here for poolkit_django.
+__all__ = ["ClusterCore", "ClusterStats", "Host", "HostStats", "split_hosts"]
 
 logger = logging.getLogger("poolkit.cluster")
 
 READ_POLICIES = ("least_busy", "round_robin", "random")
 FALLBACKS = ("primary", "error")
-# Errors whose arrival means the host may have changed role or gone away: recheck now.
-_CHANGE_STATES = frozenset(
-    {"25006", "57P01", "57P02", "57P03", "08000", "08001", "08003", "08006", "08P01"}
-)
-# One round trip per host per interval. Lag is measured on the replica itself; a replica
-# that has replayed everything it received has nothing to catch up on: lag 0, whatever
-# the age of the last transaction (an idle primary writes no WAL); one with WAL to replay
-# and nothing replayed since it started is as late as its uptime.
-PROBE_SQL = """\
-SELECT pg_is_in_recovery(),
-       current_setting('default_transaction_read_only') = 'on',
-       CASE WHEN NOT pg_is_in_recovery() THEN 0.0
-            WHEN pg_last_wal_receive_lsn() IS NOT NULL
-                 AND pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0.0
-            ELSE EXTRACT(epoch FROM now() - COALESCE(pg_last_xact_replay_timestamp(),
-                                                     pg_postmaster_start_time()))
-       END::float8"""
 # psycopg's commit() of a failed transaction rolls back silently: say so instead.
 FAILED_TX = (
     "a statement failed inside this connection() block and its error was caught: "
     "the transaction was rolled back, nothing was committed"
 )
-# Probe connections connect fast or not at all (libpq's minimum is 2 s).
-PROBE_CONNECT_TIMEOUT = 2
-# While borrowers wait for a primary, probe this often instead of every topology_interval.
-FAST_PROBE = 0.1
 
 
 class HostStats(TypedDict):
@@ -81,73 +59,6 @@ class ClusterStats(TypedDict):
     draining: int
     failovers: int  # role changes seen since the pool opened
     reads_on_primary: int  # reads sent to the primary because no replica qualified
-
-
-def _label(params: dict[str, Any]) -> str:
-    host = str(params.get("host") or params.get("hostaddr") or "localhost")
-    return f"{host}:{params.get('port') or 5432}"
-
-
-def split_hosts(conninfo: str | Sequence[str]) -> list[tuple[str, str]]:
-    """(label, single-host conninfo) for every host of a multi-host conninfo or a URL list."""
-    items = [conninfo] if isinstance(conninfo, str) else list(conninfo)
-    if not items or not all(isinstance(i, str) and i for i in items):
-        raise ConfigError(
-            "conninfo", [mask_conninfo(str(i)) for i in items], "names no host",
-            'pass "host=a,b port=5432 dbname=app", "postgresql://a,b/app" or a list of URLs',
-        )  # fmt: skip
-    out: list[tuple[str, str]] = []
-    for item in items:
-        try:
-            params = conninfo_to_dict(item)
-        except psycopg.ProgrammingError as exc:
-            raise ConfigError("conninfo", mask_conninfo(item), str(exc), "fix its syntax") from None
-        # Routing is ours: libpq's own multi-host choice would fight it.
-        for key in ("target_session_attrs", "load_balance_hosts"):
-            params.pop(key, None)
-        fields = {k: str(params.pop(k, "") or "").split(",") for k in ("host", "hostaddr", "port")}
-        count = max(len(fields["host"]), len(fields["hostaddr"]))
-        for key, values in fields.items():
-            if len(values) == 1:
-                fields[key] = values * count
-            elif len(values) != count:
-                raise ConfigError(
-                    "conninfo", mask_conninfo(item), f"has {count} hosts and {len(values)} {key}s",
-                    f"give one {key} for all hosts or one per host",
-                )  # fmt: skip
-        for i in range(count):
-            one = dict(params)
-            for key, values in fields.items():
-                if values[i]:
-                    one[key] = values[i]
-            out.append((_label(one), make_conninfo("", **one)))
-    labels = [label for label, _ in out]
-    if len(set(labels)) != len(labels):
-        raise ConfigError("conninfo", labels, "names a host twice", "list every host once")
-    return out
-
-
-def reveals_change(exc: BaseException | None, conn: Any = None) -> bool:
-    """True when an error (or a broken connection) hints that a host changed or went away."""
-    if conn is not None and (conn.broken or conn.closed):
-        return True
-    if isinstance(exc, psycopg.Error):
-        return (exc.sqlstate or "") in _CHANGE_STATES or isinstance(exc, psycopg.OperationalError)
-    return False
-
-
-def reports_read_only(conn: Any) -> bool:
-    """True when the server told this session it no longer takes writes (no I/O here).
-
-    PostgreSQL 14+ reports both settings to the client whenever they change: on a reload
-    that turns default_transaction_read_only on (the Aurora-style writer flip), the session
-    learns it at its next statement, before the monitor's next probe.
-    """
-    info = conn.info
-    return bool(
-        info.parameter_status("default_transaction_read_only") == "on"
-        or info.parameter_status("in_hot_standby") == "on"
-    )
 
 
 class Host:
@@ -394,13 +305,3 @@ def flatten_pools(pools: Any) -> dict[str, Any]:
         else:
             out[key] = pool
     return out
-
-
-def probe_kwargs(config: PoolConfig) -> dict[str, Any]:
-    """Connect arguments of the monitor's own connection to a host."""
-    kwargs = config.connect_kwargs()
-    kwargs["autocommit"] = True
-    kwargs.pop("prepare_threshold", None)
-    if "connect_timeout" not in conninfo_to_dict(config.conninfo, **kwargs):
-        kwargs["connect_timeout"] = PROBE_CONNECT_TIMEOUT
-    return kwargs

@@ -1,16 +1,10 @@
-"""The live pool dashboard: its HTML page, the JSON snapshot it polls and a rolling history."""
+"""The live pool dashboard: its HTML page and the JSON snapshot it polls."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import threading
 import time
-import weakref
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -18,14 +12,16 @@ from urllib.parse import quote
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ._buckets import POOL_BUCKET_STEP, cumulative
 from ._cluster_base import flatten_pools
 from ._config import mask_conninfo
-from ._metrics import POOL_BUCKET_STEP, cumulative
+from ._dashboard_history import DashboardHistory
 from ._stats import Histogram
 
+# DashboardHistory lives in _dashboard_history; it is part of the dashboard's API, and
+# the integrations import it from here with the page and the snapshot.
 __all__ = ["DashboardHistory", "dashboard_html", "dashboard_snapshot", "snapshot_json"]
 
-PoolsSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 SNAPSHOT_VERSION = 1
 TOP_TAGS = 10
 MAX_BORROWS = 25
@@ -33,7 +29,6 @@ MAX_EVENTS = 50
 # Outages and recoveries are kept for the whole history window, however many timeouts
 # or leak warnings come between them: they are what the event list is for.
 LIFECYCLE_EVENTS = frozenset({"connection-lost", "recovered"})
-MAX_KEPT_EVENTS = 1000
 _CONNINFO_KEYS = ("user", "password", "host", "port", "dbname")
 # Configuration shown on the page; never conninfo or kwargs (they may carry secrets).
 CONFIG_FIELDS = (
@@ -49,164 +44,6 @@ CONFIG_FIELDS = (
     "reset",
     "pgbouncer",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Sample:
-    t: float  # monotonic
-    size: int
-    in_use: int
-    idle: int
-    waiting: int
-    borrows: int
-    timeouts: int
-
-
-class DashboardHistory:
-    """A rolling record of each pool's size/in_use/idle/waiting, for the dashboard's chart.
-
-    The integration owns one per process. `pools` is a mapping of pools or a callable
-    returning one (such as ``poolkit_django.pools``), read at every sample. `start()`
-    samples every `interval` seconds in a daemon thread (sampling reads counters only, no
-    I/O), or call `sample()` yourself. `dashboard_snapshot()` also samples when a sample is
-    due, so the chart fills while the page is open even without the thread. Start it in
-    the serving process: after a fork, the thread does not exist in the child.
-    """
-
-    def __init__(
-        self, pools: PoolsSource | None = None, *, interval: float = 1.0, window: float = 300.0
-    ) -> None:
-        if interval <= 0 or window < interval:
-            raise ValueError(
-                f"interval={interval!r}, window={window!r}: use interval > 0 and window >= interval"
-            )
-        self.pools = pools
-        self.interval = interval
-        self.window = window
-        self._samples: dict[str, deque[_Sample]] = {}
-        self._events: dict[str, deque[tuple[float, str, str]]] = {}
-        self._lock = threading.Lock()
-        self._last = -float("inf")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._fork_hook = False
-
-    def _current(self, pools: Mapping[str, Any] | None) -> Mapping[str, Any]:
-        source = self.pools if pools is None else pools
-        if source is None:
-            return {}
-        return source() if callable(source) else source
-
-    def sample(self, pools: Mapping[str, Any] | None = None, now: float | None = None) -> None:
-        """Record one sample of every pool now (of `pools`, or of the ones given at init)."""
-        if now is None:
-            now = time.monotonic()
-        if pools is None and self.pools is None:
-            return  # nothing to sample yet: keep what snapshots recorded
-        current = self._current(pools)
-        keep = int(self.window / self.interval) + 1
-        with self._lock:
-            self._last = now
-            for key, pool in list(current.items()):
-                st = pool.stats()
-                series = self._samples.get(str(key))
-                if series is None:
-                    series = self._samples[str(key)] = deque(maxlen=keep)
-                series.append(
-                    _Sample(
-                        now,
-                        st["size"],
-                        st["in_use"],
-                        st["idle"],
-                        st["waiting"],
-                        st["borrows"],
-                        st["timeouts"],
-                    )
-                )
-                self._keep_events(str(key), pool.events())
-            for key in set(self._samples) - {str(k) for k in current}:
-                del self._samples[key]  # a pool that went away
-                self._events.pop(key, None)
-
-    def _keep_events(self, key: str, events: list[tuple[float, str, str]]) -> None:
-        # The pool keeps its last events only: copy the new ones, so an outage seen by one
-        # sample stays listed after a burst of timeouts has pushed it out of the pool's list.
-        kept = self._events.get(key)
-        if kept is None:
-            kept = self._events[key] = deque(maxlen=MAX_KEPT_EVENTS)
-        last = kept[-1][0] if kept else -float("inf")
-        kept.extend(e for e in events if e[0] > last)
-
-    def events(self, key: str, now: float | None = None) -> list[tuple[float, str, str]]:
-        """Every event of one pool seen within the window, oldest first."""
-        if now is None:
-            now = time.monotonic()
-        with self._lock:
-            kept = list(self._events.get(key, ()))
-        return [e for e in kept if now - e[0] <= self.window]
-
-    def sample_if_due(self, pools: Mapping[str, Any] | None = None) -> None:
-        """Sample unless the last sample is younger than `interval`."""
-        now = time.monotonic()
-        if now - self._last >= self.interval * 0.9:
-            self.sample(pools, now)
-
-    def series(self, key: str, now: float | None = None) -> dict[str, list[float]]:
-        """One pool's samples as columns; `t` is seconds relative to now (negative)."""
-        if now is None:
-            now = time.monotonic()
-        with self._lock:
-            samples = list(self._samples.get(key, ()))
-        samples = [s for s in samples if now - s.t <= self.window]
-        return {
-            "t": [round(s.t - now, 3) for s in samples],
-            "size": [s.size for s in samples],
-            "in_use": [s.in_use for s in samples],
-            "idle": [s.idle for s in samples],
-            "waiting": [s.waiting for s in samples],
-            "borrows": [s.borrows for s in samples],
-            "timeouts": [s.timeouts for s in samples],
-        }
-
-    def start(self) -> None:
-        """Sample every `interval` seconds in a daemon thread until `stop()`.
-
-        A forked child (gunicorn --preload) starts its own thread: threads do not survive
-        a fork, and the child's pools are its own.
-        """
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="poolkit-dashboard", daemon=True)
-        self._thread.start()
-        if not self._fork_hook:
-            self._fork_hook = True
-            me = weakref.ref(self)
-            os.register_at_fork(after_in_child=lambda: _restart_in_child(me))
-
-    def stop(self) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(5.0)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            # A pool closing under us must not end the sampling.
-            with contextlib.suppress(Exception):
-                self.sample()
-            self._stop.wait(self.interval)
-
-
-def _restart_in_child(ref: weakref.ref[DashboardHistory]) -> None:
-    history = ref()
-    if history is None or history._thread is None or history._stop.is_set():
-        return  # gone, or not sampling in the parent
-    history._lock = threading.Lock()  # the parent's may have been held by its thread
-    history._samples.clear()  # the parent's pools, not the child's
-    history._events.clear()
-    history._thread = None
-    history.start()
 
 
 def dashboard_html(data_url: str | None = None) -> str:

@@ -16,7 +16,8 @@ import psycopg
 from psycopg import Connection
 
 from . import _cluster_compat as compat
-from ._cluster_base import FAST_PROBE, PROBE_SQL, ClusterCore, Host, logger, probe_kwargs
+from ._cluster_base import ClusterCore, Host, logger
+from ._cluster_probe import FAST_PROBE, PROBE_SQL, probe_kwargs
 from ._pool import Pool
 
 CT = TypeVar("CT", bound=Connection[Any])

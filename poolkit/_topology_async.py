@@ -14,7 +14,8 @@ import psycopg
 from psycopg import AsyncConnection
 
 from . import _cluster_acompat as compat
-from ._cluster_base import FAST_PROBE, PROBE_SQL, ClusterCore, Host, logger, probe_kwargs
+from ._cluster_base import ClusterCore, Host, logger
+from ._cluster_probe import FAST_PROBE, PROBE_SQL, probe_kwargs
 from ._pool_async import AsyncPool
 
 ACT = TypeVar("ACT", bound=AsyncConnection[Any])

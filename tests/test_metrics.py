@@ -13,7 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from poolkit import AsyncPool, Pool, PoolTimeout
-from poolkit._metrics import instrument_otel, render_prometheus
+from poolkit._metrics import render_prometheus
+from poolkit._otel import instrument_otel
 from tests._helpers import terminate_backends, wait_until
 
 OTEL_NAMES = {

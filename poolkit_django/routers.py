@@ -16,7 +16,7 @@ from django.db import connections
 from psycopg.conninfo import make_conninfo
 
 from poolkit import ClusterPool
-from poolkit._cluster_base import split_hosts
+from poolkit._cluster_hosts import split_hosts
 
 __all__ = ["ReplicaRouter", "topology"]
 

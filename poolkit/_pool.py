@@ -60,12 +60,14 @@ class _ConnectionBlock(Generic[CT]):
     ) -> None:
         conn = self._conn
         pool = self._pool
+        status: int = _UNKNOWN
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
                 pool._end_transaction(conn, exc_type is None, status)
+                status = _UNKNOWN  # changed: _return() reads it again
         finally:
-            pool._return(conn, None)
+            pool._return(conn, None, status == _IDLE)
 
 
 class Pool(Waits[CT], Generic[CT]):

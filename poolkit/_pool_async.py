@@ -59,12 +59,14 @@ class _ConnectionBlock(Generic[ACT]):
     ) -> None:
         conn = self._conn
         pool = self._pool
+        status: int = _UNKNOWN
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
                 await pool._end_transaction(conn, exc_type is None, status)
+                status = _UNKNOWN  # changed: _return() reads it again
         finally:
-            await pool._return(conn, None)
+            await pool._return(conn, None, status == _IDLE)
 
 
 class AsyncPool(AsyncWaits[ACT], Generic[ACT]):

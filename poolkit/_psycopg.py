@@ -149,7 +149,7 @@ def handle_classes(
       id and the shared dict; it may run inside the garbage collector: reclaim only
       queues). It replaces psycopg's __del__, whose warning is for unpooled connections.
     - returned: what the handle wears once returned, for good: the I/O entry points raise
-      `refuse(handle)`, and its __del__ does nothing (this runs once per borrow).
+      `refuse(handle)`, and its __del__ does nothing.
     """
 
     def lent_del(self: Any) -> None:
@@ -158,7 +158,7 @@ def handle_classes(
             reclaim(id(self), state)
 
     def returned_del(self: Any) -> None:
-        pass
+        pass  # nothing to warn about or reclaim: runs once per borrow
 
     def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise refuse(self)

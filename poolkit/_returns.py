@@ -50,7 +50,8 @@ class Returns(Lifecycle[CT], Generic[CT]):
         """Give back a connection obtained with `getconn()`."""
         self._return(conn, _getframe(1))
 
-    def _return(self, conn: CT, f: FrameType | None) -> None:
+    def _return(self, conn: CT, f: FrameType | None, idle: bool = False) -> None:
+        """Take `conn` back (`idle`: the caller just saw it IDLE, the common case)."""
         now = monotonic()
         key = id(conn)
         slot = self._lent.get(key)
@@ -72,7 +73,7 @@ class Returns(Lifecycle[CT], Generic[CT]):
         state = conn.__dict__
         state[POOL_ATTR] = None
         if (
-            conn.pgconn.transaction_status == _IDLE
+            (idle or conn.pgconn.transaction_status == _IDLE)
             and now < slot.expire_at
             and slot.created_at >= self._invalid_before
             and self._no_reset

@@ -48,7 +48,8 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         """Give back a connection obtained with `getconn()`."""
         await self._return(conn, _getframe(1))
 
-    async def _return(self, conn: ACT, f: FrameType | None) -> None:
+    async def _return(self, conn: ACT, f: FrameType | None, idle: bool = False) -> None:
+        """Take `conn` back (`idle`: the caller just saw it IDLE, the common case)."""
         now = monotonic()
         key = id(conn)
         slot = self._lent.get(key)
@@ -70,7 +71,7 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         state = conn.__dict__
         state[POOL_ATTR] = None
         if (
-            conn.pgconn.transaction_status == _IDLE
+            (idle or conn.pgconn.transaction_status == _IDLE)
             and now < slot.expire_at
             and slot.created_at >= self._invalid_before
             and self._no_reset

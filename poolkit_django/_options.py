@@ -23,6 +23,7 @@ _DJANGO_OWNED: Final = {
 RELEASES: Final = ("request", "transaction")
 
 _cache: dict[str, tuple[Any, Any, PoolConfig | None]] = {}
+_ABSENT: Final = object()  # OPTIONS without "pool": pooling on, with the defaults
 _cache_lock = threading.Lock()
 
 
@@ -37,7 +38,22 @@ def pool_config(alias: str, settings_dict: Mapping[str, Any]) -> PoolConfig | No
     engine); ``False`` turns it off and the backend behaves as Django's own.
     """
     options = settings_dict.get("OPTIONS") or {}
-    raw = options.get("pool", True)
+    raw = options.get("pool", _ABSENT)
+    max_age = settings_dict.get("CONN_MAX_AGE", 0)
+    if raw is True and max_age != 0:
+        # `"pool": True` is Django's own switch, documented (and tested, by Django's suite)
+        # as incompatible with persistent connections: keep that contract for it. Parking
+        # (CONN_MAX_AGE under the pool) comes with the engine's own forms.
+        raise ImproperlyConfigured(
+            "Pooling doesn't support persistent connections. "
+            f"DATABASES[{alias!r}]: OPTIONS['pool']=True is Django's native-pool switch, "
+            f"which needs CONN_MAX_AGE=0 (it is {max_age!r}). poolkit_django can keep a "
+            "pooled connection with its thread between requests: for that, drop "
+            "OPTIONS['pool'] or give it as a dict of pool settings (e.g. {'max_size': 10}) "
+            "and keep CONN_MAX_AGE; or set CONN_MAX_AGE=0 for a connection per request."
+        )
+    if raw is _ABSENT:
+        raw = True
     health = settings_dict.get("CONN_HEALTH_CHECKS", False)
     cached = _cache.get(alias)
     if cached is not None and cached[0] == raw and cached[1] == health:

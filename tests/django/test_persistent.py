@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.core.checks import run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from poolkit_django import get_pool, pools
@@ -161,3 +162,20 @@ def test_gthread_server_keeps_one_connection_per_thread(pg_server: Any, tmp_path
     assert stats["timeouts"] == 0
     assert stats["size"] <= 2
     assert len(set(one_at_a_time)) <= 2
+
+
+@pytest.mark.parametrize("max_age", [600, None])
+def test_djangos_own_pool_switch_keeps_its_rule(scratch: str, max_age: int | None) -> None:
+    # `"pool": True` is Django's switch, which Django refuses with persistent connections;
+    # the same settings under poolkit_django fail the same way, and say how to park.
+    with extra_database("aged", scratch, conn_max_age=max_age) as db:
+        db["OPTIONS"]["pool"] = True
+        with pytest.raises(ImproperlyConfigured) as info:
+            _ = connections["aged"].pool
+        msg = str(info.value)
+        assert msg.startswith("Pooling doesn't support persistent connections.")
+        assert "drop OPTIONS['pool'] or give it as a dict" in msg and "'aged'" in msg
+        db["OPTIONS"].pop("pool")  # the engine's default form parks instead
+        assert connections["aged"].pool is not None
+        assert call_json("/pid", db="aged")["backend"]
+        assert connections["aged"]._pk_parked

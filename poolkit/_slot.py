@@ -17,9 +17,7 @@ class _Gone:
     pass
 
 
-# A weak reference that is already dead: `slot.wr()` is None whenever nothing is lent, and
-# dropping the borrow's own reference disarms its callback (a weakref freed before its
-# object never calls back).
+# A weak reference that is already dead: `slot.wr()` is None unless a handle is parked.
 NO_REF: weakref.ref[Any] = weakref.ref(_Gone())
 
 
@@ -27,12 +25,12 @@ class Slot:
     """One pooled connection and everything the pool knows about it.
 
     The slot holds the pool's own connection object (`conn`) for the connection's whole
-    life; it is never lent. Each borrow gets a new handle on it (see `_psycopg.handle`):
-    another object of the same class sharing its state, so a handle kept after its return
-    is refused for good, even once the same server connection is lent again. While lent,
-    the slot holds the handle only through a weak reference (`wr`), so a borrower that
-    drops it without returning it lets it be collected, and the pool gets the slot back
-    (see `Pool._reclaim`).
+    life; it is never lent. Each borrow gets a new handle on it (see
+    `_psycopg.handle_classes`): another object of a subclass sharing its state, so a handle
+    kept after its return is refused for good, even once the same server connection is
+    lent again. The pool keeps no strong reference to a lent handle: a borrower that drops
+    it unreturned lets it be collected, and the pool gets the slot back (`Pool._reclaim`).
+    A parked handle is held weakly (`wr`), to be refused if the pool takes it back.
     """
 
     __slots__ = (

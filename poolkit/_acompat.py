@@ -94,16 +94,16 @@ class Waiter:
         """Hand `item` over; False if the waiter is already resolved (gone)."""
         if self._done:
             return False
-        self._done = True
         self.item = item
+        self._done = True
         self._wake()
         return True
 
     def fail(self, error: BaseException) -> bool:
         if self._done:
             return False
-        self._done = True
         self.error = error
+        self._done = True
         self._wake()
         return True
 
@@ -127,11 +127,18 @@ class Waiter:
             # Resolved from another thread: wake the waiter through its own loop.
             loop.call_soon_threadsafe(_resolve, self.fut)
 
-    async def wait(self, deadline: float) -> None:
-        """Wait until resolved or `deadline` (monotonic); then call give_up() to settle."""
+    async def wait(self, deadline: float) -> bool:
+        """Wait until resolved or `deadline` (monotonic).
+
+        True: resolved by set() or fail(), whose item or error is there to read. False:
+        the deadline came first, or maybe not; call give_up() with the lock held to settle.
+        """
         fut = self.fut
-        if fut.done():
-            return
+        if not fut.done():
+            await self._wait(fut, deadline)
+        return self.item is not None or self.error is not None
+
+    async def _wait(self, fut: asyncio.Future[None], deadline: float) -> None:
         # A timer that resolves the future, not asyncio.timeout() (a cancel scope): a third
         # less per wait, and the outcome is settled by give_up() either way.
         timer = fut.get_loop().call_later(max(0.0, deadline - monotonic()), _resolve, fut)

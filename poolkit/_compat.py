@@ -101,9 +101,14 @@ class Waiter:
         self._done = True
         return True
 
-    def wait(self, deadline: float) -> None:
-        """Wait until resolved or `deadline` (monotonic); then call give_up() to settle."""
-        self._lock.acquire(timeout=max(0.0, deadline - monotonic()))
+    def wait(self, deadline: float) -> bool:
+        """Wait until resolved or `deadline` (monotonic).
+
+        True: resolved by set() or fail() (they release the lock after writing the item
+        or the error). False: the deadline came first, or maybe not; call give_up() with
+        the pool's lock held to settle.
+        """
+        return self._lock.acquire(timeout=max(0.0, deadline - monotonic()))
 
 
 class Worker:

@@ -158,6 +158,10 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
     async def _borrow(self, timeout: float | None, tag: str | None, site: Site) -> ACT:
         """Borrow, attributing the borrow to `site` (a frame, a function's code, or None)."""
         now = monotonic()
+        if not self._idle:
+            # Nothing idle (read without the lock: the line re-checks under it): straight
+            # to the line, one lock round less per contended borrow.
+            return await self._borrow_slow(now, timeout, tag, site, None)
         slot: Slot | None = None
         # acquire()/release() rather than `with`: half the cost, on the path of every borrow.
         lock = self._lock

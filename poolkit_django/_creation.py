@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db.backends.postgresql.creation import DatabaseCreation as PgCreation
 
-from . import _registry
+from . import _lending
 
 
 class DatabaseCreation(PgCreation):
@@ -14,9 +14,9 @@ class DatabaseCreation(PgCreation):
         # CREATE DATABASE ... TEMPLATE fails while any session uses the template: close the
         # pools of every alias pointing at it, not only this alias's.
         self.connection.close()
-        _registry.close_pools_for(self.connection.settings_dict["NAME"])
+        _lending.close_pools_for(self.connection.settings_dict["NAME"])
         super()._clone_test_db(suffix, verbosity, keepdb)  # type: ignore[misc]
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
-        _registry.close_pools_for(test_database_name)
+        _lending.close_pools_for(test_database_name)
         super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]

@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from poolkit import PoolTimeout, TooManyRequests
 
-from ._registry import current_tag
+from ._lending import current_tag
 
 logger = logging.getLogger("poolkit.django")
 

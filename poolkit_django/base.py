@@ -19,7 +19,7 @@ from psycopg.pq import TransactionStatus
 
 from poolkit import ClusterPool, PoolConfig
 
-from . import _checks, _registry
+from . import _checks, _lending, _registry
 from ._creation import DatabaseCreation
 from ._features import DatabaseFeatures
 from ._options import pool_config, release_per_transaction
@@ -144,7 +144,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     def _pk_unpark(self) -> Any:
         conn = self._pk_conn
         self._pk_parked = False
-        if _registry.unpark(self, conn, sys._getframe(2)):
+        if _lending.unpark(self, conn, sys._getframe(2)):
             return conn
         # The pool lent it to another thread or closed it: as if Django had closed it;
         # the next ensure_connection() borrows anew.
@@ -172,7 +172,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                     f"specified. Use one of the psycopg.IsolationLevel values."
                 ) from None
         entry = _registry.entry_for(self, conn_params, config)
-        connection = _registry.lend(self, entry, sys._getframe(1))
+        connection = _lending.lend(self, entry, sys._getframe(1))
         self._pk_isolation = set_isolation_level
         self._pk_release_tx = release_per_transaction(self.settings_dict)
         self._pk_pinned = 0
@@ -206,7 +206,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         entry, self._pk_between = self._pk_between, None
         if entry is None or _registry.current_entry(self.alias) is not entry:
             return None  # settings changed meanwhile: Django's connect() does it all
-        conn = _registry.lend(self, entry, sys._getframe(2))
+        conn = _lending.lend(self, entry, sys._getframe(2))
         if self._pk_isolation:
             conn.isolation_level = self.isolation_level
         self._pk_pinned = 0
@@ -245,11 +245,11 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         try:
             with self.wrap_database_errors:
                 if self._pk_parked:
-                    _registry.release_parked(self, connection)
+                    _lending.release_parked(self, connection)
                 else:
                     if self._pk_pinned == DISCARD:
                         _discard(connection)
-                    _registry.give_back(self, connection)
+                    _lending.give_back(self, connection)
         finally:
             # Connection can no longer be used.
             self.connection = None
@@ -303,7 +303,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 self.close()
                 return
             self.needs_rollback = False
-        if _registry.park(self, conn):
+        if _lending.park(self, conn):
             self._pk_parked = True
         else:
             self.close()

@@ -30,6 +30,12 @@ WRITES_BACK_WITHIN = 2.0
 def table(replication: Replication) -> Iterator[None]:
     replication.write("DROP TABLE IF EXISTS pk_mh; CREATE TABLE pk_mh (id int PRIMARY KEY)")
     replication.repair()  # the standby has the table too
+    # ... and says so: a standby that missed it would fail the test after the promotion
+    # with "relation does not exist", far from the cause.
+    wait_until(
+        lambda: replication.standby.query("SELECT to_regclass('pk_mh') IS NOT NULL"),
+        timeout=30, what="table pk_mh on the standby",
+    )  # fmt: skip
     yield
 
 

@@ -203,6 +203,14 @@ def test_timeouts_and_lost_connections_are_counted(
         except psycopg.OperationalError:
             pass  # a validation bypass may lend one dead connection once
     wait_until(lambda: pool.stats()["connections_lost"] >= 1, what="a lost connection")
+
+    def settled() -> bool:
+        # The pool refills in the background: compare the scrape with stats() once the
+        # replacements are in, not while one is landing between the two reads.
+        st = pool.stats()
+        return bool(st["size"] >= pool.min_size and st["idle"] == st["size"])
+
+    wait_until(settled, what="the pool refilled to min_size")
     s = scrape({"main": pool})
     assert s.value("poolkit_connections_lost_total", pool_name="main") >= 1
     assert_matches_stats(s, pool, "main")

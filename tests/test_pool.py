@@ -221,9 +221,20 @@ def test_garbage_collected_borrow_gets_slot_back(
 
 def _read_child(fd: int, pid: int) -> str:
     ready, _, _ = select.select([fd], [], [], 30)
-    data = os.read(fd, 4096).decode() if ready else "TIMEOUT"
+    data = os.read(fd, 65536).decode() if ready else "TIMEOUT"
     os.waitpid(pid, 0)
     return data
+
+
+def _thread_stacks() -> str:
+    """Every thread's stack (a failed child says where its worker was stuck)."""
+    import faulthandler
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as f:
+        faulthandler.dump_traceback(f, all_threads=True)
+        f.seek(0)
+        return f.read()
 
 
 def _child_borrow(pool: Pool[Any]) -> int:
@@ -246,7 +257,7 @@ def test_fork_child_builds_its_own_connections(make_pool: MakePool) -> None:
             os.write(wfd, str(child_pid).encode())
             code = 0
         except BaseException as ex:
-            os.write(wfd, f"ERR {ex!r}".encode())
+            os.write(wfd, f"ERR {ex!r}\n{_thread_stacks()[-30000:]}".encode())
         finally:
             os._exit(code)
     os.close(wfd)

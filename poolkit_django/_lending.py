@@ -193,10 +193,7 @@ def close_pools_for(dbname: str) -> None:
     For the test runner, before it clones or drops a database: PostgreSQL refuses while
     any session uses it ("being accessed by other users").
     """
-    with _registry.lock:
-        victims = [e for e in _registry.entries.values() if e.params.get("dbname") == dbname]
-        for victim in victims:
-            del _registry.entries[victim.alias]
+    victims = _registry.take_entries_for(dbname)
     me = threading.get_ident()
     for guard in list(_guards):
         for wrapper in list(guard.wrappers):

@@ -60,8 +60,8 @@ AnyPool = Pool[Any] | ClusterPool[Any]
 _HOST_KEYS = ("host", "hostaddr", "port")
 _LIBPQ_ROUTING = ("target_session_attrs", "load_balance_hosts")
 
-entries: dict[str, Entry] = {}
-lock = threading.RLock()
+_entries: dict[str, Entry] = {}
+_lock = threading.RLock()
 
 
 def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: PoolConfig) -> Entry:
@@ -79,15 +79,15 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
         settings_dict["OPTIONS"].get("assume_role"),
         bool(settings_dict.get("CONN_HEALTH_CHECKS")),
     )
-    entry = entries.get(alias)
+    entry = _entries.get(alias)
     if entry is not None and entry.params == conn_params and entry.extra == extra:
         return entry
-    with lock:
-        old = entries.get(alias)
+    with _lock:
+        old = _entries.get(alias)
         if old is not None and old.params == conn_params and old.extra == extra:
             return old
         entry = _build(wrapper, conn_params, config, extra)
-        entries[alias] = entry
+        _entries[alias] = entry
     if old is not None:
         logger.info(
             "pool %r: connection settings changed (database %r → %r): pool rebuilt",
@@ -100,7 +100,7 @@ def entry_for(wrapper: DatabaseWrapper, conn_params: dict[str, Any], config: Poo
 
 
 def current_entry(alias: str) -> Entry | None:
-    return entries.get(alias)
+    return _entries.get(alias)
 
 
 def _build(
@@ -175,7 +175,7 @@ def _health_check(settings_dict: Mapping[str, Any]) -> Any:
 
 def open_entry(entry: Entry) -> AnyPool:
     if not entry.opened:
-        with lock:
+        with _lock:
             if not entry.opened:
                 entry.pool.open()
                 entry.opened = True
@@ -219,10 +219,19 @@ def retire(entry: Entry) -> None:
         entry.pool.close(timeout=0)
 
 
+def take_entries_for(dbname: str) -> list[Entry]:
+    """Take off the books every alias's pool built for `dbname` (the caller retires them)."""
+    with _lock:
+        taken = [e for e in _entries.values() if e.params.get("dbname") == dbname]
+        for entry in taken:
+            del _entries[entry.alias]
+    return taken
+
+
 def retire_alias(alias: str) -> None:
     """Django's close_pool(): the next connect builds a new pool."""
-    with lock:
-        entry = entries.pop(alias, None)
+    with _lock:
+        entry = _entries.pop(alias, None)
     if entry is not None:
         retire(entry)
 
@@ -232,7 +241,7 @@ def retire_alias(alias: str) -> None:
 
 def pools() -> dict[str, AnyPool]:
     """The pools this process has built so far, by alias (none is created here)."""
-    return {alias: e.pool for alias, e in list(entries.items())}
+    return {alias: e.pool for alias, e in list(_entries.items())}
 
 
 def get_pool(alias: str = "default") -> AnyPool:

@@ -100,6 +100,7 @@ class PoolCore:
         # folded into the histograms by readers and housekeeping.
         self._wait_q: deque[float] = deque()
         self._hold_q: deque[tuple[str | None, float]] = deque()
+        self._unparks: deque[None] = deque()
         self._fold_lock = threading.Lock()
         self._pop_lock = threading.Lock()  # one pop_stats() at a time
         self._popped: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -179,13 +180,12 @@ class PoolCore:
         for slot in list(self._idle):
             if slot.conn is not None and slot.conn.__dict__ is state:
                 where = f" (last borrowed at {slot.site}, returned at {slot.return_site})"
-        for book in (self._lent, self._parked):
-            for slot in list(book.values()):
-                if slot.conn is not None and slot.conn.__dict__ is state:
-                    where = (
-                        f" (returned at {slot.return_site}); its server connection is lent "
-                        f"again, now to the borrower at {slot.site}"
-                    )
+        for slot in list(self._lent.values()):
+            if slot.conn is not None and slot.conn.__dict__ is state:
+                where = (
+                    f" (returned at {slot.return_site}); its server connection is lent "
+                    f"again, now to the borrower at {slot.site}"
+                )
         return ConnectionReturned(
             f"this connection was returned to pool {self.name!r}{where}: nothing was sent. "
             "Use a connection only inside its `with pool.connection()` block, or until "
@@ -201,9 +201,44 @@ class PoolCore:
             old = book.get(key)
             if old is not None and old is not slot:
                 self._n_reclaimed += 1
+                if self._parked.get(key) is old:
+                    del self._parked[key]
                 old.parked = False
                 self._reclaimed_late.append(old)
             book[key] = slot
+
+    # -- parked slots (see Pool._park) ------------------------------------------------
+    #
+    # A parked slot stays booked in _lent and is also in _parked (never only there): it
+    # belongs to whoever pops it from _parked. The parker's _unpark() pops without the
+    # lock; everyone else holds it.
+
+    def _in_use(self) -> list[Slot]:
+        """The slots lent and not parked."""
+        return [s for s in list(self._lent.values()) if not s.parked]
+
+    def _unbook_parked(self, key: int, slot: Slot) -> None:
+        """Take a slot just popped from _parked off the books and refuse its handle (lock held)."""
+        if self._lent.get(key) is slot:
+            del self._lent[key]
+        slot.disown()
+
+    def _steal_locked(self) -> Slot | None:
+        """A parked slot taken from its parker (lock held), or None if none is left."""
+        parked = self._parked
+        while parked:
+            try:
+                key, slot = parked.popitem()
+            except KeyError:  # unparked meanwhile
+                return None
+            if slot.wr() is None:
+                # Its handle was collected unreturned: the reclaim settles the slot.
+                slot.parked = False
+                continue
+            self._unbook_parked(key, slot)
+            self._n_stolen += 1
+            return slot
+        return None
 
     # -- accounting (called with the lock held) ----------------------------------------
 
@@ -220,7 +255,11 @@ class PoolCore:
         if not threshold:
             return
         with self._lock:
-            due = [s for s in self._lent.values() if not s.warned and now - s.t0 >= threshold]
+            due = [
+                s
+                for s in self._lent.values()
+                if not s.warned and not s.parked and now - s.t0 >= threshold
+            ]
             for s in due:
                 s.warned = True
                 self._n_leaks += 1
@@ -236,7 +275,7 @@ class PoolCore:
             self._min_size,
             self._max_size,
             len(self._idle),
-            len(self._lent),
+            len(self._lent) - len(self._parked),
             len(self._waiting),
         )
 
@@ -256,7 +295,8 @@ class PoolCore:
 
     def _cannot_connect(self) -> bool:
         """True when no connection exists and connecting is failing."""
-        return bool(self._last_error) and not self._idle and self._nconns == len(self._lent)
+        in_use = len(self._lent) - len(self._parked)
+        return bool(self._last_error) and not self._idle and self._nconns == in_use
 
     def _timeout_message(self, waited: float) -> str:
         head = f"couldn't get a connection from pool {self.name!r} after {waited:.2f} s"
@@ -267,7 +307,7 @@ class PoolCore:
                 f"({self._state_line()})"
             )
         msg = f"{head}: {self._state_line()}"
-        longest = max(self._lent.values(), key=lambda s: -s.t0, default=None)
+        longest = max(self._in_use(), key=lambda s: -s.t0, default=None)
         if longest is not None:
             msg += (
                 f"; longest borrow: {longest.held_for:.2f} s by {longest.owner_name()} "
@@ -293,7 +333,7 @@ class PoolCore:
         I/O-free, so it runs in the at-fork hook: the child gets fresh locks and counters,
         and its first borrow starts its own background worker.
         """
-        slots = [*self._idle, *self._lent.values(), *self._parked.values()]
+        slots = [*self._idle, *self._lent.values()]  # (parked slots are in _lent too)
         was_open = not self._closed
         _fork.orphan([s.conn for s in slots if s.conn is not None])
         self._lock = threading.Lock()
@@ -317,13 +357,13 @@ class PoolCore:
         out: list[Slot] = []
         while self._reclaim:
             key, state = self._reclaim.popleft()
-            for book in (self._lent, self._parked):
-                slot = book.get(key)
-                if slot is not None and slot.conn is not None and slot.conn.__dict__ is state:
-                    del book[key]
-                    slot.parked = False
-                    out.append(slot)
-                    break
+            slot = self._lent.get(key)
+            if slot is not None and slot.conn is not None and slot.conn.__dict__ is state:
+                del self._lent[key]
+                if self._parked.get(key) is slot:
+                    del self._parked[key]
+                slot.parked = False
+                out.append(slot)
         self._n_reclaimed += len(out)
         if self._reclaimed_late:
             out += self._reclaimed_late

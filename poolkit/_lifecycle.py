@@ -129,27 +129,31 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         ident = _ident()
         deadline = monotonic() + timeout
         while monotonic() < deadline and any(
-            (s.task is not me) if me is not None else (s.owner != ident)
-            for s in list(self._lent.values())
+            (s.task is not me) if me is not None else (s.owner != ident) for s in self._in_use()
         ):
             sleep(0.01)
-        if self._lent:
+        in_use = self._in_use()
+        if in_use:
             # close(timeout=0) means "now": worth a note, not a warning.
             (leak_logger.warning if timeout > 0 else leak_logger.info)(
                 "pool %r: closing with %d connection(s) still borrowed after a %.1f s drain: %s",
                 self.name,
-                len(self._lent),
+                len(in_use),
                 timeout,
                 "; ".join(f"{b.site} ({b.held_for:.1f} s)" for b in self.borrowed()),
             )
         with self._lock:
             self._closed = True
-            idle = [*self._idle, *self._parked.values()]
+            idle = [*self._idle]
             self._idle.clear()
-            self._parked.clear()
+            while self._parked:
+                try:
+                    key, slot = self._parked.popitem()
+                except KeyError:  # unparked meanwhile (no lock there)
+                    break
+                self._unbook_parked(key, slot)
+                idle.append(slot)
         for slot in idle:
-            if slot.parked:
-                slot.disown()
             self._retire(slot)
         self._wakeup.set()
         worker, self._worker = self._worker, None

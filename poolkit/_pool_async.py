@@ -329,6 +329,11 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
         borrower is waiting, or its session needs a reset (the reset policy runs on
         return). The pool takes a parked connection back when a borrower would otherwise
         wait at max_size; `_unpark()` tells the parker whether it still has it.
+
+        No lock: this runs at the end of every Django request. The slot stays booked as
+        lent and is only marked, in `_parked`; whoever pops it from there owns it (the
+        parker unparking, a borrower stealing, housekeeping expiring), and `dict.pop` is
+        atomic. In-use counts leave the parked slots out.
         """
         now = monotonic()
         key = id(conn)
@@ -339,43 +344,48 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
         ):
             return False
         slot = self._lent.get(key)
-        if slot is None or conn.__class__ is not slot.cls:
+        if slot is None or conn.__class__ is not slot.cls or slot.parked:
             self._not_mine(conn)
         # The borrower's own connection: its settings are read outside the lock.
         if ATTRS_OF(conn.__dict__) != slot.attrs or THRESHOLD_OF(conn) != slot.threshold:
             return False
-        lock = self._lock
-        lock.acquire()  # (not `with`: this runs at the end of every Django request)
-        try:
-            if self._waiting or self._lent.get(key) is not slot:
-                return False
-            del self._lent[key]
-            slot.parked = True
-            slot.returned_at = now
-            # Weak, so that a parker that goes away lets its handle be collected; the pool
-            # needs it only to refuse it if it takes the connection back (Slot.disown()).
-            slot.wr = ref(conn)
-            self._book(self._parked, key, slot)
-        finally:
-            lock.release()
-        self._hold_q.append((slot.tag, now - slot.t0))
-        if slot.warned:
+        if self._waiting:
+            return False
+        # Read before the slot is offered: a stealer may lend it at once.
+        tag, held, warned = slot.tag, now - slot.t0, slot.warned
+        slot.returned_at = now
+        # Weak, so that a parker that goes away lets its handle be collected; the pool
+        # needs it only to refuse it if it takes the connection back (Slot.disown()).
+        slot.wr = ref(conn)
+        slot.parked = True
+        parked = self._parked
+        parked[key] = slot
+        # A borrower that joined the line before the slot was offered did not see it; it
+        # looks again after joining (_take_slot), so one of the two sees the other.
+        if self._waiting and parked.pop(key, None) is slot:
+            slot.parked = False
+            slot.wr = NO_REF
+            return False
+        self._hold_q.append((tag, held))
+        if warned:
             self._late_return(slot, now)
         return True
 
     def _unpark(self, conn: ACT, tag: str | None = None, site: Site = None) -> bool:
         """Take back a parked connection: False if the pool gave it to someone else."""
         now = monotonic()
-        with self._lock:
-            slot = self._parked.pop(id(conn), None)
-            if slot is None or slot.wr() is not conn:
-                if slot is not None:
-                    self._parked[id(conn)] = slot
-                return False
+        # One atomic pop decides between the parker and a stealer (see _park).
+        slot = self._parked.pop(id(conn), None)
+        if slot is None:
+            return False
+        if slot.wr() is not conn:
+            # A stale entry of a collected handle whose id `conn` reuses: the reclaim
+            # settles that slot; `conn` was never parked.
             slot.parked = False
-            slot.wr = NO_REF
-            self._book(self._lent, id(conn), slot)
-            self._n_fast += 1
+            return False
+        slot.parked = False
+        slot.wr = NO_REF
+        self._unparks.append(None)  # counted as an immediate borrow by _fold()
         self._lend(slot, now, tag, site if site is not None else _getframe(1), None, conn)
         return True
 

@@ -20,6 +20,14 @@ class Reporting(PoolCore):
             q = self._wait_q
             while q:
                 add(q.popleft())
+            # Unparks are immediate borrows, queued because _unpark() takes no lock.
+            uq, unparks = self._unparks, 0
+            while uq:
+                uq.popleft()
+                unparks += 1
+            if unparks:
+                with self._lock:
+                    self._n_fast += unparks
             tags = self._tag_hold
             hold = self._hold_hist.add
             hq = self._hold_q
@@ -36,7 +44,7 @@ class Reporting(PoolCore):
     def borrowed(self) -> list[BorrowInfo]:
         """The connections currently lent out, longest-held first."""
         with self._lock:
-            slots = list(self._lent.values())
+            slots = self._in_use()
         return borrow_infos(slots, self._leak_threshold)
 
     def events(self) -> list[tuple[float, str, str]]:
@@ -69,7 +77,7 @@ class Reporting(PoolCore):
                 "name": self.name,
                 "size": size,
                 "idle": len(self._idle),
-                "in_use": len(self._lent),
+                "in_use": len(self._lent) - len(self._parked),
                 "waiting": len(self._waiting),
                 "min_size": self._min_size,
                 "max_size": self._max_size,

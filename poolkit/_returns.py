@@ -22,7 +22,7 @@ from ._compat import ensure
 from ._leaks import logger
 from ._lifecycle import Lifecycle
 from ._psycopg import ATTRS_OF, POOL_ATTR, THRESHOLD_OF
-from ._slot import Slot
+from ._slot import NO_REF, Slot
 
 CT = TypeVar("CT", bound=Connection[Any])
 
@@ -60,6 +60,13 @@ class Returns(Lifecycle[CT], Generic[CT]):
         if slot is None or conn.__class__ is not slot.cls:
             self._not_mine(conn)
             return
+        if slot.parked:
+            # Given back while parked, without _unpark(): claim it first, as _unpark does.
+            if self._parked.pop(key, None) is not slot:
+                self._not_mine(conn)  # the pool took it back meanwhile
+                return
+            slot.parked = False
+            slot.wr = NO_REF
         # From now on this handle refuses any use, for good: the next borrow of the same
         # server connection gets a new one.
         conn.__class__ = slot.guarded

@@ -46,9 +46,7 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
             if self._parked and self._nconns + self._connecting >= self._max_size:
                 # At max_size with nothing idle: take a connection parked by a thread
                 # between two requests (Django's CONN_MAX_AGE) rather than wait.
-                _, stolen = self._parked.popitem()
-                stolen.disown()
-                self._n_stolen += 1
+                stolen = self._steal_locked()
             if stolen is None:
                 if self._permanent_fix and not self._nconns:
                     raise ConnectFailed(self._connect_failed_message())
@@ -60,6 +58,14 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                     )
                 waiter = self._new_waiter()
                 self._waiting.append(waiter)
+                # A parker offers its slot without the lock, then looks at the line
+                # (Pool._park): looking again after joining it, one of the two sees
+                # the other.
+                if self._parked and self._nconns + self._connecting >= self._max_size:
+                    stolen = self._steal_locked()
+                    if stolen is not None:
+                        self._waiting.pop()
+            if stolen is None:
                 self._n_queued += 1
                 # Wake the worker only if it can open a connection for this borrower: at
                 # max_size, a return hands one over without it.

@@ -43,6 +43,7 @@ FILES: dict[str, str | None] = {
     "tests/test_trust_async.py": "tests/test_trust.py",
     "tests/test_credentials_async.py": "tests/test_credentials.py",
     "tests/test_pool_async.py": "tests/test_pool.py",
+    "tests/test_parking_async.py": "tests/test_parking.py",
     "tests/test_cluster_async.py": "tests/test_cluster.py",
 }
 

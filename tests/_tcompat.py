@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 
 import pytest
 
+ASYNC = False  # the async twin: one thread, no preemption between awaits
 fixture = pytest.fixture
 sleep = time.sleep
 

@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 
 import pytest_asyncio
 
+ASYNC = True  # the async twin: one thread, no preemption between awaits
 fixture = pytest_asyncio.fixture
 sleep = asyncio.sleep
 

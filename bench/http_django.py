@@ -157,6 +157,21 @@ def pid_view(request: Any) -> Any:
     return HttpResponse(str(os.getpid()).encode())
 
 
+def pool_view(request: Any) -> Any:
+    """The worker's pool counters (poolkit_django only): steals show up here."""
+    import json
+
+    from django.db import connection
+    from django.http import HttpResponse
+
+    pool = getattr(connection, "pool", None)
+    if pool is None or not hasattr(pool, "stats"):
+        return HttpResponse(b"{}")
+    out = {k: v for k, v in pool.stats().items() if isinstance(v, int)}
+    out["stolen"] = getattr(pool, "_n_stolen", -1)
+    return HttpResponse(json.dumps(out).encode())
+
+
 def _configure() -> Any:
     """Settings for $BENCH_DJANGO_APP; returns Django's WSGI handler."""
     import django
@@ -205,6 +220,7 @@ def __getattr__(name: str) -> Any:
         patterns = [
             path("ping", ping_view),
             path("pid", pid_view),
+            path("pool", pool_view),
             path("select", select_view),
             path("insert", insert_view),
             path("wait2", wait2_view),
@@ -313,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.execute(f"TRUNCATE {TABLE}")
     results: dict[tuple[str, str], list[Result]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
+    stolen: dict[str, list[int]] = {}  # name -> [parked connections taken over, requests]
     with contextlib.ExitStack() as stack:
         urls = {
             name: stack.enter_context(gunicorn_server(name, dsn, suite.threads))
@@ -329,8 +346,14 @@ def main(argv: list[str] | None = None) -> int:
                     load(url, suite.conns, args.warmup, method="GET", threads=2)
                     pin_backends(dsn, [workers[name]])
                     cpu0 = _cpu_seconds(workers[name])
+                    stolen0 = _stolen(urls[name])
                     result = load(url, suite.conns, args.duration, method="GET", threads=2)
                     used = _cpu_seconds(workers[name]) - cpu0
+                    if stolen0 is not None:
+                        # In-flight requests may still end after wrk: close enough.
+                        stolen.setdefault(name, [0, 0])
+                        stolen[name][0] += (_stolen(urls[name]) or 0) - stolen0
+                        stolen[name][1] += result.requests
                     per_request = used / result.requests if result.requests else 0.0
                     results.setdefault((name, view), []).append(result)
                     cpu.setdefault((name, view), []).append(per_request)
@@ -342,8 +365,18 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     time.sleep(0.2)
-    print(report(suite, views, results, cpu, args, dsn))
+    print(report(suite, views, results, cpu, args, dsn, stolen))
     return 0
+
+
+def _stolen(base_url: str) -> int | None:
+    """How many parked connections the worker's pool took over so far (None: no pool)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/pool", timeout=10) as resp:
+        stolen = json.loads(resp.read()).get("stolen")
+    return None if stolen is None or stolen < 0 else int(stolen)
 
 
 def ratio_range(runs: Sequence[Result], base: Sequence[Result]) -> str:
@@ -361,6 +394,7 @@ def report(
     cpu: dict[tuple[str, str], list[float]],
     args: argparse.Namespace,
     dsn: str,
+    stolen: dict[str, list[int]] | None = None,
 ) -> str:
     from poolkit import mask_conninfo
 
@@ -391,6 +425,14 @@ def report(
                 f"| {view} | {name} | {r.rps:.0f} | {fmt_ms(r.p50)} | {fmt_ms(r.p99)} | "
                 f"{per_req * 1e6:.0f} | {r.errors} | {ratios} |"
             )
+    taken = [
+        f"{name} {n / max(1, reqs) * 1000:.2f}"
+        for name, (n, reqs) in (stolen or {}).items()
+        if "CONN_MAX_AGE" in name
+    ]
+    if taken:
+        lines += ["", "Parked connections taken over by another thread, per 1000 requests: "
+                  + ", ".join(taken) + "."]  # fmt: skip
     lines += ["", f"{versions(*PACKAGES)}; server {mask_conninfo(dsn)}."]
     return "\n".join(lines)
 

@@ -231,11 +231,13 @@ class PoolCore:
                 key, slot = parked.popitem()
             except KeyError:  # unparked meanwhile
                 return None
-            if slot.wr() is None:
-                # Its handle was collected unreturned: the reclaim settles the slot.
+            handle = slot.wr()  # held until disowned: collected in between, its reclaim
+            if handle is None:  # could match the next handle given the same id
+                # Collected unreturned: the reclaim settles the slot.
                 slot.parked = False
                 continue
             self._unbook_parked(key, slot)
+            del handle
             self._n_stolen += 1
             return slot
         return None

@@ -353,7 +353,10 @@ class Pool(Waits[CT], Generic[CT]):
         if self._waiting:
             return False
         # Read before the slot is offered: a stealer may lend it at once.
-        tag, held, warned = slot.tag, now - slot.t0, slot.warned
+        tag, held = slot.tag, now - slot.t0
+        if slot.warned:
+            self._late_return(slot, now)
+            slot.warned = False  # reported: not again if putconn() follows after all
         slot.returned_at = now
         # Weak, so that a parker that goes away lets its handle be collected; the pool
         # needs it only to refuse it if it takes the connection back (Slot.disown()).
@@ -368,8 +371,6 @@ class Pool(Waits[CT], Generic[CT]):
             slot.wr = NO_REF
             return False
         self._hold_q.append((tag, held))
-        if warned:
-            self._late_return(slot, now)
         return True
 
     def _unpark(self, conn: CT, tag: str | None = None, site: Site = None) -> bool:

@@ -65,6 +65,11 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
                 return
             slot.parked = False
             slot.wr = NO_REF
+        elif conn.__class__ is not slot.cls:
+            # Parked, and taken back by a borrower between the two reads above (it refuses
+            # the handle before it clears `parked`): the slot is someone else's now.
+            self._not_mine(conn)
+            return
         # From now on this handle refuses any use, for good: the next borrow of the same
         # server connection gets a new one.
         conn.__class__ = slot.guarded

@@ -98,10 +98,13 @@ class Slot:
     def disown(self) -> None:
         """Refuse the parked borrower's handle from now on: the pool takes it back."""
         handle = self.wr()
-        self.wr = NO_REF
-        self.parked = False
+        # The class first, `parked` after: a putconn() of the parked handle running at the
+        # same time reads them in the other order (see Pool._return), so it sees either
+        # the slot still parked or its handle already refused.
         if handle is not None:
             handle.__class__ = self.guarded
+        self.wr = NO_REF
+        self.parked = False
 
     # -- reporting -------------------------------------------------------------------
 

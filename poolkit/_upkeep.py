@@ -69,10 +69,13 @@ class Upkeep(Reporting, Generic[CT]):
             for s in old:
                 self._idle.remove(s)
             for key, s in list(self._parked.items()):
+                stale = (
+                    now >= s.expire_at
+                    or now - s.returned_at > self.max_idle
+                    or s.created_at < self._invalid_before  # older than a connection loss
+                )
                 # Popped, not deleted: its parker may have unparked it meanwhile.
-                if (now >= s.expire_at or now - s.returned_at > self.max_idle) and self._parked.pop(
-                    key, None
-                ) is s:
+                if stale and self._parked.pop(key, None) is s:
                     self._unbook_parked(key, s)
                     old.append(s)
         for s in old:

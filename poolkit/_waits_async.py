@@ -72,8 +72,17 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                 grow = self._nconns + self._connecting < self._max_size
         self._report_reclaimed(gone)
         if stolen is not None:
-            await self._recycle(stolen, monotonic())
-            return stolen
+            try:
+                recycled = await self._recycle(stolen, monotonic())
+            except BaseException:
+                # Cancelled while resetting it: close it, the slot goes back to the books.
+                if stolen.conn is not None and not stolen.conn.closed:
+                    self._retire(stolen)
+                raise
+            if recycled:
+                return stolen
+            # Disposed of (and counted) by _recycle(): look again, as if never taken.
+            return await self._take_slot(t0, deadline)
         if grow:
             self._wakeup.set()
         try:

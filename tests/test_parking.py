@@ -7,9 +7,12 @@ Generated from tests/test_parking_async.py: edit that file, not this one.
 
 from __future__ import annotations
 
+import linecache
 import logging
 import os
 import random
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,6 +22,7 @@ import psycopg
 import pytest
 
 from poolkit import ConnectionReturned, Pool, PoolTimeout
+from poolkit import _returns as returns
 from tests._tcompat import ASYNC, fixture, gather, sleep, spawn, until
 
 MakePool = Callable[..., Pool[Any]]
@@ -28,10 +32,10 @@ MakePool = Callable[..., Pool[Any]]
 def make_pool(app_dsn: str) -> Iterator[MakePool]:
     pools: list[Pool[Any]] = []
 
-    def make(**kw: Any) -> Pool[Any]:
+    def make(housekeeping: float = 0.05, **kw: Any) -> Pool[Any]:
         kw.setdefault("min_size", 1)
         pool: Pool[Any] = Pool(app_dsn, open=False, **kw)
-        pool.housekeeping_interval = 0.05
+        pool.housekeeping_interval = housekeeping
         pools.append(pool)
         pool.open(wait=True, timeout=30)
         return pool
@@ -105,6 +109,26 @@ def test_a_parked_connection_obeys_max_idle(make_pool: MakePool) -> None:
     until(lambda: counts(pool) == (1, 1, 0), timeout=10, what="refilled to min_size")
     with pool.connection() as again:
         assert again.info.backend_pid != pid
+
+
+def test_a_parked_connection_older_than_a_lost_one_is_closed(
+    make_pool: MakePool, admin_conn: Any
+) -> None:
+    # As idle ones are: a connection found broken invalidates those opened before it last
+    # worked, parked ones included (the parker's next request borrows a fresh one).
+    pool = make_pool(min_size=2, max_size=2)
+    parked = pool.getconn()
+    with pool.connection() as other:  # returned once: its last success is now
+        pass
+    other = pool.getconn()
+    assert pool._park(parked)
+    admin_conn.execute("SELECT pg_terminate_backend(%s)", [other.info.backend_pid])
+    with pytest.raises(psycopg.OperationalError):
+        other.execute("SELECT 1")
+    pool.putconn(other)
+    until(lambda: parked.closed, timeout=10, what="the parked connection closed")
+    assert not pool._unpark(parked)
+    until(lambda: counts(pool) == (2, 2, 0), timeout=10, what="refilled")
 
 
 def test_close_does_not_wait_for_parked_connections(
@@ -201,6 +225,74 @@ def test_a_parker_sees_a_borrower_that_joined_the_line_as_it_parked(
     pool.putconn(conn)
     assert borrower[0].join(10) == pid
     assert counts(pool) == (1, 1, 0)
+
+
+def test_a_parked_connection_too_old_to_take_over_is_closed_once(
+    make_pool: MakePool,
+) -> None:
+    # Past max_lifetime before housekeeping came by: the borrower taking it over closes
+    # it and gets a new connection. It was closed twice (size off by one, a connection
+    # above max_size opened in its place).
+    pool = make_pool(min_size=1, max_size=1, max_lifetime=0.3, housekeeping=3600)
+    conn = pool.getconn()
+    assert pool._park(conn)
+    sleep(0.5)
+    other = pool.getconn(timeout=10)
+    other.execute("SELECT 1")
+    stats = pool.stats()
+    assert (stats["size"], stats["in_use"], stats["idle"]) == (1, 1, 0)
+    assert (stats["connections_created"], stats["connections_closed"]) == (2, 1)
+    assert not pool._unpark(conn)
+    pool.putconn(other)
+
+
+def test_a_parked_connection_given_back_as_it_is_taken_over_stays_taken(
+    make_pool: MakePool,
+) -> None:
+    # putconn() of a parked handle while another borrower takes the connection over: the
+    # give-back must see that it lost the connection, not reset the new borrow's state.
+    if ASYNC:
+        pytest.skip("one thread: no borrower can take it over in the middle of putconn()")
+    pool = make_pool(min_size=1, max_size=1)
+    conn = pool.getconn()
+    assert pool._park(conn)
+    taken: list[Any] = []
+    slot = pool._lent[id(conn)]
+
+    def steal() -> None:
+        taken.append(pool.getconn(timeout=5))
+
+    # The steal is forced between putconn()'s first look at the slot (its class) and its
+    # look at `parked`, by a tracer that runs it in another thread at that line.
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code.co_name != "_return" or frame.f_code.co_filename != returns.__file__:
+            return None
+
+        def line(f: Any, ev: str, a: Any) -> Any:
+            if ev == "line" and not taken and "slot.parked" in _source_line(f):
+                t = threading.Thread(target=steal)
+                t.start()
+                t.join(10)
+            return line
+
+        return line
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(ValueError, match="not lent"):
+            pool.putconn(conn)
+    finally:
+        sys.settrace(None)
+    assert taken and slot.conn is not None
+    other = taken[0]
+    assert other._pool is pool  # the new borrow's mark is intact
+    other.execute("SELECT 1")
+    pool.putconn(other)
+    assert counts(pool) == (1, 1, 0)
+
+
+def _source_line(frame: Any) -> str:
+    return linecache.getline(frame.f_code.co_filename, frame.f_lineno)
 
 
 def test_parking_under_contention_never_lends_one_connection_twice(

@@ -118,6 +118,23 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
                 self._retire(slot)
             raise
 
+    async def _note_connect_failure(self, error: BaseException, t0: float) -> None:
+        await super()._note_connect_failure(error, t0)
+        # A borrower waits for a connection that cannot be opened while a thread keeps one
+        # parked between requests: lend that one rather than let the wait time out.
+        with self._lock:
+            stolen = self._steal_locked() if self._waiting and self._parked else None
+        if stolen is None:
+            return
+        try:
+            if await self._recycle(stolen, monotonic()):
+                with self._lock:
+                    self._put_idle_locked(stolen)  # (to the first waiter)
+        except BaseException:
+            if stolen.conn is not None and not stolen.conn.closed:
+                self._retire(stolen)
+            raise
+
     def _not_mine(self, conn: Any) -> NoReturn:
         owner = _psycopg.get_pool(conn)
         if owner is self:

@@ -43,9 +43,12 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
             gone = self._take_reclaimed()
             if self._idle:
                 return self._idle.popleft() if self._fifo else self._idle.pop()
-            if self._parked and self._nconns + self._connecting >= self._max_size:
-                # At max_size with nothing idle: take a connection parked by a thread
-                # between two requests (Django's CONN_MAX_AGE) rather than wait.
+            if self._parked and (
+                self._nconns + self._connecting >= self._max_size or self._failing_since
+            ):
+                # At max_size (or while connecting fails) with nothing idle: take a
+                # connection parked by a thread between two requests (Django's
+                # CONN_MAX_AGE) rather than wait.
                 stolen = self._steal_locked()
             if stolen is None:
                 if self._permanent_fix and not self._nconns:
@@ -61,7 +64,9 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                 # A parker offers its slot without the lock, then looks at the line
                 # (Pool._park): looking again after joining it, one of the two sees
                 # the other.
-                if self._parked and self._nconns + self._connecting >= self._max_size:
+                if self._parked and (
+                    self._nconns + self._connecting >= self._max_size or self._failing_since
+                ):
                     stolen = self._steal_locked()
                     if stolen is not None:
                         self._waiting.pop()

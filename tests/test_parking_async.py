@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from poolkit import AsyncPool, ConnectionReturned, PoolTimeout
 from poolkit import _returns_async as returns  # sync: from poolkit import _returns as returns
@@ -126,6 +127,36 @@ async def test_a_parked_connection_older_than_a_lost_one_is_closed(
     await until(lambda: parked.closed, timeout=10, what="the parked connection closed")
     assert not pool._unpark(parked)
     await until(lambda: counts(pool) == (2, 2, 0), timeout=10, what="refilled")
+
+
+async def test_a_waiting_borrower_takes_a_parked_connection_while_connecting_fails(
+    make_pool: MakePool, app_dsn: str
+) -> None:
+    # Below max_size a borrower waits for a new connection; when opening one fails (here:
+    # the password was rotated under the pool), the connection a thread keeps parked
+    # serves it instead of the wait ending in a timeout.
+    password = conninfo_to_dict(app_dsn).get("password")
+    attempts: list[int] = []
+
+    def secret() -> Any:
+        attempts.append(1)
+        return password if len(attempts) == 1 else "rotated-away"
+
+    pool = await make_pool(min_size=1, max_size=2, kwargs={"password": secret})
+    conn = await pool.getconn()
+    pid = conn.info.backend_pid
+    assert pool._park(conn)
+    other = await pool.getconn(timeout=5)
+    assert other.info.backend_pid == pid and len(attempts) >= 2
+    assert not pool._unpark(conn)
+    await pool.putconn(other)
+    # While connecting still fails, the next borrower takes a parked one at once.
+    again = await pool.getconn(timeout=5)
+    assert pool._park(again)
+    last = await pool.getconn(timeout=5)
+    assert last.info.backend_pid == pid
+    await pool.putconn(last)
+    assert pool.stats()["timeouts"] == 0
 
 
 async def test_close_does_not_wait_for_parked_connections(

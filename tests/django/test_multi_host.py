@@ -260,8 +260,13 @@ def test_replica_router_with_a_multi_host_primary(
     ):
         router = ReplicaRouter()
         try:
-            wait_until(lambda: router.topology().get("pk_multi_replica", {}).get("ok"),
-                       timeout=10, what="the probe")  # fmt: skip
+            # Each server has its own probe: wait for both (the primary's may come second).
+            def probed() -> bool:
+                seen = router.topology()
+                replica_ok = seen.get("pk_multi_replica", {}).get("ok")
+                return bool(replica_ok) and seen.get(ALIAS, {}).get("role") != "unknown"
+
+            wait_until(probed, timeout=10, what="both probes")
             assert router.topology()[ALIAS]["role"] == "primary"
             assert router.db_for_read(None) == "pk_multi_replica"
         finally:

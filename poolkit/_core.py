@@ -217,11 +217,24 @@ class PoolCore:
         """The slots lent and not parked."""
         return [s for s in list(self._lent.values()) if not s.parked]
 
+    def _n_in_use(self) -> int:
+        """How many slots are lent and not parked (exact with the lock held)."""
+        return len(self._lent) - len(self._parked)
+
     def _unbook_parked(self, key: int, slot: Slot) -> None:
         """Take a slot just popped from _parked off the books and refuse its handle (lock held)."""
         if self._lent.get(key) is slot:
             del self._lent[key]
         slot.disown()
+
+    def _steal_due_locked(self) -> Slot | None:
+        """A parked slot for a borrower with nothing idle (lock held), when no new
+        connection is coming for it: at max_size, or while connecting fails. Else None."""
+        if self._parked and (
+            self._nconns + self._connecting >= self._max_size or self._failing_since
+        ):
+            return self._steal_locked()
+        return None
 
     def _steal_locked(self) -> Slot | None:
         """A parked slot taken from its parker (lock held), or None if none is left."""
@@ -277,7 +290,7 @@ class PoolCore:
             self._min_size,
             self._max_size,
             len(self._idle),
-            len(self._lent) - len(self._parked),
+            self._n_in_use(),
             len(self._waiting),
         )
 
@@ -297,8 +310,7 @@ class PoolCore:
 
     def _cannot_connect(self) -> bool:
         """True when no connection exists and connecting is failing."""
-        in_use = len(self._lent) - len(self._parked)
-        return bool(self._last_error) and not self._idle and self._nconns == in_use
+        return bool(self._last_error) and not self._idle and self._nconns == self._n_in_use()
 
     def _timeout_message(self, waited: float) -> str:
         head = f"couldn't get a connection from pool {self.name!r} after {waited:.2f} s"

@@ -77,7 +77,7 @@ class Reporting(PoolCore):
                 "name": self.name,
                 "size": size,
                 "idle": len(self._idle),
-                "in_use": len(self._lent) - len(self._parked),
+                "in_use": self._n_in_use(),
                 "waiting": len(self._waiting),
                 "min_size": self._min_size,
                 "max_size": self._max_size,

@@ -109,32 +109,28 @@ class Returns(Lifecycle[CT], Generic[CT]):
         with self._lock:
             if self._lent.pop(key, None) is not slot:
                 return  # returned twice, concurrently: the other return wins
-        try:
-            if self._recycle(slot, now):
-                with self._lock:
-                    self._put_idle_locked(slot)
-        except BaseException:
-            # Cancelled mid-return (anyio cancel scopes cancel every await): close it
-            # and give the slot back to the books.
-            if slot.conn is not None and not slot.conn.closed:
-                self._retire(slot)
-            raise
+        if self._recycle_or_close(slot, now):
+            with self._lock:
+                self._put_idle_locked(slot)
 
     def _note_connect_failure(self, error: BaseException, t0: float) -> None:
         super()._note_connect_failure(error, t0)
         # A borrower waits for a connection that cannot be opened while a thread keeps one
         # parked between requests: lend that one rather than let the wait time out.
         with self._lock:
-            stolen = self._steal_locked() if self._waiting and self._parked else None
-        if stolen is None:
-            return
+            stolen = self._steal_due_locked() if self._waiting else None
+        if stolen is not None and self._recycle_or_close(stolen, monotonic()):
+            with self._lock:
+                self._put_idle_locked(stolen)  # (to the first waiter)
+
+    def _recycle_or_close(self, slot: Slot, now: float) -> bool:
+        """_recycle(), closing the connection if cancelled meanwhile (anyio cancel scopes
+        cancel every await): the slot goes back to the books, never lost."""
         try:
-            if self._recycle(stolen, monotonic()):
-                with self._lock:
-                    self._put_idle_locked(stolen)  # (to the first waiter)
+            return self._recycle(slot, now)
         except BaseException:
-            if stolen.conn is not None and not stolen.conn.closed:
-                self._retire(stolen)
+            if slot.conn is not None and not slot.conn.closed:
+                self._retire(slot)
             raise
 
     def _not_mine(self, conn: Any) -> NoReturn:

@@ -33,7 +33,6 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
 
     async def _take_slot(self, t0: float, deadline: float) -> Slot:
         """An idle slot, a stolen parked one, or one handed over after a wait in line."""
-        stolen: Slot | None = None
         with self._lock:
             if self._closed or self._draining:
                 raise self._closed_error()
@@ -43,13 +42,9 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
             gone = self._take_reclaimed()
             if self._idle:
                 return self._idle.popleft() if self._fifo else self._idle.pop()
-            if self._parked and (
-                self._nconns + self._connecting >= self._max_size or self._failing_since
-            ):
-                # At max_size (or while connecting fails) with nothing idle: take a
-                # connection parked by a thread between two requests (Django's
-                # CONN_MAX_AGE) rather than wait.
-                stolen = self._steal_locked()
+            # Nothing idle, and no new connection coming: take a connection parked by a
+            # thread between two requests (Django's CONN_MAX_AGE) rather than wait.
+            stolen = self._steal_due_locked()
             if stolen is None:
                 if self._permanent_fix and not self._nconns:
                     raise ConnectFailed(self._connect_failed_message())
@@ -64,12 +59,9 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                 # A parker offers its slot without the lock, then looks at the line
                 # (Pool._park): looking again after joining it, one of the two sees
                 # the other.
-                if self._parked and (
-                    self._nconns + self._connecting >= self._max_size or self._failing_since
-                ):
-                    stolen = self._steal_locked()
-                    if stolen is not None:
-                        self._waiting.pop()
+                stolen = self._steal_due_locked()
+                if stolen is not None:
+                    self._waiting.pop()
             if stolen is None:
                 self._n_queued += 1
                 # Wake the worker only if it can open a connection for this borrower: at
@@ -77,14 +69,7 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                 grow = self._nconns + self._connecting < self._max_size
         self._report_reclaimed(gone)
         if stolen is not None:
-            try:
-                recycled = await self._recycle(stolen, monotonic())
-            except BaseException:
-                # Cancelled while resetting it: close it, the slot goes back to the books.
-                if stolen.conn is not None and not stolen.conn.closed:
-                    self._retire(stolen)
-                raise
-            if recycled:
+            if await self._recycle_or_close(stolen, monotonic()):
                 return stolen
             # Disposed of (and counted) by _recycle(): look again, as if never taken.
             return await self._take_slot(t0, deadline)

@@ -14,6 +14,7 @@ from sys import _getframe
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
+from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import Connection
@@ -21,6 +22,7 @@ from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _cluster_compat as compat
+from . import _psycopg
 from ._cluster_base import FAILED_TX, Host, Lent, logger
 from ._cluster_probe import FAST_PROBE, reports_read_only, reveals_change
 from ._config import PoolConfig
@@ -118,14 +120,18 @@ class ClusterPool(Topology[CT], Generic[CT]):
         replica_pools: bool = True,
         **settings: Any,
     ) -> None:
+        _psycopg.check_connection_class(connection_class, Connection)
         self._cl_init(
             conninfo, config, settings, topology_interval, max_replica_lag, read_policy, fallback
         )
         self.replica_pools = bool(replica_pools)
         self._connection_class = connection_class
         self._configure = configure
-        self._lent: dict[CT, Lent] = {}
-        self._parked: dict[CT, Lent] = {}  # connections parked in their host's pool
+        # Weak: a handle dropped unreturned must be collected, so that its host pool
+        # reclaims the connection (as a single pool does); the books lose it with it.
+        self._lent: WeakKeyDictionary[CT, Lent] = WeakKeyDictionary()
+        # Connections parked in their host's pool (weak for the same reason).
+        self._parked: WeakKeyDictionary[CT, Lent] = WeakKeyDictionary()
         self._changed = compat.Event()
         self._lock = compat.Lock()
 
@@ -287,7 +293,6 @@ class ClusterPool(Topology[CT], Generic[CT]):
         # Taken from a parker by its pool (at max_size): that parker no longer has it.
         self._parked.pop(conn, None)
         self._lent[conn] = Lent(host, pool, session_ro)
-        host.lent += 1
         return conn
 
     def putconn(self, conn: CT) -> None:
@@ -298,7 +303,6 @@ class ClusterPool(Topology[CT], Generic[CT]):
                 f"can't return connection to cluster {self.name!r}: it was not lent by it"
             )
         host = lent.host
-        host.lent -= 1
         if reveals_change(None, conn):
             host.wake = True
         elif lent.session_ro and conn.pgconn.transaction_status == _IDLE:
@@ -337,12 +341,10 @@ class ClusterPool(Topology[CT], Generic[CT]):
         # Booked as parked before the pool parks it: a borrower may take it from the pool
         # at once (at max_size), and its _lend() then finds the books in order.
         del self._lent[conn]
-        lent.host.lent -= 1
         self._parked[conn] = lent
         if not lent.pool._park(conn):
             del self._parked[conn]
             self._lent[conn] = lent
-            lent.host.lent += 1
             return False
         return True
 
@@ -356,7 +358,6 @@ class ClusterPool(Topology[CT], Generic[CT]):
         if not lent.pool._unpark(conn, tag, site):
             return False
         self._lent[conn] = lent
-        lent.host.lent += 1
         return True
 
     def check(self) -> None:

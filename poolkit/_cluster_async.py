@@ -9,6 +9,7 @@ from sys import _getframe
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
+from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import AsyncConnection
@@ -16,6 +17,7 @@ from psycopg.errors import InFailedSqlTransaction
 from psycopg.pq import TransactionStatus
 
 from . import _cluster_acompat as compat
+from . import _psycopg
 from ._cluster_base import FAILED_TX, Host, Lent, logger
 from ._cluster_probe import FAST_PROBE, reports_read_only, reveals_change
 from ._config import PoolConfig
@@ -113,14 +115,18 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
         replica_pools: bool = True,
         **settings: Any,
     ) -> None:
+        _psycopg.check_connection_class(connection_class, AsyncConnection)
         self._cl_init(
             conninfo, config, settings, topology_interval, max_replica_lag, read_policy, fallback
         )
         self.replica_pools = bool(replica_pools)
         self._connection_class = connection_class
         self._configure = configure
-        self._lent: dict[ACT, Lent] = {}
-        self._parked: dict[ACT, Lent] = {}  # connections parked in their host's pool
+        # Weak: a handle dropped unreturned must be collected, so that its host pool
+        # reclaims the connection (as a single pool does); the books lose it with it.
+        self._lent: WeakKeyDictionary[ACT, Lent] = WeakKeyDictionary()
+        # Connections parked in their host's pool (weak for the same reason).
+        self._parked: WeakKeyDictionary[ACT, Lent] = WeakKeyDictionary()
         self._changed = compat.Event()
         self._lock = compat.Lock()
 
@@ -282,7 +288,6 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
         # Taken from a parker by its pool (at max_size): that parker no longer has it.
         self._parked.pop(conn, None)
         self._lent[conn] = Lent(host, pool, session_ro)
-        host.lent += 1
         return conn
 
     async def putconn(self, conn: ACT) -> None:
@@ -293,7 +298,6 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
                 f"can't return connection to cluster {self.name!r}: it was not lent by it"
             )
         host = lent.host
-        host.lent -= 1
         if reveals_change(None, conn):
             host.wake = True
         elif lent.session_ro and conn.pgconn.transaction_status == _IDLE:
@@ -332,12 +336,10 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
         # Booked as parked before the pool parks it: a borrower may take it from the pool
         # at once (at max_size), and its _lend() then finds the books in order.
         del self._lent[conn]
-        lent.host.lent -= 1
         self._parked[conn] = lent
         if not lent.pool._park(conn):
             del self._parked[conn]
             self._lent[conn] = lent
-            lent.host.lent += 1
             return False
         return True
 
@@ -351,7 +353,6 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
         if not lent.pool._unpark(conn, tag, site):
             return False
         self._lent[conn] = lent
-        lent.host.lent += 1
         return True
 
     async def check(self) -> None:

@@ -73,7 +73,6 @@ class Host:
         "healthy",
         "label",
         "lag",
-        "lent",
         "pool",
         "pool_role",
         "probe",
@@ -99,7 +98,6 @@ class Host:
         self.probe: Any = None  # dedicated connection of the monitor
         self.retired: list[Any] = []  # pools of an old role with connections still lent
         self.worker: Any = None
-        self.lent = 0
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "down"
@@ -202,7 +200,8 @@ class ClusterCore:
                 return ready[self._cl_rr % len(ready)]
             if self.read_policy == "random":
                 return random.choice(ready)
-            return min(ready, key=lambda h: h.lent)
+            # Fewest connections in use (parked ones left out, as in the pool's in_use).
+            return min(ready, key=lambda h: h.pool._n_in_use())
         if self.fallback == "error":
             return None
         host = self.primary()

@@ -93,6 +93,7 @@ class Pool(Waits[CT], Generic[CT]):
         close_returns: bool = False,
         **settings: Any,
     ) -> None:
+        _psycopg.check_connection_class(connection_class, Connection)
         kwargs_fn = kwargs if callable(kwargs) else None
         cfg = config_for_pool(
             type(self).__name__, conninfo, config, None if kwargs_fn else kwargs, reset, settings

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, get_origin
 
 # Attributes of a psycopg connection holding the client-side settings a borrower may
 # change: autocommit, isolation_level, read_only, deferrable, row/cursor factories.
@@ -133,6 +133,33 @@ def install_tracking(conn: Any) -> None:
 # pipeline, COPY and settings change goes through wait(); cursor() and close() are refused
 # before anything.
 GUARDED = ("wait", "cursor", "close")
+
+
+def check_connection_class(cls: Any, base: type[Any]) -> None:
+    """Refuse a `connection_class` the pool cannot lend handles of, naming the setting.
+
+    A generic alias (`Connection[DictRow]`, as psycopg's typing docs show) stands for its
+    class. Slots are refused: a handle shares the connection's instance dict only, so an
+    attribute kept in a slot (set by `configure=`, say) would be missing on every borrow.
+    """
+    origin = get_origin(cls) or cls
+    if not isinstance(origin, type) or not issubclass(origin, base):
+        raise TypeError(
+            f"connection_class={cls!r} is not a connection class: pass "
+            f"{base.__module__}.{base.__qualname__} or a subclass of it"
+        )
+    slots: list[str] = []
+    for k in origin.__mro__:
+        declared = k.__dict__.get("__slots__", ())
+        names = (declared,) if isinstance(declared, str) else declared
+        slots.extend(n for n in names if n not in ("__dict__", "__weakref__"))
+    if slots:
+        raise TypeError(
+            f"connection_class={origin.__qualname__} declares __slots__ {tuple(slots)}: "
+            "the pool lends each borrow a new handle sharing the connection's instance "
+            "dict, so values kept in slots would not follow the connection; remove "
+            "__slots__ from the class (its attributes then live in the instance dict)"
+        )
 
 
 def handle_classes(

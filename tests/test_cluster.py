@@ -7,6 +7,7 @@ Generated from tests/test_cluster_async.py: edit that file, not this one.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -270,6 +271,25 @@ def test_parked_connection_taken_by_another_borrower(make_cluster: MakeCluster) 
         conn.execute("SELECT 1")  # nor can it use it any more
     cluster.putconn(other)
     assert cluster.stats()["in_use"] == 0
+
+
+def test_dropped_borrows_are_reclaimed(make_cluster: MakeCluster) -> None:
+    # As with a single pool: a borrow dropped unreturned (or a parked connection whose
+    # thread went away) comes back once collected, closed and replaced (its borrower's
+    # state is unknown); the cluster's books must not keep it alive.
+    cluster = make_cluster(min_size=1, max_size=1, timeout=3)
+    conn = cluster.getconn()
+    del conn
+    gc.collect()
+    again = cluster.getconn(timeout=2)
+    assert cluster._park(again)
+    del again
+    gc.collect()
+    last = cluster.getconn(timeout=2)
+    assert cluster.stats()["in_use"] == 1
+    cluster.putconn(last)
+    assert cluster.stats()["in_use"] == 0
+    assert all(h["size"] <= 1 for h in cluster.stats()["hosts"])  # never above max_size
 
 
 def test_session_told_read_only_has_the_host_probed(

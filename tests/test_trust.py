@@ -31,10 +31,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 
-from poolkit import ConnectFailed, ConnectionReturned, Pool, PoolTimeout
+from poolkit import ClusterPool, ConnectFailed, ConnectionReturned, Pool, PoolTimeout
 from tests._helpers import PgControl, backend_count, backend_pids, terminate_backends
 from tests._proxy import TcpProxy
-from tests._tcompat import fixture, gather, sleep, until, with_timeout
+from tests._tcompat import ASYNC, fixture, gather, sleep, until, with_timeout
 
 PoolT = Pool[Any]
 MakePool = abc.Callable[..., PoolT]
@@ -700,6 +700,30 @@ def test_generic_connection_class_with_auto_reset(make_pool: MakePool) -> None:
     with pool.connection() as conn:
         row = one(conn, "SHOW work_mem")
     assert isinstance(row, dict) and row["work_mem"] != "8MB"
+
+
+def test_connection_class_must_be_a_connection_class_without_slots(dsn: str) -> None:
+    # A slotted attribute (set by configure=, say) would be missing on every borrow: each
+    # borrow's handle shares the connection's instance dict only. Refused at construction,
+    # naming the setting, as is a class that is no connection (or of the other kind).
+    class Slotted(Connection[Any]):
+        __slots__ = ("tenant",)
+
+    class Plain(Connection[Any]):
+        pass
+
+    with pytest.raises(TypeError, match=r"connection_class=.*Slotted.*__slots__ \('tenant',\)"):
+        Pool(dsn, connection_class=Slotted, open=False)
+    # (spelt so that the sync generator's renaming leaves it the other kind)
+    other_kind = getattr(psycopg, "Async" * (not ASYNC) + "Connection")
+    for wrong in (object, other_kind, "x"):
+        with pytest.raises(TypeError, match=r"connection_class=.* is not a connection class"):
+            Pool(dsn, connection_class=wrong, open=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="__slots__"):
+        ClusterPool(dsn, connection_class=Slotted)
+    # Subclasses and generic aliases are fine.
+    Pool(dsn, connection_class=Plain, open=False)
+    Pool(dsn, connection_class=Connection[DictRow], open=False)
 
 
 def test_callable_kwargs_are_called_per_connection(make_pool: MakePool, dsn: str) -> None:

@@ -31,10 +31,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 
-from poolkit import AsyncPool, ConnectFailed, ConnectionReturned, PoolTimeout
+from poolkit import AsyncClusterPool, AsyncPool, ConnectFailed, ConnectionReturned, PoolTimeout
 from tests._helpers import PgControl, backend_count, backend_pids, terminate_backends
 from tests._proxy import TcpProxy
-from tests._tcompat_async import fixture, gather, sleep, until, with_timeout
+from tests._tcompat_async import ASYNC, fixture, gather, sleep, until, with_timeout
 
 pytestmark = pytest.mark.asyncio  # async-only
 PoolT = AsyncPool[Any]
@@ -707,6 +707,30 @@ async def test_generic_connection_class_with_auto_reset(make_pool: MakeAsyncPool
     async with pool.connection() as conn:
         row = await one(conn, "SHOW work_mem")
     assert isinstance(row, dict) and row["work_mem"] != "8MB"
+
+
+async def test_connection_class_must_be_a_connection_class_without_slots(dsn: str) -> None:
+    # A slotted attribute (set by configure=, say) would be missing on every borrow: each
+    # borrow's handle shares the connection's instance dict only. Refused at construction,
+    # naming the setting, as is a class that is no connection (or of the other kind).
+    class Slotted(AsyncConnection[Any]):
+        __slots__ = ("tenant",)
+
+    class Plain(AsyncConnection[Any]):
+        pass
+
+    with pytest.raises(TypeError, match=r"connection_class=.*Slotted.*__slots__ \('tenant',\)"):
+        AsyncPool(dsn, connection_class=Slotted, open=False)
+    # (spelt so that the sync generator's renaming leaves it the other kind)
+    other_kind = getattr(psycopg, "Async" * (not ASYNC) + "Connection")
+    for wrong in (object, other_kind, "x"):
+        with pytest.raises(TypeError, match=r"connection_class=.* is not a connection class"):
+            AsyncPool(dsn, connection_class=wrong, open=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="__slots__"):
+        AsyncClusterPool(dsn, connection_class=Slotted)
+    # Subclasses and generic aliases are fine.
+    AsyncPool(dsn, connection_class=Plain, open=False)
+    AsyncPool(dsn, connection_class=AsyncConnection[DictRow], open=False)
 
 
 async def test_callable_kwargs_are_called_per_connection(

@@ -297,7 +297,10 @@ class ClusterPool(Topology[CT], Generic[CT]):
 
     def putconn(self, conn: CT) -> None:
         """Give back a connection from `getconn()`; one lent before a role change is closed."""
-        lent = self._lent.pop(conn, None)
+        try:
+            lent = self._lent.pop(conn, None)
+        except TypeError:  # not weak-referenceable: no connection at all
+            lent = None
         if lent is None:
             raise psycopg.ProgrammingError(
                 f"can't return connection to cluster {self.name!r}: it was not lent by it"

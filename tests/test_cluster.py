@@ -360,6 +360,8 @@ def test_put_foreign_connection_fails(make_cluster: MakeCluster, replication: Re
     try:
         with pytest.raises(psycopg.ProgrammingError, match="not lent by it"):
             cluster.putconn(conn)
+        with pytest.raises(psycopg.ProgrammingError, match="not lent by it"):
+            cluster.putconn("a string")  # type: ignore[arg-type]
     finally:
         conn.close()
 

@@ -359,6 +359,8 @@ async def test_put_foreign_connection_fails(
     try:
         with pytest.raises(psycopg.ProgrammingError, match="not lent by it"):
             await cluster.putconn(conn)
+        with pytest.raises(psycopg.ProgrammingError, match="not lent by it"):
+            await cluster.putconn("a string")  # type: ignore[arg-type]
     finally:
         await conn.close()
 

@@ -13,8 +13,9 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -258,6 +259,30 @@ def write_results(prefix: str, text: str) -> Path:
 # the reference the real pools are read against. No growth, no checks, no stats.
 
 _IDLE_TX = 0  # psycopg.pq.TransactionStatus.IDLE
+
+
+def run_started_threads(
+    target: Callable[[int], None],
+    n: int,
+    duration: float,
+    start: threading.Event,
+    end_at: list[float],
+) -> float:
+    """Run `target(i)` on n threads for `duration` s; the process's CPU seconds meanwhile.
+
+    Every thread first waits on `start`; `end_at[0]` is set (perf_counter) just before it
+    is released, so that thread start-up stays out of the window and of the CPU count.
+    """
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # every thread parked on the start event
+    cpu0 = time.process_time()
+    end_at[0] = time.perf_counter() + duration
+    start.set()
+    for t in threads:
+        t.join(duration + 60)
+    return time.process_time() - cpu0
 
 
 class FloorPool:

@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import threading
-import time
 from time import perf_counter, thread_time
 from typing import Any
 
@@ -27,6 +26,7 @@ from bench._common import (
     emit_result,
     markdown_table,
     pin_cpu,
+    run_started_threads,
     run_worker,
     worker_dsns,
 )
@@ -76,16 +76,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, float]:
             acc[2] += t3 - t2
             acc[3] += 1
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(nthreads)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)  # every thread parked on the start event
-    cpu0 = time.process_time()
-    end_at[0] = perf_counter() + duration
-    start.set()
-    for t in threads:
-        t.join(duration + 60)
-    cpu = time.process_time() - cpu0
+    cpu = run_started_threads(work, nthreads, duration, start, end_at)
     pool.close()
     ops = sum(int(a[3]) for a in sums) or 1
     parts = [sum(a[k] for a in sums) / ops * 1e6 for k in range(3)]

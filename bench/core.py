@@ -37,6 +37,7 @@ from bench._common import (
     percentile,
     pin_backends,
     pin_cpu,
+    run_started_threads,
     run_worker,
     worker_dsns,
     write_results,
@@ -456,16 +457,7 @@ def _worker_contention_sync(spec: dict[str, Any]) -> dict[str, Any]:
         counts[i], totals[i] = done, total
 
     target = sqla_worker if peer == "sqlalchemy" else cm_worker
-    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(nworkers)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)  # every thread parked on the start event
-    cpu0 = time.process_time()
-    end_at[0] = perf_counter() + duration
-    start.set()
-    for t in threads:
-        t.join(duration + 60)
-    cpu = time.process_time() - cpu0
+    cpu = run_started_threads(target, nworkers, duration, start, end_at)
     if peer == "sqlalchemy":
         pool.dispose()
     else:

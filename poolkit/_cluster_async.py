@@ -285,8 +285,6 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
             except BaseException:
                 await pool.putconn(conn)
                 raise
-        # Taken from a parker by its pool (at max_size): that parker no longer has it.
-        self._parked.pop(conn, None)
         self._lent[conn] = Lent(host, pool, session_ro)
         return conn
 
@@ -336,14 +334,12 @@ class AsyncClusterPool(AsyncTopology[ACT], Generic[ACT]):
             )
         if lent.session_ro or lent.pool is not lent.host.pool:
             return False
-        # Booked as parked before the pool parks it: a borrower may take it from the pool
-        # at once (at max_size), and its _lend() then finds the books in order.
+        if not lent.pool._park(conn):
+            return False
+        # A borrower that takes it over from the pool meanwhile gets a handle of its own
+        # (booked by _lend): this one stays the parker's, and _unpark() then says False.
         del self._lent[conn]
         self._parked[conn] = lent
-        if not lent.pool._park(conn):
-            del self._parked[conn]
-            self._lent[conn] = lent
-            return False
         return True
 
     def _unpark(self, conn: ACT, tag: str | None = None, site: Site = None) -> bool:

@@ -21,7 +21,6 @@ from time import perf_counter, thread_time
 from typing import Any
 
 from bench._common import (
-    FloorPool,
     bench_server,
     emit_result,
     markdown_table,
@@ -30,6 +29,7 @@ from bench._common import (
     run_worker,
     worker_dsns,
 )
+from bench.core import connect_kwargs, open_contention_pool_sync
 
 MODULE = "bench.contention_cpu"
 PEERS = ("poolkit", "psycopg_pool", "floor")
@@ -37,23 +37,10 @@ PARTS = ("borrow", "query", "return", "other", "total")
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, float]:
-    import psycopg
-    from psycopg_pool import ConnectionPool
-
-    from poolkit import Pool
-
     dsn, _ = worker_dsns()
-    kw = {"autocommit": True}
     size, nthreads, duration = spec["size"], spec["threads"], spec["duration"]
-    pool: Any
-    if spec["peer"] == "poolkit":
-        pool = Pool(dsn, min_size=size, max_size=size, timeout=60.0, kwargs=kw, open=True)
-        pool.wait()
-    elif spec["peer"] == "psycopg_pool":
-        pool = ConnectionPool(dsn, min_size=size, max_size=size, timeout=60.0, kwargs=kw)
-        pool.wait()
-    else:
-        pool = FloorPool([psycopg.connect(dsn, **kw) for _ in range(size)])
+    # The pools and connection settings of bench.core's contention run, which this splits.
+    pool = open_contention_pool_sync(spec["peer"], dsn, connect_kwargs(), size)
     sums = [[0.0, 0.0, 0.0, 0] for _ in range(nthreads)]
     start = threading.Event()
     end_at = [0.0]

@@ -52,7 +52,7 @@ SyncLoop = Callable[[int], float]  # n iterations -> seconds
 AsyncLoop = Callable[[int], Awaitable[float]]
 
 
-def _connect_kwargs() -> dict[str, Any]:
+def connect_kwargs() -> dict[str, Any]:
     # Autocommit everywhere: one round trip per SELECT, no BEGIN/COMMIT in the figures.
     # The application name lets a worker find (and pin) its own backends.
     return {"autocommit": True, "application_name": f"poolkit-bench-{os.getpid()}"}
@@ -251,7 +251,7 @@ def _worker_single_sync(spec: dict[str, Any]) -> dict[str, Any]:
     from poolkit import Pool
 
     dsn, unix_dsn = worker_dsns()
-    kw = _connect_kwargs()
+    kw = connect_kwargs()
     with contextlib.ExitStack() as stack:
         pk = _open_sync(stack, Pool, dsn, kwargs=kw, name="poolkit")
         pk_leak = _open_sync(stack, Pool, dsn, kwargs=kw, name="poolkit-leak", leak_threshold=5)
@@ -293,7 +293,7 @@ def _worker_single_async(spec: dict[str, Any]) -> dict[str, Any]:
         from poolkit import AsyncPool
 
         dsn, _ = worker_dsns()
-        kw = _connect_kwargs()
+        kw = connect_kwargs()
         async with contextlib.AsyncExitStack() as stack:
 
             async def opened(cls: type, **extra: Any) -> Any:
@@ -337,7 +337,7 @@ def _worker_validated(spec: dict[str, Any]) -> dict[str, Any]:
     from poolkit import Pool
 
     dsn, _ = worker_dsns()
-    kw = _connect_kwargs()
+    kw = connect_kwargs()
     with contextlib.ExitStack() as stack:
         pools = {
             "pp_check": _open_sync(
@@ -393,16 +393,13 @@ def _contention_summary(
     }
 
 
-def _worker_contention_sync(spec: dict[str, Any]) -> dict[str, Any]:
+def open_contention_pool_sync(peer: str, dsn: str, kw: dict[str, Any], size: int) -> Any:
+    """The open, filled pool of `size` connections a sync contention run uses for `peer`."""
     import psycopg
     from psycopg_pool import ConnectionPool
 
     from poolkit import Pool
 
-    dsn, _ = worker_dsns()
-    kw = _connect_kwargs()
-    peer, size, nworkers, duration = spec["peer"], spec["size"], spec["workers"], spec["duration"]
-    query = CONTENTION_QUERY
     pool: Any
     if peer.startswith("poolkit"):
         extra: dict[str, Any] = {"reset": "none"} if peer == "poolkit_noreset" else {}
@@ -420,6 +417,15 @@ def _worker_contention_sync(spec: dict[str, Any]) -> dict[str, Any]:
         fairies = [pool.connect() for _ in range(size)]  # connect all up front, like the others
         for f in fairies:
             f.close()
+    return pool
+
+
+def _worker_contention_sync(spec: dict[str, Any]) -> dict[str, Any]:
+    dsn, _ = worker_dsns()
+    kw = connect_kwargs()
+    peer, size, nworkers, duration = spec["peer"], spec["size"], spec["workers"], spec["duration"]
+    query = CONTENTION_QUERY
+    pool = open_contention_pool_sync(peer, dsn, kw, size)
 
     counts = [0] * nworkers
     totals = [0] * nworkers
@@ -473,7 +479,7 @@ def _worker_contention_async(spec: dict[str, Any]) -> dict[str, Any]:
         from poolkit import AsyncPool
 
         dsn, _ = worker_dsns()
-        kw = _connect_kwargs()
+        kw = connect_kwargs()
         peer, size, ntasks = spec["peer"], spec["size"], spec["workers"]
         duration = spec["duration"]
         query = CONTENTION_QUERY

@@ -26,6 +26,7 @@ from . import _psycopg
 from ._cluster_base import FAILED_TX, Host, Lent, logger
 from ._cluster_probe import FAST_PROBE, reports_read_only, reveals_change
 from ._config import PoolConfig
+from ._conn import check_callbacks
 from ._errors import PoolClosed
 from ._leaks import Site
 from ._topology import Topology
@@ -121,6 +122,7 @@ class ClusterPool(Topology[CT], Generic[CT]):
         **settings: Any,
     ) -> None:
         _psycopg.check_connection_class(connection_class, Connection)
+        check_callbacks(configure=configure)
         self._cl_init(
             conninfo, config, settings, topology_interval, max_replica_lag, read_policy, fallback
         )

@@ -40,6 +40,7 @@ class HostStats(TypedDict):
     size: int
     idle: int
     in_use: int
+    parked: int
     waiting: int
     draining: int  # connections lent before a role change, closed when they come back
     borrows: int
@@ -55,6 +56,7 @@ class ClusterStats(TypedDict):
     size: int
     idle: int
     in_use: int
+    parked: int
     waiting: int
     draining: int
     failovers: int  # role changes seen since the pool opened
@@ -267,6 +269,7 @@ class ClusterCore:
                 "size": s["size"] if s else 0,
                 "idle": s["idle"] if s else 0,
                 "in_use": s["in_use"] if s else 0,
+                "parked": s["parked"] if s else 0,
                 "waiting": s["waiting"] if s else 0,
                 "draining": draining,
                 "borrows": s["borrows"] if s else 0,
@@ -280,6 +283,7 @@ class ClusterCore:
             "size": sum(h["size"] for h in hosts),
             "idle": sum(h["idle"] for h in hosts),
             "in_use": sum(h["in_use"] for h in hosts),
+            "parked": sum(h["parked"] for h in hosts),
             "waiting": sum(h["waiting"] for h in hosts) + self._cl_waiting_primary,
             "draining": sum(h["draining"] for h in hosts),
             "failovers": self._cl_failovers,

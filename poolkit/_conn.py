@@ -53,6 +53,15 @@ def connect_timeout_default(config: PoolConfig) -> int | None:
     return DEFAULT_CONNECT_TIMEOUT
 
 
+def check_callbacks(**callbacks: object) -> None:
+    """Refuse a callback setting that is not callable, naming it: otherwise it fails on
+    every new connection or borrow, in the background, as a PoolTimeout (psycopg_pool's
+    case too)."""
+    for name, fn in callbacks.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}={fn!r} is not callable: pass a function, or None")
+
+
 def is_builtin_check(check: object) -> bool:
     """True for the pools' own `check_connection` (poolkit's or psycopg_pool's): it means
     the pool's built-in validation (deadline-bounded; a failure invalidates older idle

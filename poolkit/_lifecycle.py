@@ -288,8 +288,6 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
         conn = self.connection_class.connect(cast(str, conninfo), **kwargs)
         try:
             _psycopg.set_pool(conn, None)  # pooled, not lent (psycopg's convention)
-            if self._auto:
-                _psycopg.install_tracking(conn)
             if self._configure is not None:
                 ensure(self._configure(conn))
                 if (status := conn.pgconn.transaction_status) != _IDLE:
@@ -297,6 +295,10 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                         f"connection left in status {TransactionStatus(status).name} by "
                         f"configure function {self._configure}: discarded"
                     )
+            if self._auto:
+                # After configure: the cursor classes it chose (ClientCursor, say) are
+                # the ones to track.
+                _psycopg.install_tracking(conn)
             # The configure callback's own SETs are the session's baseline, not dirt.
             _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         except BaseException:

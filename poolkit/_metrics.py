@@ -122,6 +122,7 @@ class _PoolCollector:
             histograms = pool.histograms()
             count.add_metric([name, "idle"], stats["idle"])
             count.add_metric([name, "used"], stats["in_use"])
+            count.add_metric([name, "parked"], stats["parked"])
             for gauge, (_, field, _) in zip(gauges, _GAUGES, strict=True):
                 gauge.add_metric([name], stats[field])  # type: ignore[literal-required]
             borrows = pool.borrowed()

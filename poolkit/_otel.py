@@ -137,6 +137,7 @@ class OtelInstruments:
                 attrs = {_OTEL_POOL: name}
                 out.append(Observation(stats["idle"], {**attrs, _OTEL_STATE: "idle"}))
                 out.append(Observation(stats["in_use"], {**attrs, _OTEL_STATE: "used"}))
+                out.append(Observation(stats["parked"], {**attrs, _OTEL_STATE: "parked"}))
                 for field, instrument in self._hists.items():
                     self._replay(pool, (name, field), hists[field], instrument, attrs)
                 for route, hist in pool.hold_time_by_tag().items():

@@ -23,10 +23,10 @@ from psycopg.pq import TransactionStatus
 from . import _psycopg, _reset
 from ._compat import ASYNC
 from ._config import PoolConfig, config_for_pool
-from ._conn import connect_timeout_default, is_builtin_check
+from ._conn import check_callbacks, connect_timeout_default, is_builtin_check
 from ._leaks import FRAMEWORK_FILES, Site, is_framework, user_frame
 from ._peek import PEEK_AFTER
-from ._psycopg import ATTRS_OF, POOL_ATTR, THRESHOLD_OF
+from ._psycopg import ATTRS_OF, HANDLERS_OF, POOL_ATTR, THRESHOLD_OF
 from ._slot import NO_REF, Slot
 from ._waits import Waits
 
@@ -94,6 +94,7 @@ class Pool(Waits[CT], Generic[CT]):
         **settings: Any,
     ) -> None:
         _psycopg.check_connection_class(connection_class, Connection)
+        check_callbacks(configure=configure, check=check, reconnect_failed=reconnect_failed)
         kwargs_fn = kwargs if callable(kwargs) else None
         cfg = config_for_pool(
             type(self).__name__, conninfo, config, None if kwargs_fn else kwargs, reset, settings
@@ -349,7 +350,12 @@ class Pool(Waits[CT], Generic[CT]):
         if slot is None or conn.__class__ is not slot.cls or slot.parked:
             self._not_mine(conn)
         # The borrower's own connection: its settings are read outside the lock.
-        if ATTRS_OF(conn.__dict__) != slot.attrs or THRESHOLD_OF(conn) != slot.threshold:
+        state = conn.__dict__
+        if (
+            ATTRS_OF(state) != slot.attrs
+            or THRESHOLD_OF(conn) != slot.threshold
+            or HANDLERS_OF(state) != slot.handlers
+        ):
             return False
         if self._waiting:
             return False
@@ -358,7 +364,9 @@ class Pool(Waits[CT], Generic[CT]):
         if slot.warned:
             self._late_return(slot, now)
             slot.warned = False  # reported: not again if putconn() follows after all
-        slot.returned_at = now
+        # The request ended well: its last success, which a broken connection found later
+        # compares the parked ones against (see _unpark).
+        slot.returned_at = slot.last_good = now
         # Weak, so that a parker that goes away lets its handle be collected; the pool
         # needs it only to refuse it if it takes the connection back (Slot.disown()).
         slot.wr = ref(conn)
@@ -385,6 +393,14 @@ class Pool(Waits[CT], Generic[CT]):
             # A stale entry of a collected handle whose id `conn` reuses: the reclaim
             # settles that slot; `conn` was never parked.
             slot.parked = False
+            return False
+        if slot.created_at < self._invalid_before:
+            # Older than the last success of a connection found broken since it was
+            # parked (an outage, a restart): replaced, as the idle ones were; the parker
+            # borrows anew instead of failing its next query.
+            with self._lock:
+                self._unbook_parked(id(conn), slot)
+            self._retire(slot)
             return False
         slot.parked = False
         slot.wr = NO_REF

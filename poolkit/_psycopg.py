@@ -10,6 +10,13 @@ Each use is here because psycopg has no public way to do it:
   the "auto" reset policy learns that a borrow left session state behind.
 - the client-side settings read in one call from the instance dict (`snapshot()`); they are
   restored through psycopg's public setters.
+- `_notice_handlers`, `_notify_handlers`: the lists add_notice_handler()/add_notify_handler()
+  append to, compared on every return and put back as they were (a borrower's handler would
+  otherwise see the next borrowers' notices and notifications); `_notifies_backlog`: the
+  notifications psycopg keeps for the next notifies() call, dropped with the LISTENs.
+- a cursor's `_statusmessage` (its command tag, undecoded) and `_results` (every result of
+  a multi-statement string): poolkit_django's release="transaction" pins a connection on
+  session commands, after each statement.
 - the instance dict itself: each borrow gets a new handle sharing it (`handle_classes()`),
   which holds because psycopg keeps every attribute of a connection there (no __slots__).
 """
@@ -36,6 +43,37 @@ _snapshot_dict = itemgetter(*_SNAPSHOT_ATTRS)
 # THRESHOLD_OF(conn) equal to snapshot()'s two parts means nothing changed.
 ATTRS_OF = _snapshot_dict
 THRESHOLD_OF = attrgetter("_prepared.prepare_threshold")
+
+
+# A cursor's command tag as libpq gives it (bytes, or None), and its results: C-level getters,
+# read after every statement by poolkit_django (release="transaction").
+RAW_TAG_OF = attrgetter("_statusmessage")
+RESULTS_OF = attrgetter("_results")
+
+# The handler lists, as HANDLERS_OF(conn.__dict__) (C-level, for the return path), and a
+# copy of them to compare with (handlers()).
+HANDLERS_OF = itemgetter("_notice_handlers", "_notify_handlers")
+
+
+def handlers(conn: Any) -> tuple[list[Any], list[Any]]:
+    """Copies of the connection's notice and notify handler lists."""
+    notice, notify = HANDLERS_OF(conn.__dict__)
+    return list(notice), list(notify)
+
+
+def restore_handlers(conn: Any, saved: tuple[list[Any], list[Any]]) -> None:
+    """Put the handler lists back as `handlers()` copied them (in place: psycopg holds them)."""
+    notice, notify = HANDLERS_OF(conn.__dict__)
+    notice[:] = saved[0]
+    notify[:] = saved[1]
+
+
+def forget_notifies(conn: Any) -> None:
+    """Drop the notifications received for a borrower's LISTENs, kept by psycopg for the
+    next notifies() call (the next borrower's, after the reset's UNLISTEN)."""
+    backlog = conn.__dict__.get("_notifies_backlog")
+    if backlog:
+        backlog.clear()
 
 
 def snapshot(conn: Any) -> tuple[tuple[Any, ...], int | None]:
@@ -67,6 +105,13 @@ def close_now(conn: Any) -> None:
     hook that would hand the connection back to us."""
     conn._closed = True
     conn.pgconn.finish()
+
+
+def finished(conn: Any) -> bool:
+    """True when the client side closed the libpq connection (PQfinish), psycopg's own
+    close or its drop of a connection after an interrupted query cancellation; False for
+    one the server or the network broke (libpq keeps it, in status BAD)."""
+    return conn.pgconn.pgconn_ptr is None
 
 
 def forget_prepared(conn: Any) -> None:
@@ -131,8 +176,19 @@ def install_tracking(conn: Any) -> None:
 
 # Methods refused on a returned handle: every statement, commit, rollback, transaction,
 # pipeline, COPY and settings change goes through wait(); cursor() and close() are refused
-# before anything.
-GUARDED = ("wait", "cursor", "close")
+# before anything; cancel() and cancel_safe() open a connection of their own (they would
+# cancel the next borrower's query); the handler lists are shared with the next borrower.
+GUARDED = (
+    "wait",
+    "cursor",
+    "close",
+    "cancel",
+    "cancel_safe",
+    "add_notice_handler",
+    "remove_notice_handler",
+    "add_notify_handler",
+    "remove_notify_handler",
+)
 
 
 def check_connection_class(cls: Any, base: type[Any]) -> None:

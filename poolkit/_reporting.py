@@ -78,6 +78,7 @@ class Reporting(PoolCore):
                 "size": size,
                 "idle": len(self._idle),
                 "in_use": self._n_in_use(),
+                "parked": len(self._parked),
                 "waiting": len(self._waiting),
                 "min_size": self._min_size,
                 "max_size": self._max_size,

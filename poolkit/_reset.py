@@ -9,7 +9,8 @@ SETTINGS = 1  # SET, RESET, SET ROLE, SET SESSION AUTHORIZATION, LOAD
 LISTEN = 2  # LISTEN: needs UNLISTEN
 CURSORS = 4  # DECLARE CURSOR: a WITH HOLD cursor survives the transaction
 PREPARED = 8  # PREPARE: SQL-level prepared statements
-TEMP = 16  # CREATE TABLE: maybe a temporary one
+TEMP = 16  # CREATE TABLE, VIEW or SEQUENCE: maybe a temporary one
+EVERYTHING = SETTINGS | LISTEN | CURSORS | PREPARED | TEMP  # when nothing was tracked
 
 _psycopg.SESSION_TAGS.update(
     {
@@ -20,6 +21,8 @@ _psycopg.SESSION_TAGS.update(
         b"DECLARE CURSOR": CURSORS,
         b"PREPARE": PREPARED,
         b"CREATE TABLE": TEMP,
+        b"CREATE VIEW": TEMP,
+        b"CREATE SEQUENCE": TEMP,
     }
 )
 _psycopg.SESSION_PREFIXES = tuple(_psycopg.SESSION_TAGS)

@@ -21,7 +21,7 @@ from . import _psycopg, _reset
 from ._compat import ensure
 from ._leaks import logger
 from ._lifecycle import Lifecycle
-from ._psycopg import ATTRS_OF, POOL_ATTR, THRESHOLD_OF
+from ._psycopg import ATTRS_OF, HANDLERS_OF, POOL_ATTR, THRESHOLD_OF
 from ._slot import NO_REF, Slot
 
 CT = TypeVar("CT", bound=Connection[Any])
@@ -91,6 +91,7 @@ class Returns(Lifecycle[CT], Generic[CT]):
             and self._no_reset
             and id(state) not in _psycopg.DIRTY  # (state_key(), inlined)
             and ATTRS_OF(state) == slot.attrs  # _psycopg.unchanged(), inlined
+            and HANDLERS_OF(state) == slot.handlers
             and THRESHOLD_OF(conn) == slot.threshold
             and not self._closed
         ):
@@ -157,10 +158,14 @@ class Returns(Lifecycle[CT], Generic[CT]):
             with self._lock:
                 self._n_bad_returns += 1
         if status == _UNKNOWN:
-            if conn.broken:
-                self._lost(slot)
+            if conn.broken and not _psycopg.finished(conn):
+                self._lost(slot)  # the server or the network broke it
             else:
-                self._retire(slot)  # closed by its borrower
+                # Closed by its borrower, or by psycopg itself (it drops a connection
+                # whose query cancellation was interrupted: a task cancelled twice, a
+                # client gone mid-stream): nothing says the server is gone, so the other
+                # connections stay.
+                self._retire(slot)
             return False
         if self._closed or now >= slot.expire_at or slot.created_at < self._invalid_before:
             self._retire(slot)
@@ -188,8 +193,15 @@ class Returns(Lifecycle[CT], Generic[CT]):
                     )
                     self._retire(slot)
                     return False
+            # Cursors of a class the borrower chose ran untracked: "auto" saw nothing.
+            untracked = (
+                conn.cursor_factory is not slot.attrs[5]
+                or conn.server_cursor_factory is not slot.attrs[6]
+            )
             if not _psycopg.unchanged(conn, slot.attrs, slot.threshold):
                 self._restore(conn, slot.attrs, slot.threshold)
+            if HANDLERS_OF(conn.__dict__) != slot.handlers:
+                _psycopg.restore_handlers(conn, slot.handlers)
             if self._reset_fn is not None:
                 try:
                     ensure(self._reset_fn(cast(CT, conn)))
@@ -207,6 +219,8 @@ class Returns(Lifecycle[CT], Generic[CT]):
             sql = self._reset_sql
             if self._auto:
                 mask = _psycopg.DIRTY.pop(_psycopg.state_key(conn), 0)
+                if untracked:
+                    mask = _reset.EVERYTHING
                 sql = _reset.auto_sql(mask) if mask else None
             if sql is not None:
                 # Pipelined: the reset travels now and its answer is read by the next

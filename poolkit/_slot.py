@@ -44,6 +44,7 @@ class Slot:
         "dirty",
         "expire_at",
         "guarded",
+        "handlers",
         "last_good",
         "lasti",
         "owner",
@@ -71,6 +72,7 @@ class Slot:
         self.last_good = created_at
         # Client-side settings to restore on return (see _psycopg.snapshot()).
         self.attrs, self.threshold = _psycopg.snapshot(conn)
+        self.handlers = _psycopg.handlers(conn)  # notice/notify handlers, restored likewise
         # The connection's class while lent, and the one refusing any use while returned.
         self.cls: type[Any] = type(conn)
         self.guarded: type[Any] = self.cls

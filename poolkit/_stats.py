@@ -102,6 +102,7 @@ class PoolStats(TypedDict):
     size: int
     idle: int
     in_use: int
+    parked: int  # kept between requests by a thread (Django's CONN_MAX_AGE), stealable
     waiting: int
     min_size: int
     max_size: int

@@ -31,6 +31,7 @@ class Upkeep(Reporting, Generic[CT]):
     """Idle connections: who gets one next, which to retire, which to check."""
 
     _configure: Callable[[CT], Any] | None
+    _auto: bool  # reset="auto": track session commands (set by the pool)
     _wakeup: Event
     _last_attempt: float
     _outage: bool
@@ -217,8 +218,12 @@ class Upkeep(Reporting, Generic[CT]):
             timeout = max(0.001, deadline - monotonic())
             check_result(conn.wait(drain_gen(conn.pgconn), timeout=timeout))
             slot.pending = None
+            if sql is not None and (b"UNLISTEN" in sql or sql == b"DISCARD ALL"):
+                _psycopg.forget_notifies(conn)  # received before the UNLISTEN: not theirs
             if self._configure is not None and sql is not None and _reset.undoes_configure(sql):
                 ensure(self._configure(cast(CT, conn)))
+                if self._auto:
+                    _psycopg.install_tracking(conn)  # (configure may set cursor classes)
                 if conn.pgconn.transaction_status != _IDLE:
                     raise ProgrammingError("configure function left a transaction open")
             _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)

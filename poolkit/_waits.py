@@ -137,6 +137,11 @@ class Waits(Returns[CT], Generic[CT]):
                     self._n_valid_run += 1
                 try:
                     ensure(self._check_fn(cast(CT, conn)))
+                    if conn.pgconn.transaction_status != _IDLE:
+                        # A check= that queried outside autocommit opened a transaction:
+                        # the check's, not the borrower's (the safety net below would
+                        # close every connection, new ones included, in a tight loop).
+                        conn.rollback()
                 except Exception as ex:
                     self._check_failed(slot, ex)
                     return False

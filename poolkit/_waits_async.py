@@ -135,6 +135,11 @@ class AsyncWaits(AsyncReturns[ACT], Generic[ACT]):
                     self._n_valid_run += 1
                 try:
                     await ensure(self._check_fn(cast(ACT, conn)))
+                    if conn.pgconn.transaction_status != _IDLE:
+                        # A check= that queried outside autocommit opened a transaction:
+                        # the check's, not the borrower's (the safety net below would
+                        # close every connection, new ones included, in a tight loop).
+                        await conn.rollback()
                 except Exception as ex:
                     await self._check_failed(slot, ex)
                     return False

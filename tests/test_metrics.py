@@ -91,6 +91,7 @@ def assert_matches_stats(s: Scrape, pool: Any, label: str) -> None:
     st = pool.stats()
     assert s.value("db_client_connection_count", pool_name=label, state="idle") == st["idle"]
     assert s.value("db_client_connection_count", pool_name=label, state="used") == st["in_use"]
+    assert s.value("db_client_connection_count", pool_name=label, state="parked") == st["parked"]
     assert s.value("db_client_connection_max", pool_name=label) == st["max_size"]
     assert s.value("db_client_connection_idle_max", pool_name=label) == st["max_size"]
     assert s.value("db_client_connection_idle_min", pool_name=label) == st["min_size"]
@@ -286,7 +287,8 @@ def test_opentelemetry_instruments(pool: Pool[Any]) -> None:
         pool_attr = "db.client.connection.pool.name"
         count = {p.attributes["db.client.connection.state"]: p.value for p in points[
             "db.client.connection.count"]}  # fmt: skip
-        assert count == {"idle": st["idle"], "used": st["in_use"]} and count["used"] == 1
+        assert count == {"idle": st["idle"], "used": st["in_use"], "parked": st["parked"]}
+        assert count["used"] == 1
         for name, key in (
             ("db.client.connection.max", "max_size"),
             ("db.client.connection.idle.max", "max_size"),

@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from poolkit import AsyncPool, ConnectionReturned, PoolTimeout
 from poolkit import _returns_async as returns  # sync: from poolkit import _returns as returns
+from tests._helpers import terminate_backends
 from tests._tcompat_async import ASYNC, fixture, gather, sleep, spawn, until
 
 pytestmark = pytest.mark.asyncio  # async-only
@@ -127,6 +128,34 @@ async def test_a_parked_connection_older_than_a_lost_one_is_closed(
     await until(lambda: parked.closed, timeout=10, what="the parked connection closed")
     assert not pool._unpark(parked)
     await until(lambda: counts(pool) == (2, 2, 0), timeout=10, what="refilled")
+
+
+async def test_a_parked_connection_found_broken_takes_the_older_parked_ones_with_it(
+    make_pool: MakePool, admin_dsn: str, app_name: str
+) -> None:
+    # A parked connection last worked when it was parked: found broken (a restart killed
+    # every backend), it invalidates the others parked before, so each thread after the
+    # first borrows a fresh connection instead of failing one request of its own.
+    pool = await make_pool(housekeeping=60, min_size=3, max_size=3)  # unpark must see it
+    conns = [await pool.getconn() for _ in range(3)]
+    oldest = min(conns, key=lambda c: pool._lent[id(c)].created_at)
+    for conn in conns:
+        assert pool._park(conn)
+    assert pool.stats()["parked"] == 3 and counts(pool) == (3, 0, 0)
+    terminate_backends(admin_dsn, application_name=app_name)
+    assert pool._unpark(oldest)
+    with pytest.raises(psycopg.OperationalError):
+        await oldest.execute("SELECT 1")
+    await pool.putconn(oldest)
+    for conn in conns:
+        if conn is not oldest:
+            assert not pool._unpark(conn)
+            with pytest.raises(ConnectionReturned):
+                await conn.execute("SELECT 1")
+    assert pool.stats()["parked"] == 0
+    async with pool.connection(timeout=10) as fresh:
+        assert await (await fresh.execute("SELECT 1")).fetchone() == (1,)
+    await until(lambda: counts(pool) == (3, 3, 0), timeout=10, what="refilled")
 
 
 async def test_a_waiting_borrower_takes_a_parked_connection_while_connecting_fails(

@@ -64,6 +64,31 @@ def test_check_results_sees_every_command_tag(dsn: str) -> None:
         assert _psycopg.DIRTY.pop(key, 0), f"{INTERNALS}: pipelined LISTEN not seen"
 
 
+def test_cursor_tag_and_results_are_readable(dsn: str) -> None:
+    # poolkit_django's release="transaction" pins on session commands in any statement.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute("SELECT 1; SET work_mem = '5MB'")
+        assert _psycopg.RAW_TAG_OF(cur) == b"SELECT 1", f"{INTERNALS}: cursor._statusmessage"
+        tags = [r.command_status for r in _psycopg.RESULTS_OF(cur)]
+        assert tags == [b"SELECT 1", b"SET"], f"{INTERNALS}: cursor._results {tags}"
+        assert cur.fetchone() == (1,)  # reading them moved nothing
+
+
+def test_handler_lists_and_notification_backlog(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        saved = _psycopg.handlers(conn)
+        conn.add_notice_handler(print)
+        conn.add_notify_handler(print)
+        assert _psycopg.handlers(conn) != saved, f"{INTERNALS}: handler lists moved"
+        _psycopg.restore_handlers(conn, saved)
+        assert _psycopg.handlers(conn) == saved == ([], [])
+        conn.execute("LISTEN pk_internals_backlog")
+        conn.execute("NOTIFY pk_internals_backlog")
+        assert conn.__dict__.get("_notifies_backlog"), f"{INTERNALS}: no _notifies_backlog"
+        _psycopg.forget_notifies(conn)
+        assert list(conn.notifies(timeout=0.1)) == []
+
+
 @pytest.mark.parametrize("name", _psycopg.GUARDED)
 def test_guarded_methods_are_the_io_entry_points(name: str) -> None:
     for cls in (Connection, AsyncConnection):

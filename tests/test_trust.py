@@ -206,6 +206,16 @@ SESSION_STATE: dict[str, tuple[list[LiteralString], LiteralString, tuple[str, ..
         "SELECT to_regclass('pk_trust_tmp') IS NOT NULL",
         ("auto", "discard_all"),
     ),
+    "temp_view": (
+        ["CREATE TEMP VIEW pk_trust_tmpv AS SELECT 1 AS v"],
+        "SELECT to_regclass('pk_trust_tmpv') IS NOT NULL",
+        ("auto", "discard_all"),
+    ),
+    "temp_sequence": (
+        ["CREATE TEMP SEQUENCE pk_trust_tmps"],
+        "SELECT to_regclass('pk_trust_tmps') IS NOT NULL",
+        ("auto", "discard_all"),
+    ),
     "advisory_lock": (
         ["SELECT pg_advisory_lock(4242)"],
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
@@ -261,6 +271,57 @@ def test_reset_undoes_session_state(
     before, during, after = session_state_after(pool, statements, probe)
     assert during != before, "the borrow did not change the session: the test proves nothing"
     assert after == before
+
+
+@pytest.mark.parametrize("where", ["configure", "borrower"])
+def test_auto_reset_sees_cursor_classes_chosen_by_configure_or_the_borrower(
+    make_pool: MakePool, where: str
+) -> None:
+    """ "auto" learns from the pool's cursor class: a ClientCursor set as cursor_factory
+    by configure= (tracked too) or by the borrower (untracked: everything is reset)."""
+
+    def configure(conn: Connection[Any]) -> None:
+        conn.cursor_factory = OTHER_CURSOR
+
+    extra = {"configure": configure} if where == "configure" else {}
+    pool = make_pool(max_size=1, autocommit=True, **extra)
+    with pool.connection() as conn:
+        if where == "borrower":
+            conn.cursor_factory = OTHER_CURSOR
+        conn.execute("SET search_path = pg_catalog")
+        assert one(conn, "SHOW search_path") == ("pg_catalog",)
+    with pool.connection() as conn:
+        assert one(conn, "SHOW search_path") != ("pg_catalog",)
+        assert isinstance(conn.cursor(), OTHER_CURSOR) == (where == "configure")
+    assert pool.stats()["resets"] == 1
+    with pool.connection() as conn:  # a tracked borrow with nothing to undo
+        conn.execute("SELECT 1")
+    assert pool.stats()["resets"] == 1
+
+
+def test_handlers_and_notifications_do_not_reach_the_next_borrower(
+    make_pool: MakePool, admin_conn: Any
+) -> None:
+    """A borrower's notice/notify handlers saw the next borrowers' messages, and the
+    notifications for its LISTEN were delivered to the next borrower's notifies()."""
+    pool = make_pool(max_size=1, autocommit=True)
+    heard: list[str] = []
+    with pool.connection() as conn:
+        conn.add_notice_handler(lambda diag: heard.append(f"notice {diag.message_primary}"))
+        conn.add_notify_handler(lambda n: heard.append(f"notify {n.payload}"))
+    with pool.connection() as conn:
+        conn.execute("DO $$BEGIN RAISE NOTICE 'for B'; END$$")
+        conn.execute("LISTEN pk_trust_handlers")
+        conn.execute("NOTIFY pk_trust_handlers, 'for B'")
+    assert heard == []
+    with pool.connection() as conn:
+        conn.execute("LISTEN pk_trust_backlog")
+        admin_conn.execute("NOTIFY pk_trust_backlog, 'for A'")
+        conn.execute("SELECT pg_sleep(0.1)")  # reads the notification: kept by psycopg
+    with pool.connection() as conn:
+        got = [n.payload for n in conn.notifies(timeout=0.5)]
+    assert got == []
+    assert heard == []
 
 
 def test_auto_reset_cannot_see_advisory_locks_taken_with_select(
@@ -323,6 +384,31 @@ def test_dead_lent_connections_do_not_close_newer_ones(
         pool.putconn(conn)
     assert new_pids <= set(backend_pids(admin_dsn, app_name))
     assert pool.stats()["connections_created"] == 6
+
+
+def test_a_connection_psycopg_closed_itself_is_not_an_outage(
+    make_pool: MakePool, admin_dsn: str, admin_conn: Any, app_name: str
+) -> None:
+    """psycopg drops a connection whose query cancellation was interrupted (a task
+    cancelled twice, a client gone mid-stream): that is no sign of a server outage, and
+    the healthy idle connections stayed closed with it."""
+    pool = make_pool(min_size=3, max_size=3)
+    conns = [pool.getconn() for _ in range(3)]
+    pids = {conn.info.backend_pid for conn in conns}
+    for conn in conns:
+        pool.putconn(conn)
+    with pool.connection() as conn:
+        gone = conn.info.backend_pid
+        conn.pgconn.finish()  # what psycopg's wait() does then
+    until(lambda: pool.stats()["idle"] == 3, what="refilled")
+    stats = pool.stats()
+    assert stats["connections_lost"] == 0, stats
+    others = pids - {gone}
+    assert len(others) == 2
+    if ASYNC:
+        assert len(others & set(backend_pids(admin_dsn, app_name))) >= 1
+    else:
+        assert others <= set(backend_pids(admin_dsn, app_name))
 
 
 # -- 2.8: fork -------------------------------------------------------------------------
@@ -510,6 +596,26 @@ def test_use_after_return_raises_and_sends_nothing(
     assert queries and not any("pk_trust_after" in q for (q,) in queries), queries
     with pool.connection() as again:
         assert again.info.transaction_status == TransactionStatus.IDLE
+        assert one(again, "SELECT 1") == (1,)
+
+
+def test_returned_handle_cannot_cancel_or_hook_the_next_borrower(
+    make_pool: MakePool,
+) -> None:
+    """cancel()/cancel_safe() bypass wait(): a kept handle cancelled the next query."""
+    pool = make_pool(max_size=1)
+    with pool.connection() as old:
+        pass
+    with pool.connection() as again:
+        assert again.info.backend_pid == old.info.backend_pid  # the same server session
+        with pytest.raises(ConnectionReturned):
+            old.cancel()
+        with pytest.raises(ConnectionReturned):
+            old.cancel_safe()
+        with pytest.raises(ConnectionReturned):
+            old.add_notice_handler(lambda diag: None)
+        with pytest.raises(ConnectionReturned):
+            old.add_notify_handler(lambda n: None)
         assert one(again, "SELECT 1") == (1,)
 
 
@@ -726,6 +832,17 @@ def test_connection_class_must_be_a_connection_class_without_slots(dsn: str) -> 
     Pool(dsn, connection_class=Connection[DictRow], open=False)
 
 
+@pytest.mark.parametrize("name", ["configure", "check", "reconnect_failed"])
+def test_callbacks_must_be_callable(dsn: str, name: str) -> None:
+    # Accepted before, they failed on every connection or borrow, as PoolTimeouts.
+    with pytest.raises(TypeError, match=rf"^{name}=123 is not callable: pass a function"):
+        Pool(dsn, open=False, **{name: 123})
+    if name == "configure":
+        with pytest.raises(TypeError, match=r"^configure='x' is not callable"):
+            ClusterPool(dsn, configure="x")  # type: ignore[arg-type]
+    Pool(dsn, open=False, **{name: None})
+
+
 def test_callable_kwargs_are_called_per_connection(make_pool: MakePool, dsn: str) -> None:
     names: list[str] = []
 
@@ -789,6 +906,25 @@ def test_failing_check_does_not_storm_connections(make_pool: MakePool) -> None:
     with pytest.raises(PoolTimeout):
         pool.getconn(timeout=2)
     assert pool.stats()["connections_created"] < 20, pool.stats()
+
+
+def test_check_that_opens_a_transaction_does_not_disable_the_pool(
+    make_pool: MakePool,
+) -> None:
+    """A check= querying outside autocommit left a transaction: every connection was closed."""
+    checked: list[int] = []
+
+    def check(conn: Connection[Any]) -> None:
+        conn.execute("SELECT 1")  # autocommit off: opens a transaction
+        checked.append(conn.info.backend_pid)
+
+    pool = make_pool(max_size=1, check=check, validation_bypass=0)
+    for _ in range(3):
+        with pool.connection(timeout=5) as conn:
+            assert conn.info.transaction_status == TransactionStatus.IDLE
+            assert one(conn, "SELECT txid_current_if_assigned() IS NULL") == (True,)
+    assert len(checked) >= 3 and len(set(checked)) == 1, checked
+    assert pool.stats()["connections_created"] == 1, pool.stats()
 
 
 def test_fresh_replacement_is_checked_before_it_is_lent(make_pool: MakePool) -> None:

@@ -209,6 +209,16 @@ SESSION_STATE: dict[str, tuple[list[LiteralString], LiteralString, tuple[str, ..
         "SELECT to_regclass('pk_trust_tmp') IS NOT NULL",
         ("auto", "discard_all"),
     ),
+    "temp_view": (
+        ["CREATE TEMP VIEW pk_trust_tmpv AS SELECT 1 AS v"],
+        "SELECT to_regclass('pk_trust_tmpv') IS NOT NULL",
+        ("auto", "discard_all"),
+    ),
+    "temp_sequence": (
+        ["CREATE TEMP SEQUENCE pk_trust_tmps"],
+        "SELECT to_regclass('pk_trust_tmps') IS NOT NULL",
+        ("auto", "discard_all"),
+    ),
     "advisory_lock": (
         ["SELECT pg_advisory_lock(4242)"],
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
@@ -264,6 +274,57 @@ async def test_reset_undoes_session_state(
     before, during, after = await session_state_after(pool, statements, probe)
     assert during != before, "the borrow did not change the session: the test proves nothing"
     assert after == before
+
+
+@pytest.mark.parametrize("where", ["configure", "borrower"])
+async def test_auto_reset_sees_cursor_classes_chosen_by_configure_or_the_borrower(
+    make_pool: MakeAsyncPool, where: str
+) -> None:
+    """ "auto" learns from the pool's cursor class: a ClientCursor set as cursor_factory
+    by configure= (tracked too) or by the borrower (untracked: everything is reset)."""
+
+    async def configure(conn: AsyncConnection[Any]) -> None:
+        conn.cursor_factory = OTHER_CURSOR
+
+    extra = {"configure": configure} if where == "configure" else {}
+    pool = await make_pool(max_size=1, autocommit=True, **extra)
+    async with pool.connection() as conn:
+        if where == "borrower":
+            conn.cursor_factory = OTHER_CURSOR
+        await conn.execute("SET search_path = pg_catalog")
+        assert await one(conn, "SHOW search_path") == ("pg_catalog",)
+    async with pool.connection() as conn:
+        assert await one(conn, "SHOW search_path") != ("pg_catalog",)
+        assert isinstance(conn.cursor(), OTHER_CURSOR) == (where == "configure")
+    assert pool.stats()["resets"] == 1
+    async with pool.connection() as conn:  # a tracked borrow with nothing to undo
+        await conn.execute("SELECT 1")
+    assert pool.stats()["resets"] == 1
+
+
+async def test_handlers_and_notifications_do_not_reach_the_next_borrower(
+    make_pool: MakeAsyncPool, admin_conn: Any
+) -> None:
+    """A borrower's notice/notify handlers saw the next borrowers' messages, and the
+    notifications for its LISTEN were delivered to the next borrower's notifies()."""
+    pool = await make_pool(max_size=1, autocommit=True)
+    heard: list[str] = []
+    async with pool.connection() as conn:
+        conn.add_notice_handler(lambda diag: heard.append(f"notice {diag.message_primary}"))
+        conn.add_notify_handler(lambda n: heard.append(f"notify {n.payload}"))
+    async with pool.connection() as conn:
+        await conn.execute("DO $$BEGIN RAISE NOTICE 'for B'; END$$")
+        await conn.execute("LISTEN pk_trust_handlers")
+        await conn.execute("NOTIFY pk_trust_handlers, 'for B'")
+    assert heard == []
+    async with pool.connection() as conn:
+        await conn.execute("LISTEN pk_trust_backlog")
+        admin_conn.execute("NOTIFY pk_trust_backlog, 'for A'")
+        await conn.execute("SELECT pg_sleep(0.1)")  # reads the notification: kept by psycopg
+    async with pool.connection() as conn:
+        got = [n.payload async for n in conn.notifies(timeout=0.5)]
+    assert got == []
+    assert heard == []
 
 
 async def test_auto_reset_cannot_see_advisory_locks_taken_with_select(
@@ -326,6 +387,43 @@ async def test_dead_lent_connections_do_not_close_newer_ones(
         await pool.putconn(conn)
     assert new_pids <= set(backend_pids(admin_dsn, app_name))
     assert pool.stats()["connections_created"] == 6
+
+
+async def test_a_connection_psycopg_closed_itself_is_not_an_outage(
+    make_pool: MakeAsyncPool, admin_dsn: str, admin_conn: Any, app_name: str
+) -> None:
+    """psycopg drops a connection whose query cancellation was interrupted (a task
+    cancelled twice, a client gone mid-stream): that is no sign of a server outage, and
+    the healthy idle connections stayed closed with it."""
+    pool = await make_pool(min_size=3, max_size=3)
+    conns = [await pool.getconn() for _ in range(3)]
+    pids = {conn.info.backend_pid for conn in conns}
+    for conn in conns:
+        await pool.putconn(conn)
+    async with pool.connection() as conn:
+        gone = conn.info.backend_pid
+        conn.pgconn.finish()  # what psycopg's wait() does then
+    # >>> async-only
+    async with pool.connection() as conn:
+        task = asyncio.ensure_future(conn.execute("SELECT pg_sleep(30)"))
+        sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+        await until(lambda: admin_conn.execute(sleeping).fetchone() == (1,), what="query sent")
+        task.cancel()  # psycopg cancels the query on the server and waits for it...
+        await asyncio.sleep(0)
+        task.cancel()  # ...and drops the connection when that wait is cancelled too
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert conn.closed
+    # <<<
+    await until(lambda: pool.stats()["idle"] == 3, what="refilled")
+    stats = pool.stats()
+    assert stats["connections_lost"] == 0, stats
+    others = pids - {gone}
+    assert len(others) == 2
+    if ASYNC:
+        assert len(others & set(backend_pids(admin_dsn, app_name))) >= 1
+    else:
+        assert others <= set(backend_pids(admin_dsn, app_name))
 
 
 # -- 2.8: fork -------------------------------------------------------------------------
@@ -513,6 +611,26 @@ async def test_use_after_return_raises_and_sends_nothing(
     assert queries and not any("pk_trust_after" in q for (q,) in queries), queries
     async with pool.connection() as again:
         assert again.info.transaction_status == TransactionStatus.IDLE
+        assert await one(again, "SELECT 1") == (1,)
+
+
+async def test_returned_handle_cannot_cancel_or_hook_the_next_borrower(
+    make_pool: MakeAsyncPool,
+) -> None:
+    """cancel()/cancel_safe() bypass wait(): a kept handle cancelled the next query."""
+    pool = await make_pool(max_size=1)
+    async with pool.connection() as old:
+        pass
+    async with pool.connection() as again:
+        assert again.info.backend_pid == old.info.backend_pid  # the same server session
+        with pytest.raises(ConnectionReturned):
+            old.cancel()
+        with pytest.raises(ConnectionReturned):
+            await old.cancel_safe()
+        with pytest.raises(ConnectionReturned):
+            old.add_notice_handler(lambda diag: None)
+        with pytest.raises(ConnectionReturned):
+            old.add_notify_handler(lambda n: None)
         assert await one(again, "SELECT 1") == (1,)
 
 
@@ -733,6 +851,17 @@ async def test_connection_class_must_be_a_connection_class_without_slots(dsn: st
     AsyncPool(dsn, connection_class=AsyncConnection[DictRow], open=False)
 
 
+@pytest.mark.parametrize("name", ["configure", "check", "reconnect_failed"])
+async def test_callbacks_must_be_callable(dsn: str, name: str) -> None:
+    # Accepted before, they failed on every connection or borrow, as PoolTimeouts.
+    with pytest.raises(TypeError, match=rf"^{name}=123 is not callable: pass a function"):
+        AsyncPool(dsn, open=False, **{name: 123})
+    if name == "configure":
+        with pytest.raises(TypeError, match=r"^configure='x' is not callable"):
+            AsyncClusterPool(dsn, configure="x")  # type: ignore[arg-type]
+    AsyncPool(dsn, open=False, **{name: None})
+
+
 async def test_callable_kwargs_are_called_per_connection(
     make_pool: MakeAsyncPool, dsn: str
 ) -> None:
@@ -800,6 +929,25 @@ async def test_failing_check_does_not_storm_connections(make_pool: MakeAsyncPool
     with pytest.raises(PoolTimeout):
         await pool.getconn(timeout=2)
     assert pool.stats()["connections_created"] < 20, pool.stats()
+
+
+async def test_check_that_opens_a_transaction_does_not_disable_the_pool(
+    make_pool: MakeAsyncPool,
+) -> None:
+    """A check= querying outside autocommit left a transaction: every connection was closed."""
+    checked: list[int] = []
+
+    async def check(conn: AsyncConnection[Any]) -> None:
+        await conn.execute("SELECT 1")  # autocommit off: opens a transaction
+        checked.append(conn.info.backend_pid)
+
+    pool = await make_pool(max_size=1, check=check, validation_bypass=0)
+    for _ in range(3):
+        async with pool.connection(timeout=5) as conn:
+            assert conn.info.transaction_status == TransactionStatus.IDLE
+            assert await one(conn, "SELECT txid_current_if_assigned() IS NULL") == (True,)
+    assert len(checked) >= 3 and len(set(checked)) == 1, checked
+    assert pool.stats()["connections_created"] == 1, pool.stats()
 
 
 async def test_fresh_replacement_is_checked_before_it_is_lent(make_pool: MakeAsyncPool) -> None:

@@ -91,7 +91,13 @@ def _build(alias: str, raw: Any, health: bool) -> PoolConfig | None:
     try:
         config = PoolConfig.from_dict(raw, source=source)
     except ConfigError as exc:
-        raise ImproperlyConfigured(str(exc)) from None
+        # Keys given are already named under `source`; a default the checks involve
+        # (min_size=4 against a max_size given) is not: with several aliases it would not
+        # say which one is wrong.
+        def under_source(setting: str) -> str:
+            return setting if setting.startswith("DATABASES") else f"{source}[{setting!r}]"
+
+        raise ImproperlyConfigured(str(exc._rename_each(under_source))) from None
     if health:
         explicit = "validate" in raw or "check" in raw
         if explicit and not config.validate:

@@ -7,14 +7,18 @@ from typing import TYPE_CHECKING, Any
 
 from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 
+from poolkit._psycopg import RAW_TAG_OF, RESULTS_OF
+
 if TYPE_CHECKING:
     from .base import DatabaseWrapper
 
 # Command tags after which the session holds state the next statement may rely on. The
 # pool's reset policy ("auto") sees the first group when the connection comes back and
-# resets it; the second is undone here with DISCARD ALL at request end.
-PIN_TAGS = ("SET", "RESET", "LISTEN", "LOAD", "BEGIN", "START")
-DISCARD_TAGS = ("DECLARE", "PREPARE")
+# resets it; the second is undone here with DISCARD ALL at request end. Bytes, as libpq
+# gives them: nothing is decoded per statement.
+PIN_TAGS = (b"SET", b"RESET", b"LISTEN", b"LOAD", b"BEGIN", b"START")
+DISCARD_TAGS = (b"DECLARE", b"PREPARE")
+_SESSION_TAGS = DISCARD_TAGS + PIN_TAGS  # one startswith() rejects the common case
 # Session state no command tag shows: temporary tables, session advisory locks (the _xact_
 # variants end with the statement), set_config(). A false match only keeps the connection
 # (and costs one DISCARD ALL).
@@ -27,12 +31,28 @@ PIN, DISCARD = 1, 2
 def pins(cursor: Any, sql: Any) -> int:
     """0, PIN (the session changed, the pool's reset undoes it) or DISCARD (the session
     changed in a way only DISCARD ALL undoes) for the statement just run on `cursor`."""
-    tag = getattr(cursor, "statusmessage", None)
-    if tag:
+    # psycopg's raw tag (bytes: statusmessage would decode it): the first result's, or
+    # after executemany(), which keeps no results, the last statement's.
+    tag = RAW_TAG_OF(cursor)
+    if tag and tag.startswith(_SESSION_TAGS):
         if tag.startswith(DISCARD_TAGS):
             return DISCARD
-        if tag.startswith(PIN_TAGS):
-            return PIN
+        level = PIN
+    else:
+        level = 0
+    results = RESULTS_OF(cursor)
+    if len(results) > 1:
+        # "SELECT 1; SET ...": the other statements' tags are only in the results (the
+        # pool's own tag tracking reads the same); nextset() would move the cursor past
+        # the rows the caller is about to fetch.
+        for res in results:
+            tag = res.command_status
+            if tag and tag.startswith(_SESSION_TAGS):
+                if tag.startswith(DISCARD_TAGS):
+                    return DISCARD
+                level = PIN
+    if level:
+        return level
     if isinstance(sql, bytes):
         sql = sql.decode("utf-8", "replace")
     return DISCARD if isinstance(sql, str) and PIN_SQL.search(sql) is not None else 0

@@ -206,7 +206,17 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         entry, self._pk_between = self._pk_between, None
         if entry is None or _registry.current_entry(self.alias) is not entry:
             return None  # settings changed meanwhile: Django's connect() does it all
-        conn = _lending.lend(self, entry, sys._getframe(2))
+        try:
+            conn = _lending.lend(self, entry, sys._getframe(2))
+        except Exception:
+            # Reached from reads of self.connection that Django does outside
+            # wrap_database_errors (`if self.connection is None:` in ensure_connection()
+            # and close_if_health_check_failed()): translate here as the first borrow
+            # inside connect() is (PoolTimeout -> django.db.OperationalError, the original
+            # as __cause__), so `except DatabaseError` and PoolkitMiddleware see it.
+            # In the except clause, not a `with` around lend(): no cost when it works.
+            with self.wrap_database_errors:
+                raise
         if self._pk_isolation:
             conn.isolation_level = self.isolation_level
         self._pk_pinned = 0

@@ -44,6 +44,11 @@ BAD_POOLS = [
         "did you mean 'max_size'?",
     ),
     ({"min_size": 5, "max_size": 2}, "['pool']['min_size']=5", "raise max_size or lower min_size"),
+    (  # a default in the comparison is named under the alias too
+        {"max_size": 3},
+        "DATABASES['bad']['OPTIONS']['pool']['min_size']=4 (the default)",
+        "raise max_size or lower min_size",
+    ),
     ({"timeout": "30"}, "['pool']['timeout']='30'", "must be a number of seconds"),
     ({"conninfo": "postgresql://x/y"}, "['pool']['conninfo']", "set NAME, USER, PASSWORD"),
     ({"autocommit": False}, "['pool']['autocommit']", "DATABASES['bad']['AUTOCOMMIT']"),

@@ -11,23 +11,41 @@ from typing import Any
 import pytest
 from django.core.checks import run_checks
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connections, transaction
+from django.db import DatabaseError, OperationalError, connections, transaction
 
+from poolkit import PoolTimeout
 from poolkit_django import pools
-from tests.django._support import call_json, extra_database, gunicorn, run_manage, scratch_database
+from tests.django._support import (
+    call_json,
+    call_wsgi,
+    extra_database,
+    gunicorn,
+    run_manage,
+    scratch_database,
+)
 
 TX_POOL = {"min_size": 1, "max_size": 1, "timeout": 5, "release": "transaction"}
+
+
+def _tx_alias(blocker: Any, admin_dsn: str, dsn: str, pool: dict[str, Any]) -> Iterator[Any]:
+    with (
+        blocker.unblock(),
+        scratch_database(admin_dsn, dsn) as url,
+        extra_database("tx", url, pool=pool),
+    ):
+        yield connections["tx"]
 
 
 @pytest.fixture
 def tx(django_db_blocker: Any, admin_dsn: str, dsn: str) -> Iterator[Any]:
     """Alias "tx" on a scratch database, release="transaction", one connection."""
-    with (
-        django_db_blocker.unblock(),
-        scratch_database(admin_dsn, dsn) as url,
-        extra_database("tx", url, pool=TX_POOL),
-    ):
-        yield connections["tx"]
+    yield from _tx_alias(django_db_blocker, admin_dsn, dsn, TX_POOL)
+
+
+@pytest.fixture
+def tx_short(django_db_blocker: Any, admin_dsn: str, dsn: str) -> Iterator[Any]:
+    """As `tx`, with a short borrow timeout for tests that run into it."""
+    yield from _tx_alias(django_db_blocker, admin_dsn, dsn, {**TX_POOL, "timeout": 0.3})
 
 
 def in_use() -> int:
@@ -86,6 +104,11 @@ def test_atomic_keeps_the_connection_to_its_end(tx: Any) -> None:
         "LISTEN somewhere",
         "BEGIN",
         "PREPARE p AS SELECT 1",
+        # A statement after the first in one string: its tag is not the cursor's
+        # statusmessage (that of the first result).
+        "SELECT 1; SET statement_timeout = '4321ms'",
+        "SELECT 1; SET statement_timeout = '4321ms'; SELECT 2",
+        "SELECT 1; PREPARE p AS SELECT 1",
     ],
 )
 def test_session_state_pins_the_connection_until_the_request_ends(tx: Any, pin: str) -> None:
@@ -93,7 +116,7 @@ def test_session_state_pins_the_connection_until_the_request_ends(tx: Any, pin: 
     run(tx, pin)
     assert in_use() == 1
     assert run(tx, "SELECT pg_backend_pid()") == backend  # still the same session
-    if pin.startswith("SET") or "set_config" in pin:
+    if "statement_timeout" in pin:
         assert run(tx, "SHOW statement_timeout") == ("4321ms",)
     # Request end (Django's request_finished): the connection goes back, reset.
     tx.close_if_unusable_or_obsolete()
@@ -105,6 +128,14 @@ def test_session_state_pins_the_connection_until_the_request_ends(tx: Any, pin: 
     assert run(tx, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == (0,)
     assert run(tx, "SELECT count(*) FROM pg_prepared_statements WHERE name = 'p'") == (0,)
     assert in_use() == 0  # not pinned any more
+
+
+def test_a_set_run_by_executemany_pins_the_connection(tx: Any) -> None:
+    # executemany() keeps no results, only the last statement's command tag.
+    with tx.cursor() as cur:
+        cur.executemany("SET statement_timeout = '4321ms'", [(), ()])
+    assert in_use() == 1
+    assert run(tx, "SHOW statement_timeout") == ("4321ms",)
 
 
 def test_a_server_side_cursor_pins_the_connection(tx: Any) -> None:
@@ -131,6 +162,32 @@ def test_two_threads_share_one_connection_between_statements(tx: Any) -> None:
     assert stats["in_use"] == 0
     assert stats["timeouts"] == 0
     assert stats["size"] == 1
+
+
+def test_a_timeout_borrowing_again_is_djangos_operational_error(tx_short: Any) -> None:
+    """The statement after a release borrows again; a timeout there is reported as one at
+    the first borrow: django.db.OperationalError with the PoolTimeout as its cause, so
+    `except DatabaseError` catches it and PoolkitMiddleware still answers 503."""
+    run(tx_short, "SELECT 1")
+    pool = pools()["tx"]
+    assert tx_short._pk_between is not None  # the next statement borrows again
+    taken = pool.getconn()  # as by another request
+    try:
+        with pytest.raises(DatabaseError) as again:
+            run(tx_short, "SELECT 2")
+        tx_short.close()  # forget the released connection: the next one is a first borrow
+        with pytest.raises(DatabaseError) as first:
+            run(tx_short, "SELECT 3")
+    finally:
+        pool.putconn(taken)
+    for err in (again.value, first.value):
+        assert type(err) is OperationalError
+        assert isinstance(err.__cause__, PoolTimeout)
+        assert str(err) == str(err.__cause__)
+    assert run(tx_short, "SELECT 4") == (4,)  # nothing left broken
+    status, headers, body = call_wsgi("/busy_between", db="tx")
+    assert (status, headers["Retry-After"]) == (503, "1"), body
+    assert in_use() == 0
 
 
 def test_release_setting_is_validated(dsn: str) -> None:

@@ -10,6 +10,7 @@ urlpatterns = [
     path("session/show", views.session_show),
     path("sleep", views.sleep),
     path("wait_between", views.wait_between),
+    path("busy_between", views.busy_between),
     path("notes", views.notes, name="notes"),
     path("notes/atomic", views.notes_atomic),
     path("anotes", views.anotes),

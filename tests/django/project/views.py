@@ -88,6 +88,22 @@ def wait_between(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"pid": os.getpid(), "backends": [first, second]})
 
 
+def busy_between(request: HttpRequest) -> JsonResponse:
+    """A query, then the pool's only connection taken (as by another request), then a
+    query: with release="transaction" the second one times out borrowing again."""
+    alias = _alias(request)
+    with connections[alias].cursor() as cur:
+        cur.execute("SELECT 1")
+    pool = pools()[alias]
+    taken = pool.getconn()
+    try:
+        with connections[alias].cursor() as cur:
+            cur.execute("SELECT 2")
+    finally:
+        pool.putconn(taken)
+    return JsonResponse({})
+
+
 @csrf_exempt
 def notes(request: HttpRequest) -> JsonResponse:
     if request.method == "POST":

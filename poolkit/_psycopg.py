@@ -4,8 +4,9 @@ fails loudly when a psycopg release changes any of them.
 Each use is here because psycopg has no public way to do it:
 - `_pool`: psycopg's Connection checks it in close() (close_returns), __exit__ (a pooled
   connection is not closed by `with conn:`) and __del__ (no ResourceWarning).
-- `_prepared.clear()`: after DISCARD ALL the server has no prepared statements left, and
-  psycopg's cache must learn it or the next query fails with `_pg3_0 does not exist`.
+- `_prepared`'s caches (`_counts`, `_names`, `_to_flush`) and `prepared_max`: after DISCARD
+  ALL the server has no prepared statements left, and psycopg's cache must learn it or the
+  next query fails with `_pg3_0 does not exist`.
 - `_check_results`: every result of a cursor passes there, with its command tag; it is how
   the "auto" reset policy learns that a borrow left session state behind.
 - the client-side settings read in one call from the instance dict (`snapshot()`); they are
@@ -42,7 +43,8 @@ _snapshot_dict = itemgetter(*_SNAPSHOT_ATTRS)
 # C-level getters for the hot path (no Python frame): ATTRS_OF(conn.__dict__) and
 # THRESHOLD_OF(conn) equal to snapshot()'s two parts means nothing changed.
 ATTRS_OF = _snapshot_dict
-THRESHOLD_OF = attrgetter("_prepared.prepare_threshold")
+# (prepare_threshold, prepared_max): the prepared-statement settings, as one tuple.
+THRESHOLD_OF = attrgetter("_prepared.prepare_threshold", "_prepared.prepared_max")
 
 
 # A cursor's command tag as libpq gives it (bytes, or None), and its results: C-level getters,
@@ -76,15 +78,15 @@ def forget_notifies(conn: Any) -> None:
         backlog.clear()
 
 
-def snapshot(conn: Any) -> tuple[tuple[Any, ...], int | None]:
-    """The connection's client-side settings: the attributes above, and prepare_threshold."""
-    return _snapshot_dict(conn.__dict__), conn._prepared.prepare_threshold
+def snapshot(conn: Any) -> tuple[tuple[Any, ...], tuple[int | None, int]]:
+    """The connection's client-side settings: the attributes above, and THRESHOLD_OF's."""
+    return _snapshot_dict(conn.__dict__), THRESHOLD_OF(conn)
 
 
-def unchanged(conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> bool:
+def unchanged(conn: Any, attrs: tuple[Any, ...], threshold: tuple[int | None, int]) -> bool:
     """True if no client-side setting differs from `snapshot()`'s (cheap: every return)."""
     now: tuple[Any, ...] = _snapshot_dict(conn.__dict__)
-    return now == attrs and conn._prepared.prepare_threshold == threshold
+    return now == attrs and THRESHOLD_OF(conn) == threshold
 
 
 # The attribute's name, for setattr() on the hot path (a C call, cheaper than set_pool()).
@@ -115,8 +117,16 @@ def finished(conn: Any) -> bool:
 
 
 def forget_prepared(conn: Any) -> None:
-    """Tell psycopg that the server dropped every prepared statement (DISCARD ALL)."""
-    conn._prepared.clear()
+    """Tell psycopg that the server dropped every prepared statement (DISCARD ALL).
+
+    Not `_prepared.clear()`: it queues a DEALLOCATE ALL of its own, which psycopg sends
+    after the next statement was prepared again, dropping that one (the next query fails
+    with `_pg3_1 does not exist`).
+    """
+    prepared = conn._prepared
+    prepared._counts.clear()
+    prepared._names.clear()
+    prepared._to_flush.clear()
 
 
 # Session state learned from command tags, as a bit mask (see _reset.py).
@@ -124,6 +134,7 @@ DIRTY: dict[int, int] = {}
 
 SESSION_TAGS: dict[bytes, int] = {}  # filled by _reset.py: tag prefix -> bit
 SESSION_PREFIXES: tuple[bytes, ...] = ()  # its keys, for one startswith() call
+HOLD_CURSOR_BIT = 0  # set by _reset.py: the bit of a cursor declared WITH HOLD
 
 
 def _note_tags(conn: Any, results: list[Any]) -> None:
@@ -139,39 +150,53 @@ def _note_tags(conn: Any, results: list[Any]) -> None:
                 DIRTY[key] = DIRTY.get(key, 0) | bit
 
 
-_tracking: dict[type, type] = {}
+_tracking: dict[tuple[type, bool], type] = {}
 
 
-def tracking_cursor(cls: type[Any]) -> type[Any]:
-    """A subclass of cursor class `cls` that notes commands leaving session state behind."""
+def tracking_cursor(cls: type[Any], server: bool = False) -> type[Any]:
+    """A subclass of cursor class `cls` that notes commands leaving session state behind.
+
+    `server`: a class for named cursors, whose DECLARE psycopg reads without
+    `_check_results`: one declared WITH HOLD (it outlives the transaction) is noted when
+    made.
+    """
     if getattr(cls, "_poolkit_tracking", False):
         return cls
-    sub = _tracking.get(cls)
+    sub = _tracking.get((cls, server))
     if sub is not None:
         return sub
     base_check = cls._check_results
 
     def _check_results(self: Any, results: list[Any]) -> None:
-        base_check(self, results)
+        # Noted first: a failed statement's results carry the tags of those before it
+        # ("SET ...; COMMIT; SELECT 1/0" leaves the SET), and base_check raises.
         _note_tags(self._conn, results)
+        base_check(self, results)
 
-    sub = type(
-        cls.__name__,
-        (cls,),
-        {
-            "_check_results": _check_results,
-            "_poolkit_tracking": True,
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-        },
-    )
-    _tracking[cls] = sub
+    ns: dict[str, Any] = {
+        "_check_results": _check_results,
+        "_poolkit_tracking": True,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
+    if server:
+        base_init = cls.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            base_init(self, *args, **kwargs)
+            if kwargs.get("withhold"):
+                key = id(self._conn.__dict__)
+                DIRTY[key] = DIRTY.get(key, 0) | HOLD_CURSOR_BIT
+
+        ns["__init__"] = __init__
+    sub = type(cls.__name__, (cls,), ns)
+    _tracking[cls, server] = sub
     return sub
 
 
 def install_tracking(conn: Any) -> None:
     conn.cursor_factory = tracking_cursor(conn.cursor_factory)
-    conn.server_cursor_factory = tracking_cursor(conn.server_cursor_factory)
+    conn.server_cursor_factory = tracking_cursor(conn.server_cursor_factory, server=True)
 
 
 # Methods refused on a returned handle: every statement, commit, rollback, transaction,
@@ -232,7 +257,7 @@ def handle_classes(
       id and the shared dict; it may run inside the garbage collector: reclaim only
       queues). It replaces psycopg's __del__, whose warning is for unpooled connections.
     - returned: what the handle wears once returned, for good: the I/O entry points raise
-      `refuse(handle)`, and its __del__ does nothing.
+      `refuse(handle)`, so do attribute writes and `adapters`, and its __del__ does nothing.
     """
 
     def lent_del(self: Any) -> None:
@@ -246,9 +271,19 @@ def handle_classes(
     def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise refuse(self)
 
+    def refused_setattr(self: Any, name: str, value: Any) -> None:
+        # The instance dict is the next borrower's too: `old.row_factory = dict_row` would
+        # change what its fetchone() returns. (Its class may still change: a handle's
+        # class is how the pool marks it.)
+        if name != "__class__":
+            raise refuse(self)
+        object.__setattr__(self, name, value)
+
     names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
     lent = type(cls.__name__, (cls,), {"__del__": lent_del, **names})
     ns: dict[str, Any] = dict.fromkeys(GUARDED, refused)
+    ns["__setattr__"] = refused_setattr
+    ns["adapters"] = property(refused)  # shared too: a dumper registered would be theirs
     returned = type(cls.__name__, (lent,), {**ns, "__del__": returned_del, **names})
     return lent, returned
 

@@ -23,9 +23,14 @@ _psycopg.SESSION_TAGS.update(
         b"CREATE TABLE": TEMP,
         b"CREATE VIEW": TEMP,
         b"CREATE SEQUENCE": TEMP,
+        b"CREATE FUNCTION": TEMP,  # maybe in pg_temp
+        # Code whose statements show no tags of their own: anything may be left.
+        b"DO": EVERYTHING,
+        b"CALL": EVERYTHING,
     }
 )
 _psycopg.SESSION_PREFIXES = tuple(_psycopg.SESSION_TAGS)
+_psycopg.HOLD_CURSOR_BIT = CURSORS
 
 # Identity first: RESET ALL alone leaves SET ROLE and SET SESSION AUTHORIZATION in force.
 _IDENTITY = "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL"

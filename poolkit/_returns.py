@@ -243,7 +243,9 @@ class Returns(Lifecycle[CT], Generic[CT]):
             slot.last_good = now
         return True
 
-    def _restore(self, conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> None:
+    def _restore(
+        self, conn: Any, attrs: tuple[Any, ...], threshold: tuple[int | None, int]
+    ) -> None:
         """Undo a borrow's client-side changes through psycopg's public setters.
 
         The setters also drop psycopg's cached BEGIN statement, which direct writes
@@ -261,7 +263,7 @@ class Returns(Lifecycle[CT], Generic[CT]):
         conn.row_factory = rows
         conn.cursor_factory = cursors
         conn.server_cursor_factory = server
-        conn.prepare_threshold = threshold
+        conn.prepare_threshold, conn.prepared_max = threshold
 
     def _end_transaction(self, conn: CT, ok: bool, status: int) -> None:
         """Commit or roll back at the end of a `connection()` block, within a deadline."""

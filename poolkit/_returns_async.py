@@ -241,7 +241,9 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
             slot.last_good = now
         return True
 
-    async def _restore(self, conn: Any, attrs: tuple[Any, ...], threshold: int | None) -> None:
+    async def _restore(
+        self, conn: Any, attrs: tuple[Any, ...], threshold: tuple[int | None, int]
+    ) -> None:
         """Undo a borrow's client-side changes through psycopg's public setters.
 
         The setters also drop psycopg's cached BEGIN statement, which direct writes
@@ -259,7 +261,7 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         conn.row_factory = rows
         conn.cursor_factory = cursors
         conn.server_cursor_factory = server
-        conn.prepare_threshold = threshold
+        conn.prepare_threshold, conn.prepared_max = threshold
 
     async def _end_transaction(self, conn: ACT, ok: bool, status: int) -> None:
         """Commit or roll back at the end of a `connection()` block, within a deadline."""

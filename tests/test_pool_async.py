@@ -566,7 +566,11 @@ async def _child_first_borrows(pool: AsyncPool[Any]) -> int:
 
     results = await gather(*[work] * 8)
     errors = [r for r in results if isinstance(r, BaseException)]
-    return 0 if not errors and pool.stats()["connections_lost"] == 0 else 1
+    lost = pool.stats()["connections_lost"]
+    if errors or lost:  # the parent only sees the exit code: say why on stderr
+        print(f"child {os.getpid()}: lost={lost} errors={errors!r}", file=sys.stderr)
+        return 1
+    return 0
 
 
 async def test_fork_rebuild_is_safe_under_concurrent_first_borrows(make_pool: MakePool) -> None:

@@ -140,7 +140,9 @@ async def test_transaction_characteristics_are_restored(make_pool: MakeAsyncPool
         assert await one(conn, "SHOW transaction_deferrable") == ("off",)
 
 
-@pytest.mark.parametrize("attr", ["row_factory", "cursor_factory", "prepare_threshold"])
+@pytest.mark.parametrize(
+    "attr", ["row_factory", "cursor_factory", "prepare_threshold", "prepared_max"]
+)
 async def test_client_attributes_without_a_query_do_not_leak(
     make_pool: MakeAsyncPool, attr: str
 ) -> None:
@@ -149,6 +151,7 @@ async def test_client_attributes_without_a_query_do_not_leak(
         "row_factory": dict_row,
         "cursor_factory": OTHER_CURSOR,
         "prepare_threshold": 0,
+        "prepared_max": 1,
     }[attr]
     pool = await make_pool(max_size=1)
     async with pool.connection() as conn:
@@ -162,16 +165,21 @@ async def test_client_attributes_without_a_query_do_not_leak(
 # -- 2.3, 2.4, 2.5: session state on the server --------------------------------------------
 
 
-async def test_discard_all_keeps_prepared_statements_working(make_pool: MakeAsyncPool) -> None:
-    """Bug 3: after DISCARD ALL psycopg must forget its prepared statements (`_pg3_0`)."""
-    pool = await make_pool(max_size=1, reset="discard_all")
-    async with pool.connection() as conn:
-        for i in range(10):
-            assert await one(conn, "SELECT %s::int + 1", (i,)) == (i + 1,)
-        assert (await one(conn, "SELECT count(*) FROM pg_prepared_statements"))[0] >= 1
-    async with pool.connection() as conn:
-        for i in range(10):
-            assert await one(conn, "SELECT %s::int + 1", (i,)) == (i + 1,)
+@pytest.mark.parametrize("threshold", [5, 0])
+@pytest.mark.parametrize("policy", ["discard_all", "auto"])
+async def test_resets_dropping_prepared_statements_keep_queries_working(
+    make_pool: MakeAsyncPool, policy: str, threshold: int
+) -> None:
+    """Bug 3: after DISCARD ALL (or "auto"'s DEALLOCATE ALL after a PREPARE) psycopg must
+    forget its prepared statements (`_pg3_0`), without a DEALLOCATE ALL of its own that
+    would drop the next borrower's statement once prepared again (threshold 0)."""
+    pool = await make_pool(max_size=1, reset=policy, prepare_threshold=threshold)
+    for _ in range(3):
+        async with pool.connection() as conn:
+            for i in range(10):
+                assert await one(conn, "SELECT %s::int + 1", (i,)) == (i + 1,)
+            assert (await one(conn, "SELECT count(*) FROM pg_prepared_statements"))[0] >= 1
+            await conn.execute("PREPARE pk_trust_mine AS SELECT 1")
 
 
 ROLE = "pk_trust_role"
@@ -217,6 +225,17 @@ SESSION_STATE: dict[str, tuple[list[LiteralString], LiteralString, tuple[str, ..
     "temp_sequence": (
         ["CREATE TEMP SEQUENCE pk_trust_tmps"],
         "SELECT to_regclass('pk_trust_tmps') IS NOT NULL",
+        ("auto", "discard_all"),
+    ),
+    "do_block": (
+        ["DO $$BEGIN PERFORM set_config('search_path', 'pg_catalog', false); END$$"],
+        "SHOW search_path",
+        ("auto", "reset_all", "discard_all"),
+    ),
+    "temp_function": (
+        ["CREATE FUNCTION pg_temp.pk_trust_f() RETURNS int LANGUAGE sql AS 'SELECT 1'"],
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+        " WHERE p.proname = 'pk_trust_f' AND n.nspname LIKE 'pg_temp%'",
         ("auto", "discard_all"),
     ),
     "advisory_lock": (
@@ -325,6 +344,27 @@ async def test_handlers_and_notifications_do_not_reach_the_next_borrower(
         got = [n.payload async for n in conn.notifies(timeout=0.5)]
     assert got == []
     assert heard == []
+
+
+# The held cursor is left open on purpose: psycopg warns when it is collected.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_auto_reset_sees_a_failed_string_and_a_hold_cursor(
+    make_pool: MakeAsyncPool,
+) -> None:
+    """The tags before a failed statement were dropped (its error raised first), and a
+    named cursor WITH HOLD is declared without the tag hook."""
+    pool = await make_pool(max_size=1)
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await conn.execute("SET search_path = pg_catalog; LISTEN pk_trust_f; SELECT 1/0")
+        cur = conn.cursor("pk_trust_held", withhold=True)
+        await cur.execute("SELECT 1")
+    async with pool.connection() as conn:
+        assert await one(conn, "SHOW search_path") != ("pg_catalog",)
+        assert await one(conn, "SELECT count(*) FROM pg_listening_channels()") == (0,)
+        assert await one(conn, "SELECT count(*) FROM pg_cursors") == (0,)
 
 
 async def test_auto_reset_cannot_see_advisory_locks_taken_with_select(
@@ -614,10 +654,11 @@ async def test_use_after_return_raises_and_sends_nothing(
         assert await one(again, "SELECT 1") == (1,)
 
 
-async def test_returned_handle_cannot_cancel_or_hook_the_next_borrower(
+async def test_returned_handle_cannot_cancel_or_change_the_next_borrower(
     make_pool: MakeAsyncPool,
 ) -> None:
-    """cancel()/cancel_safe() bypass wait(): a kept handle cancelled the next query."""
+    """cancel()/cancel_safe() bypass wait(): a kept handle cancelled the next query; and
+    attribute writes reach the instance dict it shares with the next borrower's handle."""
     pool = await make_pool(max_size=1)
     async with pool.connection() as old:
         pass
@@ -631,6 +672,14 @@ async def test_returned_handle_cannot_cancel_or_hook_the_next_borrower(
             old.add_notice_handler(lambda diag: None)
         with pytest.raises(ConnectionReturned):
             old.add_notify_handler(lambda n: None)
+        with pytest.raises(ConnectionReturned):
+            old.row_factory = dict_row
+        with pytest.raises(ConnectionReturned):
+            old.prepare_threshold = 0
+        with pytest.raises(ConnectionReturned):
+            old.prepared_max = 1
+        with pytest.raises(ConnectionReturned):
+            old.adapters.register_dumper(str, psycopg.types.string.StrDumper)
         assert await one(again, "SELECT 1") == (1,)
 
 

@@ -24,6 +24,7 @@ from ._lease import (
     borrow_async,
     borrow_sync,
     endpoint_of,
+    route_of,
     unavailable,
 )
 from ._lifespan import DEFAULT, WiringError, get_pools
@@ -39,9 +40,10 @@ __all__ = [
     "get_sync_conn",
 ]
 
-# The request scope key holding this request's leases, by Kind: every spelling of a
-# dependency for one pool (Conn, Depends(get_conn), use_cache=False, a sub-dependency)
-# gets the same connection, so one request is one transaction per pool.
+# The request scope key holding this request's connections, by (pool name, sync): every
+# spelling of a dependency for one pool (Conn, StreamConn, Depends(get_conn),
+# use_cache=False, a sub-dependency) gets the same connection, so one request is one
+# transaction per pool, and max_size=1 cannot deadlock a request against itself.
 _LEASES = "poolkit.leases"
 _FUNCTION_STACK = "fastapi_function_astack"  # closed before the response is sent
 _REQUEST_STACK = "fastapi_inner_astack"  # closed after the response was sent
@@ -73,6 +75,7 @@ def stream_error(where: str) -> WiringError:
 
 def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
     name, _, stream = kind
+    key = (name, False)
 
     async def dependency(request: HTTPConnection) -> AsyncConnection[Any]:
         scope = request.scope
@@ -80,21 +83,23 @@ def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any
         if leases is None:
             leases = scope[_LEASES] = {}
         else:
-            shared = leases.get(kind)
+            shared = leases.get(key)
             if shared is not None:
                 return shared  # type: ignore[no-any-return]
         ep = endpoint_of(scope)
-        if ep.streams and not stream:
+        if ep.ended_conn:
             raise stream_error(ep.where())
-        stack = _stack(scope, stream)
+        # A Conn of a route that also takes StreamConn on this pool is the stream's one.
+        held = stream or key in ep.stream_pools
+        stack = _stack(scope, held)
         pools = get_pools(request)
         pool = pools.get(name)
         try:
             conn = await borrow_async(pool, ep.tag(scope.get("method", "WS")), ep)
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
-        leases[kind] = conn
-        stack.push_async_exit(AsyncLease(pool, conn, pools.retry_after))
+        leases[key] = conn
+        stack.push_async_exit(AsyncLease(pool, conn, pools.retry_after, held))
         return conn
 
     return dependency
@@ -102,6 +107,7 @@ def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any
 
 def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
     name, _, stream = kind
+    key = (name, True)
 
     async def dependency(request: HTTPConnection) -> Connection[Any]:
         scope = request.scope
@@ -109,32 +115,34 @@ def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
         if leases is None:
             leases = scope[_LEASES] = {}
         else:
-            shared = leases.get(kind)
+            shared = leases.get(key)
             if shared is not None:
                 return shared  # type: ignore[no-any-return]
         ep = endpoint_of(scope)
-        if ep.streams and not stream:
+        if ep.ended_conn:
             raise stream_error(ep.where())
+        held = stream or key in ep.stream_pools
         pools = get_pools(request)
         pool = pools.get_sync(name)
         tag = ep.tag(scope.get("method", "WS"))
         fast = ep.fast_sync
         if fast is None:
-            fast = ep.fast_sync = install(scope.get("route"))
+            fast = ep.fast_sync = install(route_of(scope))
         # Not for a cluster's primary (_read.py): a SyncReadConn of the same request must
         # see the write connection borrowed here, before the route runs.
-        if fast and not stream and isinstance(pool, Pool):
-            # The route's wrapper borrows, commits and returns in the route's own worker
-            # thread: one thread hop per request, as with an inline `with pool.connection()`.
-            pending = leases[kind] = Pending(pool, tag, ep, pools.retry_after)
+        if fast and not held and isinstance(pool, Pool):
+            # The route's wrapper borrows in the route's own worker thread (no hop of its
+            # own); the Pending commits on the function stack, after serialization.
+            pending = leases[key] = Pending(pool, tag, ep, pools.retry_after)
+            _stack(scope, False).push_async_exit(pending)
             return pending  # type: ignore[return-value]
-        stack = _stack(scope, stream)
+        stack = _stack(scope, held)
         try:
             conn = await anyio.to_thread.run_sync(borrow_sync, pool, tag, ep)
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
-        lease = SyncLease(pool, conn, pools.retry_after)
-        leases[kind] = conn
+        lease = SyncLease(pool, conn, pools.retry_after, held)
+        leases[key] = conn
         stack.push_async_exit(lease)
         return conn
 
@@ -193,33 +201,30 @@ def check_routes(app: object) -> None:
     bad = []
     for route in _routes(app):
         ep = endpoint_of({"route": route})
-        if ep.streams and _uses_ended_conn(route.dependant):
+        if ep.ended_conn:
             bad.append(ep.where())
     if bad:
         raise stream_error(", ".join(bad))
 
 
 def _routes(app: object) -> list[Any]:
-    """The app's FastAPI routes (those with a dependant), mounted routers included."""
+    """The app's FastAPI routes (those with a dependant), mounted and included routers too.
+
+    FastAPI 0.16x keeps an included router as one `_IncludedRouter` in `app.routes`,
+    whose `effective_route_contexts()` are the routes as they run (see `route_of`);
+    older versions copy the included routes into `app.routes`.
+    """
     out: list[Any] = []
     todo = list(getattr(app, "routes", ()))
     while todo:
         route = todo.pop()
         if getattr(route, "dependant", None) is not None:
             out.append(route)
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            todo.extend(contexts())
         todo.extend(getattr(route, "routes", ()) or ())
     return out
-
-
-def _uses_ended_conn(dependant: Any) -> bool:
-    todo = [dependant]
-    while todo:
-        dep = todo.pop()
-        kind = KINDS.get(dep.call) if dep.call is not None else None
-        if kind is not None and not kind.stream:
-            return True
-        todo.extend(dep.dependencies)
-    return False
 
 
 # -- for _read.py (ClusterLifespan's read dependencies), which ends its leases itself ------

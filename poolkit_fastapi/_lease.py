@@ -33,7 +33,16 @@ UNAVAILABLE = (PoolTimeout, TooManyRequests, PoolClosed)
 class Endpoint:
     """What the dependencies need to know about one route, worked out once per route."""
 
-    __slots__ = ("_path", "code", "fast_sync", "name", "streams", "tags")
+    __slots__ = (
+        "_path",
+        "code",
+        "ended_conn",
+        "fast_sync",
+        "name",
+        "stream_pools",
+        "streams",
+        "tags",
+    )
 
     def __init__(self, route: Any, endpoint: Any) -> None:
         func = inspect.unwrap(endpoint) if endpoint is not None else None
@@ -42,6 +51,12 @@ class Endpoint:
         # A generator endpoint runs its body while the response streams: after the
         # function exit stack has ended every Conn.
         self.streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
+        held, reached = _pools_in(getattr(route, "dependant", None))
+        # The pools (name, sync) a StreamConn of this route borrows from: every dependency
+        # on them lends that connection, held until the response ends (one per request).
+        self.stream_pools = frozenset(held)
+        # A generator endpoint whose body can reach a connection ended before it runs.
+        self.ended_conn = self.streams and not reached <= held
         path = getattr(route, "path_format", None) or getattr(route, "path", None)
         self.tags: dict[str, str] = {}
         self._path = path or "(no route)"
@@ -68,9 +83,26 @@ class Endpoint:
 _endpoints: dict[int, tuple[weakref.ref[Any], Endpoint]] = {}
 
 
+def route_of(scope: MutableMapping[str, Any]) -> Any:
+    """The route whose `dependant` FastAPI solves for this request.
+
+    FastAPI 0.16x runs a route of an included router through a per-inclusion context
+    (its own dependant with the router's and app's dependencies, its full path) and puts
+    that in the scope next to `scope["route"]`, the router's original APIRoute; older
+    versions copy the routes into the app, and `scope["route"]` is the one that runs.
+    """
+    route = scope.get("route")
+    fastapi_scope = scope.get("fastapi")
+    if fastapi_scope is not None:
+        context = fastapi_scope.get("effective_route_context")
+        if context is not None and getattr(context, "original_route", None) is route:
+            return context
+    return route
+
+
 def endpoint_of(scope: MutableMapping[str, Any]) -> Endpoint:
     """The Endpoint of the route serving this request (worked out once per route)."""
-    route = scope.get("route")
+    route = route_of(scope)
     key = id(route)
     entry = _endpoints.get(key)
     if entry is not None and entry[0]() is route:
@@ -96,6 +128,28 @@ class Kind(NamedTuple):
 
 # Every dependency callable poolkit_fastapi made, so routes can be searched for them.
 KINDS: dict[Any, Kind] = {}
+
+
+def _pools_in(dependant: Any) -> tuple[set[tuple[str, bool]], set[tuple[str, bool]]]:
+    """The pools a route's StreamConns borrow from, and those of the Conns its body can reach.
+
+    The body reaches the values of its own parameters and, through them, of their
+    dependencies' parameters; not those of `dependencies=[...]` (path operation, router
+    or app), whose values FastAPI discards: those sub-dependants have no name.
+    """
+    held: set[tuple[str, bool]] = set()
+    reached: set[tuple[str, bool]] = set()
+    todo = [(dependant, True)] if dependant is not None else []
+    while todo:
+        dep, named = todo.pop()
+        kind = KINDS.get(dep.call) if dep.call is not None else None
+        if kind is not None:
+            if kind.stream:
+                held.add((kind.name, kind.sync))
+            elif named:
+                reached.add((kind.name, kind.sync))
+        todo.extend((sub, named and sub.name is not None) for sub in dep.dependencies)
+    return held, reached
 
 
 # -- the one place that borrows, attributed to the endpoint's code ----------------------
@@ -143,11 +197,17 @@ def unavailable(
 
 
 def _not_committed(
-    pool: AsyncPool[Any] | Pool[Any], conn: Any, exc: BaseException | None, retry_after: int
-) -> HTTPException:
-    """The error answered when a route returned normally but its work is not committed."""
+    lease: AsyncLease | SyncLease, exc: BaseException | None, status: int
+) -> HTTPException | None:
+    """The error answered when a route returned normally but its work is not committed.
+
+    `status` is the transaction status read before any rollback (which makes it IDLE).
+    None for a stream's lease: it ends after the response was sent, or after its client
+    went away, so there is nothing left to answer; raising would only make the server
+    log "response already started".
+    """
+    pool, conn = lease.pool, lease.conn
     if exc is None:
-        status = conn.pgconn.transaction_status
         if status == _INERROR:
             why = (
                 "a database error was caught inside the route and the transaction was not rolled"
@@ -155,20 +215,36 @@ def _not_committed(
             )
         elif status == TransactionStatus.ACTIVE:
             why = "a query was still running on the connection when the route returned"
+        elif lease.stream:
+            # Usually a client that disconnected: the stream's task is cancelled, which
+            # interrupts its query, and psycopg closes the connection.
+            logger.info(
+                "pool %r: the connection was closed while the response streamed (a client"
+                " that disconnects interrupts the running query): nothing was committed",
+                pool.name,
+            )
+            return None
         else:
             why = "the connection was lost during the request"
+        if lease.stream:
+            logger.warning(
+                "pool %r: the response was streamed but %s: nothing was committed", pool.name, why
+            )
+            return None
         logger.error("pool %r: the route returned normally but %s: answering 500", pool.name, why)
         detail = f"the transaction was not committed: {why}; nothing was written"
         return HTTPException(500, detail={"message": detail, "pool": pool.name})
     sqlstate = getattr(exc, "sqlstate", None)
     logger.error("pool %r: commit failed: %s", pool.name, exc, exc_info=exc)
+    if lease.stream:
+        return None
     if conn.broken or not isinstance(exc, psycopg.Error) or sqlstate is None:
         detail = "the connection failed while committing: the outcome is unknown"
         return HTTPException(500, detail={"message": detail, "pool": pool.name})
     detail = "the transaction could not be committed; nothing was written"
     body = {"message": detail, "pool": pool.name, "sqlstate": sqlstate}
     if sqlstate in _RETRYABLE:
-        return HTTPException(503, detail=body, headers={"Retry-After": str(retry_after)})
+        return HTTPException(503, detail=body, headers={"Retry-After": str(lease.retry_after)})
     return HTTPException(500, detail=body)
 
 
@@ -178,12 +254,20 @@ def _not_committed(
 class AsyncLease:
     """One request's borrow from an async pool; an async exit callback of FastAPI's stacks."""
 
-    __slots__ = ("conn", "done", "pool", "retry_after")
+    __slots__ = ("conn", "done", "pool", "retry_after", "stream")
 
-    def __init__(self, pool: AsyncPool[Any], conn: AsyncConnection[Any], retry_after: int) -> None:
+    def __init__(
+        self,
+        pool: AsyncPool[Any],
+        conn: AsyncConnection[Any],
+        retry_after: int,
+        stream: bool = False,
+    ) -> None:
         self.pool = pool
         self.conn = conn
         self.retry_after = retry_after
+        # Ended after the response was sent (StreamConn): a failure can only be logged.
+        self.stream = stream
         self.done = False
 
     async def __call__(
@@ -226,14 +310,15 @@ class AsyncLease:
                 try:
                     await conn.commit()
                 except Exception as ex:
-                    error = _not_committed(self.pool, conn, ex, self.retry_after)
-                    error.__cause__ = ex
+                    error = _not_committed(self, ex, status)
+                    if error is not None:
+                        error.__cause__ = ex
                     return error
                 return None
             if status == _INERROR:
                 with contextlib.suppress(Exception):
                     await conn.rollback()
-            return _not_committed(self.pool, conn, None, self.retry_after)
+            return _not_committed(self, None, status)
         if status != _UNKNOWN:
             try:
                 await conn.rollback()
@@ -245,12 +330,16 @@ class AsyncLease:
 class SyncLease:
     """The sync twin of AsyncLease, for `def` routes: ends in a worker thread."""
 
-    __slots__ = ("conn", "done", "pool", "retry_after")
+    __slots__ = ("conn", "done", "pool", "retry_after", "stream")
 
-    def __init__(self, pool: Pool[Any], conn: Connection[Any], retry_after: int) -> None:
+    def __init__(
+        self, pool: Pool[Any], conn: Connection[Any], retry_after: int, stream: bool = False
+    ) -> None:
         self.pool = pool
         self.conn = conn
         self.retry_after = retry_after
+        # Ended after the response was sent (StreamConn): a failure can only be logged.
+        self.stream = stream
         self.done = False
 
     async def __call__(
@@ -277,12 +366,16 @@ class SyncLease:
                     try:
                         conn.commit()
                     except Exception as ex:
-                        raise _not_committed(self.pool, conn, ex, self.retry_after) from ex
+                        error = _not_committed(self, ex, status)
+                        if error is not None:
+                            raise error from ex
                 elif status != _IDLE:
                     if status == _INERROR:
                         with contextlib.suppress(Exception):
                             conn.rollback()
-                    raise _not_committed(self.pool, conn, None, self.retry_after)
+                    error = _not_committed(self, None, status)
+                    if error is not None:
+                        raise error
             elif status != _IDLE and status != _UNKNOWN:
                 try:
                     conn.rollback()

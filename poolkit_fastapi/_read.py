@@ -25,6 +25,7 @@ from poolkit import (
 )
 
 from ._deps import _AsyncLease, _dependency, _end_before_response, _SyncLease, _tag, _unavailable
+from ._lease import route_of
 from ._lifespan import DEFAULT, STATE_KEY, Pools, PoolStartupError, WiringError, get_pools
 
 __all__ = [
@@ -221,8 +222,7 @@ def _retry_after(request: HTTPConnection) -> int:
 
 def _route_writes(request: HTTPConnection, name: str) -> bool:
     """True when the route also takes Conn/SyncConn for `name`: it may have written."""
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
+    dependant = getattr(route_of(request.scope), "dependant", None)
     writers = {_dependency(name, s, st) for s in (False, True) for st in (False, True)}
     stack = [dependant] if dependant is not None else []
     while stack:

@@ -1,21 +1,25 @@
-"""The fast path of `def` routes: borrow, commit and return in the route's own worker thread.
+"""The fast path of `def` routes: borrow, and roll back on error, in the route's own thread.
 
 A sync dependency costs FastAPI a thread hop to enter and, for its cleanup, another one
-to exit, on top of the hop that runs the `def` route: three where an inline
-`with pool.connection()` has one, and each hop is tens of microseconds of GIL hand-offs.
-So when a `def` route takes SyncConn only as its own parameter (no sub-dependency asks
-for it), its `dependant.call` (what FastAPI's request handler calls, read on every
-request) is replaced by a wrapper around the same endpoint: the dependency, on the event
-loop, hands over a `Pending` placeholder, and the wrapper, already in the route's thread,
-swaps in a borrowed connection, runs the endpoint, then commits or rolls back and
-returns it, all before the response is built. `route.endpoint` stays the user's function.
-Any other shape keeps the general path (borrow and end on FastAPI's stacks).
+to exit, on top of the hop that runs the `def` route. So when a `def` route takes
+SyncConn only as its own parameter (no sub-dependency asks for it), its `dependant.call`
+(what FastAPI's request handler calls, read on every request) is replaced by a wrapper
+around the same endpoint: the dependency, on the event loop, hands over a `Pending`
+placeholder, and the wrapper, already in the route's thread, swaps in a borrowed
+connection and runs the endpoint; if the endpoint raises, it rolls back and returns the
+connection there. The commit cannot happen in that thread: FastAPI validates and
+serializes the answer after the endpoint returned, and the request can be cancelled
+(uvicorn's graceful-shutdown timeout) while the thread runs, both ending in a 500. So a
+normal return is committed by the `Pending` itself, an exit callback of FastAPI's
+function stack, like every other lease: after serialization, before the response is sent.
+`route.endpoint` stays the user's function. Any other shape keeps the general path.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from types import TracebackType
 from typing import Any
 
 from psycopg import Connection
@@ -29,7 +33,11 @@ _WRAPPED = "__poolkit_sync_route__"
 
 
 class Pending:
-    """What a SyncConn parameter holds until the route's wrapper swaps in the connection."""
+    """What a SyncConn parameter holds until the route's wrapper swaps in the connection.
+
+    Also an async exit callback of FastAPI's function stack: it ends the lease (commit or
+    rollback) if the wrapper borrowed and did not end it.
+    """
 
     __slots__ = ("ep", "lease", "pool", "retry_after", "tag")
 
@@ -49,6 +57,16 @@ class Pending:
                 raise unavailable(self.pool, exc, self.retry_after) from None
             lease = self.lease = SyncLease(self.pool, conn, self.retry_after)
         return lease.conn
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease = self.lease
+        if lease is not None and not lease.done:
+            await lease(exc_type, exc, tb)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached if FastAPI called the endpoint without our wrapper.
@@ -113,19 +131,18 @@ def _wrapper(endpoint: Any) -> Any:
                     values[key] = value.borrow()
                     if value not in pending:
                         pending.append(value)
-            result = endpoint(**values)
+            return endpoint(**values)
         except BaseException as exc:
+            # Rolled back right here, saving the exit callback its thread hop.
             _end_all(pending, exc)
             raise
-        _end_all(pending, None)
-        return result
 
     setattr(route, _WRAPPED, True)
     return route
 
 
-def _end_all(pending: list[Pending], exc: BaseException | None) -> None:
-    """End every lease, last borrowed first; the first error (a failed commit) wins."""
+def _end_all(pending: list[Pending], exc: BaseException) -> None:
+    """Roll back every lease, last borrowed first; the first error raised wins."""
     error: BaseException | None = None
     for p in reversed(pending):
         if p.lease is None:

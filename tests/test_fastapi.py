@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -312,7 +313,9 @@ async def test_caught_db_error_then_normal_return_is_5xx(
     async with serve(build_app(PoolLifespan(app_dsn, sync_pools=app_dsn))) as (client, _):
         r = await client.post(f"/{kind}/swallow", params={"t": app_name})
         assert r.status_code == 500, r.text
-        assert "not committed" in r.json()["detail"]["message"]
+        message = r.json()["detail"]["message"]
+        assert "not committed" in message
+        assert "a database error was caught inside the route" in message  # not "lost"
     assert rows(app_dsn, app_name) == 0
 
 
@@ -714,6 +717,75 @@ async def test_stream_conn_is_held_until_the_stream_ends(app_dsn: str) -> None:
         # With Conn the connection is already back when the body is streamed.
         r = await client.get("/async/stream-with-conn")
         assert json.loads(r.text) == {"in_use": 0}
+
+
+async def _get_then_disconnect(app: Any, state: dict[str, Any], path: str) -> list[dict[str, Any]]:
+    """GET `path` as a client that goes away once the first chunk of the body arrives
+    (httpx's ASGITransport always reads the whole body); returns what the app sent."""
+    sent: list[dict[str, Any]] = []
+    first_chunk = asyncio.Event()
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await first_chunk.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            first_chunk.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"app")], "client": ("127.0.0.1", 1),
+        "server": ("app", 80), "state": dict(state),
+    }  # fmt: skip
+    with anyio.fail_after(20):
+        await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.anyio
+# The route's own server cursor: the disconnect interrupted its close(), psycopg warns.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*ServerCursorMixin.__del__:pytest.PytestUnraisableExceptionWarning"
+)
+async def test_client_disconnecting_mid_stream_is_a_quiet_rollback(
+    app_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The docs' StreamConn example, its client gone mid-stream: the interrupted query can
+    leave the connection closed; nothing is left to answer, so no error and no exception
+    after the response started (uvicorn: "Caught handled exception, but response already
+    started")."""
+    app = FastAPI(lifespan=lifespan_for(app_dsn))
+
+    @app.get("/export")
+    async def export(conn: StreamConn) -> StreamingResponse:
+        async def lines() -> AsyncIterator[str]:
+            async with conn.cursor("export") as cur:
+                await cur.execute("SELECT g FROM generate_series(1, 100000) g")
+                async for row in cur:
+                    await asyncio.sleep(0.001)
+                    yield f"{row[0]}\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    caplog.set_level(logging.INFO, logger="poolkit")
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=60) as manager:
+        pool = get_pools(manager._state).get()
+        for _ in range(3):
+            sent = await _get_then_disconnect(manager.app, manager._state, "/export")
+            assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+            await until(lambda: pool.stats()["in_use"] == 0, "the connection to come back")
+        async with pool.connection() as conn:  # the pool still lends working connections
+            await conn.execute("SELECT 1")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 # ---- Readiness and metrics ----------------------------------------------------------------------

@@ -17,9 +17,10 @@ import anyio
 import httpx
 import psycopg
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from psycopg import AsyncConnection, Connection
+from pydantic import BaseModel
 
 from poolkit import PoolConfig
 from poolkit_fastapi import (
@@ -34,7 +35,7 @@ from poolkit_fastapi import (
     get_sync_conn,
     pool_router,
 )
-from tests.test_fastapi import Hooks, serve, until
+from tests.test_fastapi import Hooks, audit, serve, until
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
@@ -103,6 +104,31 @@ def sharing_app(lifespan: PoolLifespan) -> FastAPI:
         conns = [conn, bare, uncached, spelled]
         return {"same": all(c is conn for c in conns), "ids": [await _ids(c) for c in conns]}
 
+    @app.get("/conn-and-stream")
+    async def conn_and_stream(conn: Conn, stream: StreamConn) -> dict[str, Any]:
+        return {"same": conn is stream, "ids": [await _ids(conn), await _ids(stream)]}
+
+    @app.get("/stream-and-conn")
+    async def stream_and_conn(stream: StreamConn, conn: Conn) -> dict[str, Any]:
+        return {"same": conn is stream, "ids": [await _ids(stream), await _ids(conn)]}
+
+    @app.get("/auth-then-stream")
+    async def auth_then_stream(
+        user: Annotated[AsyncConnection[Any], Depends(audit)], stream: StreamConn
+    ) -> StreamingResponse:
+        # The realistic shape: an auth sub-dependency on Conn, the route streaming.
+        async def body() -> AsyncIterator[str]:
+            ids = [await _ids(user), await _ids(stream)]
+            yield json.dumps({"same": user is stream, "ids": ids})
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    @app.get("/sync-and-sync-stream")
+    def sync_and_sync_stream(
+        conn: SyncConn, stream: Annotated[Connection[Any], conn_dependency(sync=True, stream=True)]
+    ) -> dict[str, Any]:
+        return {"same": conn is stream, "ids": [_sync_ids(conn), _sync_ids(stream)]}
+
     @app.get("/sync-and-bare")
     def sync_and_bare(
         conn: SyncConn, other: Annotated[Connection[Any], Depends(bare_get_sync_conn)]
@@ -116,7 +142,18 @@ def sharing_app(lifespan: PoolLifespan) -> FastAPI:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("path", ["/conn-and-bare", "/conn-and-sub-dependency", "/sync-and-bare"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/conn-and-bare",
+        "/conn-and-sub-dependency",
+        "/sync-and-bare",
+        "/conn-and-stream",
+        "/stream-and-conn",
+        "/auth-then-stream",
+        "/sync-and-sync-stream",
+    ],
+)
 async def test_every_spelling_shares_one_connection_and_one_transaction(
     path: str, app_dsn: str
 ) -> None:
@@ -160,11 +197,13 @@ def thread_app(lifespan: PoolLifespan) -> FastAPI:
 
 
 @pytest.mark.anyio
-async def test_def_route_borrows_and_ends_in_its_own_thread(
+async def test_def_route_borrows_in_its_own_thread_and_commits_in_one_more(
     app_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One thread hop per `def` request, like an inline `with pool.connection()`: the
-    route's worker thread borrows, runs the route, commits and returns."""
+    """The route's worker thread borrows and runs the route (no hop for the borrow); the
+    commit takes one hop of its own, after FastAPI serialized the answer (a 500 from that
+    must write nothing): one more than an inline `with pool.connection()`, which commits
+    before its answer is validated."""
     hops = 0
     run_sync = anyio.to_thread.run_sync
 
@@ -181,7 +220,7 @@ async def test_def_route_borrows_and_ends_in_its_own_thread(
         for n in range(1, 4):
             body = (await client.get("/owner")).json()
             assert body["owner"] == body["me"]
-            assert hops == n * inline_hops
+            assert hops == n * (inline_hops + 1)
         monkeypatch.undo()
         r = await client.get("/fail-after-write", params={"t": "x"})
         assert r.status_code == 409
@@ -209,6 +248,88 @@ async def test_each_route_is_inspected_once(app_dsn: str) -> None:
         for _ in range(3):
             assert (await client.get("/seen")).status_code == 200
     assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
+
+
+class Out(BaseModel):
+    n: int
+
+
+def sync_user(conn: SyncConn) -> str:
+    """A sub-dependency asking for SyncConn: its route takes the general path."""
+    return "u"
+
+
+def unserializable_app(lifespan: PoolLifespan, release: threading.Event) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/fast", response_model=Out)
+    def fast(conn: SyncConn, t: str) -> Any:
+        conn.execute("INSERT INTO pk_w2 VALUES (%s)", (t,))
+        return {"n": "not a number"}  # fails response_model validation after the route
+
+    @app.post("/general", response_model=Out)
+    def general(u: Annotated[str, Depends(sync_user)], conn: SyncConn, t: str) -> Any:
+        conn.execute("INSERT INTO pk_w2 VALUES (%s)", (t,))
+        return {"n": "not a number"}
+
+    @app.post("/held")
+    def held(conn: SyncConn, t: str) -> dict[str, bool]:
+        conn.execute("INSERT INTO pk_w2 VALUES (%s)", (t,))
+        release.wait(10)
+        return {"ok": True}
+
+    return app
+
+
+def _written(dsn: str, t: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pk_w2 WHERE t = %s", (t,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/fast", "/general"])
+async def test_def_route_answer_failing_validation_writes_nothing(
+    path: str, dsn: str, app_dsn: str, app_name: str
+) -> None:
+    """FastAPI validates a route's answer after the route returned: a 500 from that must
+    roll back, on the fast path (SyncConn a parameter of the route only) as elsewhere."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS pk_w2 (t text)")
+    app = unserializable_app(PoolLifespan(sync_pools=one_conn(app_dsn)), threading.Event())
+    async with serve(app) as (client, state):
+        r = await client.post(path, params={"t": app_name})
+        assert r.status_code == 500
+        route: Any
+        (route,) = [r for r in app.routes if getattr(r, "path", "") == path]
+        fast = route.dependant.call is not route.endpoint
+        assert fast is (path == "/fast")  # the fast path wraps the endpoint's call
+        assert get_pools(state).get_sync().stats()["in_use"] == 0
+    assert _written(app_dsn, app_name) == 0
+
+
+@pytest.mark.anyio
+async def test_def_route_cancelled_while_running_writes_nothing(
+    dsn: str, app_dsn: str, app_name: str
+) -> None:
+    """What uvicorn's --timeout-graceful-shutdown does: the request is cancelled while the
+    route's thread runs; the thread finishes, but the client got no answer: no commit."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS pk_w2 (t text)")
+    release = threading.Event()
+    lifespan = PoolLifespan(sync_pools=one_conn(app_dsn))
+    async with serve(unserializable_app(lifespan, release)) as (client, state):
+        pool = get_pools(state).get_sync()
+        request = asyncio.ensure_future(client.post("/held", params={"t": app_name}))
+        await until(lambda: pool.stats()["in_use"] == 1, "the route to borrow")
+        request.cancel()
+        await asyncio.sleep(0.05)  # the cancellation waits for the route's thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await until(lambda: pool.stats()["in_use"] == 0, "the connection to come back")
+    assert _written(app_dsn, app_name) == 0
 
 
 # ---- Generator endpoints ------------------------------------------------------------------------
@@ -249,6 +370,57 @@ async def test_generator_endpoint_with_conn_fails_at_startup_pointing_to_stream_
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("nested", [False, True])
+async def test_generator_endpoint_in_an_included_router_fails_at_startup(
+    nested: bool, app_dsn: str
+) -> None:
+    """FastAPI 0.16x keeps an included router as one object in `app.routes`; older ones
+    copy its routes: the startup check must see them either way."""
+    router = APIRouter(prefix="/api")
+
+    @router.get("/lines", response_class=StreamingResponse)
+    async def lines_in_router(conn: Conn) -> AsyncIterator[str]:
+        yield "x"
+
+    app = FastAPI(lifespan=PoolLifespan(one_conn(app_dsn)))
+    if nested:
+        outer = APIRouter(prefix="/v1")
+        outer.include_router(router)
+        app.include_router(outer)
+    else:
+        app.include_router(router)
+    with pytest.raises(WiringError, match="StreamConn") as info:
+        async with serve(app):
+            pass
+    assert "lines_in_router" in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_routes_of_an_included_router_use_their_full_path_and_the_def_fast_path(
+    app_dsn: str,
+) -> None:
+    router = APIRouter(prefix="/api")
+
+    @router.get("/sync")
+    def sync_in_router(conn: SyncConn) -> dict[str, Any]:
+        return {"ids": _sync_ids(conn)}
+
+    @router.get("/async")
+    async def async_in_router(conn: Conn) -> dict[str, Any]:
+        return {"ids": await _ids(conn)}
+
+    app = FastAPI(lifespan=PoolLifespan(one_conn(app_dsn), sync_pools=one_conn(app_dsn)))
+    app.include_router(router)
+    async with serve(app) as (client, state):
+        for path in ("/api/sync", "/api/sync", "/api/async"):
+            r = await client.get(path)
+            assert r.status_code == 200, r.text
+        pools = get_pools(state)
+        assert set(pools.get_sync().hold_time_by_tag()) == {"GET /api/sync"}
+        assert set(pools.get().hold_time_by_tag()) == {"GET /api/async"}
+
+
+@pytest.mark.anyio
 async def test_generator_endpoint_added_after_startup_fails_at_its_first_request(
     app_dsn: str,
 ) -> None:
@@ -276,6 +448,60 @@ async def test_generator_endpoint_with_stream_conn_keeps_it_until_the_stream_end
         assert len(lines) == 3 and {line["in_use"] for line in lines} == {1}
         assert len({line["pid"] for line in lines}) == 1
         await until(lambda: get_pools(state).get().stats()["in_use"] == 0, "the return")
+
+
+OtherStreamConn = Annotated[AsyncConnection[Any], conn_dependency("other", stream=True)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("level", ["app", "router", "route"])
+async def test_conn_in_dependencies_list_is_allowed_next_to_a_generator_endpoint(
+    level: str, app_dsn: str
+) -> None:
+    """`dependencies=[Depends(auth)]` values are discarded: the body cannot reach their Conn,
+    which is ended before the stream as usual."""
+    guard = [Depends(audit)]  # audit takes Conn (the "default" pool)
+    app = FastAPI(
+        lifespan=PoolLifespan({"default": one_conn(app_dsn), "other": one_conn(app_dsn)}),
+        dependencies=guard if level == "app" else None,
+    )
+    router = APIRouter(dependencies=guard if level == "router" else None)
+    route_deps = guard if level == "route" else None
+
+    @router.get("/ticks", response_class=StreamingResponse, dependencies=route_deps)
+    async def ticks() -> AsyncIterator[str]:
+        yield "tick"
+
+    @router.get("/events", response_class=StreamingResponse, dependencies=route_deps)
+    async def events(conn: OtherStreamConn, request: Request) -> AsyncIterator[str]:
+        yield json.dumps(
+            {"ids": await _ids(conn), "in_use": get_pools(request).get().stats()["in_use"]}
+        )
+
+    app.include_router(router)
+    async with serve(app, raise_app_exceptions=True) as (client, state):
+        assert (await client.get("/ticks")).text == "tick"
+        r = await client.get("/events")
+        assert r.status_code == 200
+        assert r.json()["in_use"] == 0  # audit's Conn went back before the stream
+        for _, pool in get_pools(state).items():
+            assert pool.stats()["in_use"] == 0
+            assert pool.stats()["borrows"] >= 1
+
+
+@pytest.mark.anyio
+async def test_conn_the_generator_body_can_reach_through_a_dependency_is_refused(
+    app_dsn: str,
+) -> None:
+    app = FastAPI(lifespan=PoolLifespan(one_conn(app_dsn)))
+
+    @app.get("/lines", response_class=StreamingResponse)
+    async def lines(user: Annotated[AsyncConnection[Any], Depends(audit)]) -> AsyncIterator[str]:
+        yield "x"  # `user` is audit's Conn: ended before this runs
+
+    with pytest.raises(WiringError, match="StreamConn"):
+        async with serve(app):
+            pass
 
 
 # ---- Borrow sites are the endpoint's own file:line ----------------------------------------------

@@ -40,7 +40,6 @@ class Endpoint:
         "fast_sync",
         "name",
         "stream_pools",
-        "streams",
         "tags",
     )
 
@@ -50,13 +49,13 @@ class Endpoint:
         self.name = getattr(func, "__qualname__", repr(endpoint))
         # A generator endpoint runs its body while the response streams: after the
         # function exit stack has ended every Conn.
-        self.streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
+        streams = inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func)
         held, reached = _pools_in(getattr(route, "dependant", None))
         # The pools (name, sync) a StreamConn of this route borrows from: every dependency
         # on them lends that connection, held until the response ends (one per request).
         self.stream_pools = frozenset(held)
         # A generator endpoint whose body can reach a connection ended before it runs.
-        self.ended_conn = self.streams and not reached <= held
+        self.ended_conn = streams and not reached <= held
         path = getattr(route, "path_format", None) or getattr(route, "path", None)
         self.tags: dict[str, str] = {}
         self._path = path or "(no route)"

@@ -42,9 +42,37 @@ def test_forget_prepared_clears_psycopg_cache(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
         conn.execute("SELECT %s::int", [1])
         assert conn._prepared._names, f"{INTERNALS}: no prepared statement cached"
-        conn.execute("DISCARD ALL")
+        for name in ("_counts", "_names", "_to_flush"):
+            assert hasattr(conn._prepared, name), f"{INTERNALS}: _prepared.{name} gone"
+        # Sent past psycopg, as the reset is (through conn.execute() psycopg would see the
+        # tag and clear its cache itself).
+        conn.pgconn.exec_(b"DISCARD ALL")
         _psycopg.forget_prepared(conn)
-        assert conn.execute("SELECT %s::int", [2]).fetchone() == (2,)
+        # Nothing queued for the server (clear() would queue a DEALLOCATE ALL, sent after
+        # the next statement was prepared again, dropping it).
+        assert not conn._prepared._to_flush, f"{INTERNALS}: forget_prepared queued a command"
+        for i in (2, 3):
+            assert conn.execute("SELECT %s::int", [i]).fetchone() == (i,)
+
+
+def test_threshold_of_reads_the_prepared_settings(dsn: str) -> None:
+    with psycopg.connect(dsn, prepare_threshold=3) as conn:
+        conn.prepared_max = 7
+        got = _psycopg.THRESHOLD_OF(conn)
+        assert got == (3, 7), f"{INTERNALS}: _prepared.prepare_threshold/prepared_max {got}"
+
+
+def test_withhold_reaches_the_server_cursor_factory(dsn: str) -> None:
+    # tracking_cursor(server=True) reads it from the keyword arguments of its __init__.
+    with psycopg.connect(dsn) as conn:
+        _psycopg.install_tracking(conn)
+        key = _psycopg.state_key(conn)
+        _psycopg.DIRTY.pop(key, None)
+        conn.cursor("pk_no_hold").close()
+        assert key not in _psycopg.DIRTY
+        conn.cursor("pk_hold", withhold=True).close()
+        bits = _psycopg.DIRTY.pop(key, 0)
+        assert bits & _psycopg.HOLD_CURSOR_BIT, f"{INTERNALS}: withhold= not seen"
 
 
 def test_check_results_sees_every_command_tag(dsn: str) -> None:

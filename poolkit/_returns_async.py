@@ -91,6 +91,7 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
             and ATTRS_OF(state) == slot.attrs  # _psycopg.unchanged(), inlined
             and HANDLERS_OF(state) == slot.handlers
             and THRESHOLD_OF(conn) == slot.threshold
+            and not conn.pgconn.pipeline_status  # (a pipeline left open reads IDLE)
             and not self._closed
         ):
             slot.returned_at = slot.last_good = now
@@ -152,7 +153,9 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         conn = slot.conn
         pgconn = conn.pgconn
         status = pgconn.transaction_status
-        if status in (_UNKNOWN, _ACTIVE):
+        # A pipeline left open with nothing pending reads IDLE or INTRANS.
+        pipeline = status != _UNKNOWN and bool(pgconn.pipeline_status)
+        if status in (_UNKNOWN, _ACTIVE) or pipeline:
             with self._lock:
                 self._n_bad_returns += 1
         if status == _UNKNOWN:
@@ -166,6 +169,16 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
                 self._retire(slot)
             return False
         if self._closed or now >= slot.expire_at or slot.created_at < self._invalid_before:
+            self._retire(slot)
+            return False
+        if pipeline:
+            # psycopg still holds the pipeline the borrower entered: nothing short of a
+            # new connection leaves it in a state the next borrower can trust.
+            logger.warning(
+                "pool %r: connection returned in pipeline mode (a pipeline was entered "
+                "and not left before the return): closed",
+                self.name,
+            )
             self._retire(slot)
             return False
         self._deadlines[id(slot)] = (now + self.timeout, conn)

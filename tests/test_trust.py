@@ -343,6 +343,33 @@ def test_handlers_and_notifications_do_not_reach_the_next_borrower(
     assert heard == []
 
 
+@pytest.mark.parametrize("how", ["block", "putconn"])
+def test_a_connection_left_in_pipeline_mode_is_not_lent_again(
+    make_pool: MakePool, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pipeline entered and not left before the return, with nothing pending, reads
+    IDLE: it was lent again in pipeline mode (pgconn.pipeline_status 1)."""
+    pool = make_pool(max_size=1, autocommit=True)
+    caplog.set_level(logging.WARNING, logger="poolkit")
+    if how == "block":
+        with pool.connection() as conn:
+            pipeline = conn.pipeline()
+            pipeline.__enter__()
+    else:
+        conn = pool.getconn()
+        pipeline = conn.pipeline()
+        pipeline.__enter__()
+        pool.putconn(conn)
+    # Leaving the pipeline now touches a returned handle: refused, as any use is.
+    with pytest.raises(psycopg.Error):
+        pipeline.__exit__(None, None, None)
+    with pool.connection() as conn:
+        assert conn.pgconn.pipeline_status == 0
+        assert one(conn, "SELECT 1") == (1,)
+    assert "pipeline mode" in caplog.text
+    assert books_balance(pool)
+
+
 # The held cursor is left open on purpose: psycopg warns when it is collected.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -346,6 +346,33 @@ async def test_handlers_and_notifications_do_not_reach_the_next_borrower(
     assert heard == []
 
 
+@pytest.mark.parametrize("how", ["block", "putconn"])
+async def test_a_connection_left_in_pipeline_mode_is_not_lent_again(
+    make_pool: MakeAsyncPool, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pipeline entered and not left before the return, with nothing pending, reads
+    IDLE: it was lent again in pipeline mode (pgconn.pipeline_status 1)."""
+    pool = await make_pool(max_size=1, autocommit=True)
+    caplog.set_level(logging.WARNING, logger="poolkit")
+    if how == "block":
+        async with pool.connection() as conn:
+            pipeline = conn.pipeline()
+            await pipeline.__aenter__()
+    else:
+        conn = await pool.getconn()
+        pipeline = conn.pipeline()
+        await pipeline.__aenter__()
+        await pool.putconn(conn)
+    # Leaving the pipeline now touches a returned handle: refused, as any use is.
+    with pytest.raises(psycopg.Error):
+        await pipeline.__aexit__(None, None, None)
+    async with pool.connection() as conn:
+        assert conn.pgconn.pipeline_status == 0
+        assert await one(conn, "SELECT 1") == (1,)
+    assert "pipeline mode" in caplog.text
+    assert books_balance(pool)
+
+
 # The held cursor is left open on purpose: psycopg warns when it is collected.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

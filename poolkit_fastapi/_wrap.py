@@ -1,4 +1,4 @@
-"""The fast path of `def` routes: borrow, and roll back on error, in the route's own thread.
+"""The fast path of `def` routes: borrow, run, and commit or roll back in the route's own thread.
 
 A sync dependency costs FastAPI a thread hop to enter and, for its cleanup, another one
 to exit, on top of the hop that runs the `def` route. So when a `def` route takes
@@ -7,18 +7,21 @@ SyncConn only as its own parameter (no sub-dependency asks for it), its `dependa
 around the same endpoint: the dependency, on the event loop, hands over a `Pending`
 placeholder, and the wrapper, already in the route's thread, swaps in a borrowed
 connection and runs the endpoint; if the endpoint raises, it rolls back and returns the
-connection there. The commit cannot happen in that thread: FastAPI validates and
-serializes the answer after the endpoint returned, and the request can be cancelled
-(uvicorn's graceful-shutdown timeout) while the thread runs, both ending in a 500. So a
-normal return is committed by the `Pending` itself, an exit callback of FastAPI's
-function stack, like every other lease: after serialization, before the response is sent.
-`route.endpoint` stays the user's function. Any other shape keeps the general path.
+connection there. A normal return is committed there too, like an inline
+`with pool.connection()`, once FastAPI's own serialization of the answer was run ahead and
+passed (_preflight.py) and the request is not being cancelled: a 500 from FastAPI's
+serialization, or a request cancelled while the thread ran (uvicorn's graceful-shutdown
+timeout), must write nothing. Otherwise the `Pending` commits, an exit callback of
+FastAPI's function stack like every other lease: after serialization, before the response
+is sent. `route.endpoint` stays the user's function. Any other shape keeps the general path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +31,7 @@ from poolkit import Pool
 
 from ._lease import KINDS, UNAVAILABLE, Endpoint, SyncLease, borrow_sync, unavailable
 from ._lifespan import WiringError
+from ._preflight import Verdict, preflight_for
 
 _WRAPPED = "__poolkit_sync_route__"
 
@@ -39,7 +43,7 @@ class Pending:
     rollback) if the wrapper borrowed and did not end it.
     """
 
-    __slots__ = ("ep", "lease", "pool", "retry_after", "tag")
+    __slots__ = ("ep", "lease", "pool", "retry_after", "tag", "task")
 
     def __init__(self, pool: Pool[Any], tag: str, ep: Endpoint, retry_after: int) -> None:
         self.pool = pool
@@ -47,6 +51,12 @@ class Pending:
         self.ep = ep
         self.retry_after = retry_after
         self.lease: SyncLease | None = None
+        # The request's task (made on the event loop): the route's thread reads whether it
+        # is being cancelled before it commits.
+        try:
+            self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        except RuntimeError:
+            self.task = None  # not asyncio (trio): the commit waits for the exit callback
 
     def borrow(self) -> Connection[Any]:
         lease = self.lease
@@ -94,7 +104,7 @@ def install(route: Any) -> bool:
         or not _only_direct(dependant)
     ):
         return False
-    dependant.call = _wrapper(call)
+    dependant.call = _wrapper(call, preflight_for(route))
     return True
 
 
@@ -121,7 +131,7 @@ def _only_direct(dependant: Any) -> bool:
     return direct
 
 
-def _wrapper(endpoint: Any) -> Any:
+def _wrapper(endpoint: Any, preflight: Callable[[Any], Verdict] | None) -> Any:
     @functools.wraps(endpoint)
     def route(**values: Any) -> Any:
         pending: list[Pending] = []
@@ -131,11 +141,22 @@ def _wrapper(endpoint: Any) -> Any:
                     values[key] = value.borrow()
                     if value not in pending:
                         pending.append(value)
-            return endpoint(**values)
+            result = endpoint(**values)
         except BaseException as exc:
             # Rolled back right here, saving the exit callback its thread hop.
             _end_all(pending, exc)
             raise
+        if len(pending) == 1 and preflight is not None:
+            p = pending[0]
+            lease = p.lease
+            task = p.task
+            # (cancelling(): a plain read of the task's counter, safe from this thread)
+            if lease is not None and task is not None and not task.cancelling():
+                ok, answer = preflight(result)
+                if ok:
+                    lease.end(None)  # a commit that fails raises its 503/500 HTTPException
+                    return answer
+        return result
 
     setattr(route, _WRAPPED, True)
     return route

@@ -64,7 +64,12 @@ class _ConnectionBlock(Generic[CT]):
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
-                pool._end_transaction(conn, exc_type is None, status)
+                if conn.lock.locked():
+                    # A generator of the block still holds psycopg's lock: a commit would
+                    # wait for it forever. _return() closes the connection.
+                    pool._busy_at_exit(conn, exc_type is None)
+                else:
+                    pool._end_transaction(conn, exc_type is None, status)
                 status = _UNKNOWN  # changed: _return() reads it again
         finally:
             pool._return(conn, None, status == _IDLE)
@@ -344,6 +349,7 @@ class Pool(Waits[CT], Generic[CT]):
             not self._no_reset
             or id(conn.__dict__) in _psycopg.DIRTY  # (state_key(), inlined)
             or conn.pgconn.transaction_status != _IDLE
+            or conn.lock.locked()  # (a generator left unfinished: putconn() closes it)
         ):
             return False
         slot = self._lent.get(key)

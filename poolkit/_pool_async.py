@@ -63,7 +63,12 @@ class _ConnectionBlock(Generic[ACT]):
         try:
             status = conn.pgconn.transaction_status
             if status != _IDLE and status != _UNKNOWN:
-                await pool._end_transaction(conn, exc_type is None, status)
+                if conn.lock.locked():
+                    # A generator of the block still holds psycopg's lock: a commit would
+                    # wait for it forever. _return() closes the connection.
+                    pool._busy_at_exit(conn, exc_type is None)
+                else:
+                    await pool._end_transaction(conn, exc_type is None, status)
                 status = _UNKNOWN  # changed: _return() reads it again
         finally:
             await pool._return(conn, None, status == _IDLE)
@@ -343,6 +348,7 @@ class AsyncPool(AsyncWaits[ACT], Generic[ACT]):
             not self._no_reset
             or id(conn.__dict__) in _psycopg.DIRTY  # (state_key(), inlined)
             or conn.pgconn.transaction_status != _IDLE
+            or conn.lock.locked()  # (a generator left unfinished: putconn() closes it)
         ):
             return False
         slot = self._lent.get(key)

@@ -92,6 +92,7 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
             and HANDLERS_OF(state) == slot.handlers
             and THRESHOLD_OF(conn) == slot.threshold
             and not conn.pgconn.pipeline_status  # (a pipeline left open reads IDLE)
+            and not conn.lock.locked()  # (nor a notifies() generator left unfinished)
             and not self._closed
         ):
             slot.returned_at = slot.last_good = now
@@ -153,9 +154,11 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         conn = slot.conn
         pgconn = conn.pgconn
         status = pgconn.transaction_status
-        # A pipeline left open with nothing pending reads IDLE or INTRANS.
+        # A pipeline left open with nothing pending reads IDLE or INTRANS; a generator
+        # left suspended (cursor.stream(), copy(), notifies()) holds psycopg's lock.
         pipeline = status != _UNKNOWN and bool(pgconn.pipeline_status)
-        if status in (_UNKNOWN, _ACTIVE) or pipeline:
+        busy = status != _UNKNOWN and conn.lock.locked()
+        if status in (_UNKNOWN, _ACTIVE) or pipeline or busy:
             with self._lock:
                 self._n_bad_returns += 1
         if status == _UNKNOWN:
@@ -169,6 +172,16 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
                 self._retire(slot)
             return False
         if self._closed or now >= slot.expire_at or slot.created_at < self._invalid_before:
+            self._retire(slot)
+            return False
+        if busy:
+            # Its next use would wait for the lock forever, or the generator, resumed,
+            # would read the next borrower's results.
+            logger.warning(
+                "pool %r: connection returned busy (a cursor.stream(), copy() or "
+                "notifies() generator was left unfinished): closed",
+                self.name,
+            )
             self._retire(slot)
             return False
         if pipeline:
@@ -275,6 +288,19 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
         conn.cursor_factory = cursors
         conn.server_cursor_factory = server
         conn.prepare_threshold, conn.prepared_max = threshold
+
+    def _busy_at_exit(self, conn: ACT, ok: bool) -> None:
+        """A `connection()` block ends while a generator of its own holds the connection."""
+        if ok:
+            # Raised, not only logged: the block ended normally, yet its statement in
+            # progress never completed and its transaction cannot be committed.
+            raise ProgrammingError(
+                f"pool {self.name!r}: the connection was busy at the end of the "
+                "connection() block: a cursor.stream(), copy() or notifies() generator "
+                "was left unfinished (run it to its end, or close it, inside the block). "
+                "Its statement did not complete and nothing of the transaction was "
+                "committed; the connection is closed"
+            )
 
     async def _end_transaction(self, conn: ACT, ok: bool, status: int) -> None:
         """Commit or roll back at the end of a `connection()` block, within a deadline."""

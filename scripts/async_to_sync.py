@@ -72,6 +72,7 @@ NAMES = {
     "_upkeep_async": "_upkeep",
     "_tcompat_async": "_tcompat",
     "aclose": "close",
+    "anext": "next",
     "MakeAsyncPool": "MakePool",
 }
 

@@ -373,6 +373,47 @@ async def test_a_connection_left_in_pipeline_mode_is_not_lent_again(
     assert books_balance(pool)
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("what", ["stream", "notifies"])
+async def test_a_block_left_with_an_unfinished_generator_neither_hangs_nor_lends_it(
+    make_pool: MakeAsyncPool, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cursor.stream() or notifies() generator suspended inside the block holds
+    psycopg's connection lock: the block's commit waited for it forever (stream), or the
+    connection went back idle with the lock held and the next borrower hung (notifies)."""
+    pool = await make_pool(max_size=1, autocommit=what == "notifies", timeout=5)
+    caplog.set_level(logging.WARNING, logger="poolkit")
+    gen: Any = None
+
+    async def leave_a_stream() -> None:
+        nonlocal gen
+        async with pool.connection() as conn:
+            await conn.execute("CREATE TEMP TABLE pk_trust_gen (x int)")
+            gen = conn.cursor().stream("SELECT generate_series(1, 100000)")
+            assert await anext(gen) == (1,)
+
+    if what == "stream":
+        with pytest.raises(psycopg.ProgrammingError, match=r"stream.*nothing of the transaction"):
+            await leave_a_stream()
+    else:
+        async with pool.connection() as conn:
+            await conn.execute("LISTEN pk_trust_gen")
+            await conn.execute("NOTIFY pk_trust_gen, 'x'")
+            gen = conn.notifies(timeout=5)
+            assert (await anext(gen)).payload == "x"
+    assert "busy" in caplog.text
+
+    async def next_borrow() -> Any:
+        async with pool.connection() as conn:
+            assert not conn.lock.locked()
+            return await one(conn, "SELECT to_regclass('pk_trust_gen') IS NULL")
+
+    assert await with_timeout(10, next_borrow) == (True,)
+    with contextlib.suppress(Exception):  # the handle was returned: refused
+        await gen.aclose()
+    assert books_balance(pool)
+
+
 # The held cursor is left open on purpose: psycopg warns when it is collected.
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

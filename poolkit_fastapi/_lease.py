@@ -212,6 +212,11 @@ def _not_committed(
                 "a database error was caught inside the route and the transaction was not rolled"
                 " back (roll back, use a savepoint with conn.transaction(), or raise)"
             )
+        elif conn.lock.locked():
+            why = (
+                "a cursor.stream(), copy() or notifies() generator was left unfinished (run"
+                " it to its end, or close it, inside the route)"
+            )
         elif status == TransactionStatus.ACTIVE:
             why = "a query was still running on the connection when the route returned"
         elif lease.stream:
@@ -304,6 +309,10 @@ class AsyncLease:
     async def _finish(self, status: int, exc: BaseException | None) -> HTTPException | None:
         """Commit or roll back; the error to answer with, if any."""
         conn = self.conn
+        if conn.lock.locked():
+            # A generator of the route holds psycopg's lock: commit or rollback would wait
+            # for it forever. The pool closes the connection (nothing is committed).
+            return None if exc is not None else _not_committed(self, None, status)
         if exc is None:
             if status == _INTRANS:
                 try:
@@ -360,7 +369,13 @@ class SyncLease:
         conn = self.conn
         try:
             status = conn.pgconn.transaction_status
-            if exc is None:
+            if status != _IDLE and conn.lock.locked():
+                # As in AsyncLease._finish: the pool closes it, nothing is committed.
+                if exc is None:
+                    error = _not_committed(self, None, status)
+                    if error is not None:
+                        raise error
+            elif exc is None:
                 if status == _INTRANS:
                     try:
                         conn.commit()

@@ -4,6 +4,7 @@ endpoints, borrow sites attributed to the endpoint; against a real server and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import subprocess
@@ -832,3 +833,57 @@ async def test_request_cancelled_during_commit_gives_the_slot_back(dsn: str, app
         await until(lambda: pool.stats()["in_use"] == 0, "the slot to come back")
         # max_size=1: the next request can only succeed if the slot was not lost.
         assert (await client.get("/quick")).status_code == 200
+
+
+# ---- A generator left unfinished in a route ------------------------------------------------------
+
+
+def unfinished_app(lifespan: PoolLifespan) -> FastAPI:
+    app = FastAPI(lifespan=lifespan)
+    kept: list[Any] = []  # the generators, closed by the test (they hold psycopg's lock)
+    app.state.kept = kept
+
+    @app.get("/async")
+    async def in_async(conn: Conn, fail: bool = False) -> dict[str, int]:
+        gen = conn.cursor().stream("SELECT generate_series(1, 100000)")
+        kept.append(gen)
+        row = await anext(gen)
+        if fail:
+            raise HTTPException(409, "refused")
+        return {"first": row[0]}
+
+    @app.get("/sync")
+    def in_sync(conn: SyncConn, fail: bool = False) -> dict[str, int]:
+        gen = conn.cursor().stream("SELECT generate_series(1, 100000)")
+        kept.append(gen)
+        row = next(gen)
+        if fail:
+            raise HTTPException(409, "refused")
+        return {"first": row[0]}
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_route_leaving_a_stream_unfinished_answers_and_gives_the_slot_back(
+    app_dsn: str, kind: str
+) -> None:
+    """A cursor.stream() generator suspended in the route holds psycopg's lock: the
+    lease's commit (or, after an error, its rollback) waited for it forever."""
+    cfg = one_conn(app_dsn)
+    app = unfinished_app(PoolLifespan(cfg, sync_pools=cfg.replace(name="default-sync")))
+    async with serve(app) as (client, state):
+        pools = get_pools(state)
+        pool: Any = pools.get() if kind == "async" else pools.get_sync()
+        with anyio.fail_after(20):
+            r = await client.get(f"/{kind}", params={"fail": True})  # (the rollback hung)
+            assert r.status_code == 409
+            r = await client.get(f"/{kind}")
+            assert r.status_code == 500
+            assert "left unfinished" in r.json()["detail"]["message"]
+        assert pool.stats()["in_use"] == 0
+        for gen in app.state.kept:
+            with contextlib.suppress(Exception):  # the connection was returned: refused
+                await gen.aclose() if kind == "async" else gen.close()

@@ -170,7 +170,13 @@ def tracking_cursor(cls: type[Any], server: bool = False) -> type[Any]:
     def _check_results(self: Any, results: list[Any]) -> None:
         # Noted first: a failed statement's results carry the tags of those before it
         # ("SET ...; COMMIT; SELECT 1/0" leaves the SET), and base_check raises.
-        _note_tags(self._conn, results)
+        # _note_tags() inlined for the common case of one result: a call per statement.
+        if len(results) == 1:
+            tag = results[0].command_status
+            if tag and tag.startswith(SESSION_PREFIXES):
+                _note_tags(self._conn, results)
+        else:
+            _note_tags(self._conn, results)
         base_check(self, results)
 
     ns: dict[str, Any] = {

@@ -14,7 +14,7 @@ from django.db.backends.signals import connection_created
 from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
-from psycopg import IsolationLevel, sql
+from psycopg import IsolationLevel, ServerCursor, sql
 from psycopg.pq import TransactionStatus
 
 from poolkit import ClusterPool, PoolConfig
@@ -50,11 +50,12 @@ class _ErrorWrapper(DatabaseErrorWrapper):
     wrapper: Any  # set by Django's __init__ (the stubs leave it out)
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
-        if exc_value is not None:
-            wrapper = self.wrapper
-            entry = wrapper._pk_lease
-            if entry is not None and entry.cluster and isinstance(entry.pool, ClusterPool):
-                entry.pool._suspect(wrapper._pk_conn, exc_value)
+        if exc_type is None:
+            return  # as Django's own first line: no call into it on every statement
+        wrapper = self.wrapper
+        entry = wrapper._pk_lease
+        if entry is not None and entry.cluster and isinstance(entry.pool, ClusterPool):
+            entry.pool._suspect(wrapper._pk_conn, exc_value)
         super().__exit__(exc_type, exc_value, traceback)
 
 
@@ -129,9 +130,15 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         # Every use of a parked connection (a query, commit, is_usable, user code reading
         # connection.connection) first takes it back from the pool; with
         # release="transaction", every use between two statements borrows again.
-        if self._pk_parked:
-            return self._pk_unpark()
         conn = self._pk_conn
+        if self._pk_parked:
+            self._pk_parked = False
+            if _lending.unpark(self, conn, sys._getframe(1)):
+                return conn
+            # The pool lent it to another thread or closed it: as if Django had closed
+            # it; the next ensure_connection() borrows anew.
+            self._pk_conn = None
+            return None
         if conn is None and self._pk_between is not None:
             return self._pk_reborrow()
         return conn
@@ -140,16 +147,6 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     def connection(self, value: Any) -> None:
         self._pk_conn = value
         self._pk_parked = False
-
-    def _pk_unpark(self) -> Any:
-        conn = self._pk_conn
-        self._pk_parked = False
-        if _lending.unpark(self, conn, sys._getframe(2)):
-            return conn
-        # The pool lent it to another thread or closed it: as if Django had closed it;
-        # the next ensure_connection() borrows anew.
-        self._pk_conn = None
-        return None
 
     @async_unsafe
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
@@ -300,9 +297,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
         if self.close_at is not None and time.monotonic() >= self.close_at:
             self.close()
             return
-        self._pk_park()
-
-    def _pk_park(self) -> None:
+        # Parked (inline: this runs at the end of every request).
         conn = self._pk_conn
         if conn.pgconn.transaction_status != _IDLE:
             # AUTOCOMMIT=False leaves a transaction open at request end: it ends with it.
@@ -342,6 +337,8 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     def make_cursor(self, cursor: Any) -> Any:
         if not self._pk_release_tx:
             return super().make_cursor(cursor)
+        if isinstance(cursor, ServerCursor):
+            self._pk_pinned = DISCARD  # a server-side cursor lives in the session
         self._pk_cursors += 1
         self._pk_used = True
         wrapped = ReleasingCursor(cursor, self)
@@ -351,16 +348,13 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     def make_debug_cursor(self, cursor: Any) -> Any:
         if not self._pk_release_tx:
             return super().make_debug_cursor(cursor)
+        if isinstance(cursor, ServerCursor):
+            self._pk_pinned = DISCARD
         self._pk_cursors += 1
         self._pk_used = True
         wrapped = ReleasingDebugCursor(cursor, self)
         wrapped._pk_gen = self._pk_gen
         return wrapped
-
-    def create_cursor(self, name: Any = None) -> Any:
-        if name and self._pk_release_tx:
-            self._pk_pinned = DISCARD  # a server-side cursor lives in the session
-        return super().create_cursor(name)
 
     def _pk_cursor_closed(self, gen: int) -> None:
         if gen == self._pk_gen and self._pk_cursors > 0:

@@ -234,6 +234,50 @@ async def test_def_route_borrows_and_commits_in_its_own_thread(
             assert conn.execute("SELECT to_regclass('pk_w')").fetchone() == (None,)
 
 
+def _real_repo() -> str:
+    return "real"
+
+
+@pytest.mark.anyio
+async def test_an_override_that_takes_sync_conn_gets_the_requests_connection(
+    app_dsn: str,
+) -> None:
+    """A test's `app.dependency_overrides` may replace a dependency the fast path did not
+    see with one that takes SyncConn itself: it gets the request's connection, the same
+    one the route gets (not the route wrapper's placeholder), and one commit covers both."""
+    app = FastAPI(lifespan=PoolLifespan(sync_pools=one_conn(app_dsn)))
+
+    @app.post("/write")
+    def write(conn: SyncConn, repo: Annotated[str, Depends(_real_repo)]) -> dict[str, Any]:
+        conn.execute("INSERT INTO pk_override VALUES (%s)", (repo,))
+        return {"pid": conn.info.backend_pid}
+
+    def fake_repo(conn: SyncConn) -> str:
+        conn.execute("INSERT INTO pk_override VALUES ('fake')")
+        return f"fake {conn.info.backend_pid}"
+
+    async with serve(app, raise_app_exceptions=True) as (client, state):
+        pool = get_pools(state).get_sync()
+        with pool.connection() as conn:
+            conn.execute("DROP TABLE IF EXISTS pk_override")
+            conn.execute("CREATE TABLE pk_override (who text)")
+        app.dependency_overrides[_real_repo] = fake_repo
+        try:
+            r = await client.post("/write")
+        finally:
+            app.dependency_overrides.clear()
+        assert r.status_code == 200, r.text
+        with pool.connection() as conn:
+            rows = conn.execute("SELECT who FROM pk_override ORDER BY who").fetchall()
+        assert rows == [("fake",), (f"fake {r.json()['pid']}",)]  # one connection, committed
+        assert pool.stats()["in_use"] == 0
+        # Without the override, the fast path is back.
+        r = await client.post("/write")
+        assert r.status_code == 200, r.text
+        with pool.connection() as conn:
+            conn.execute("DROP TABLE pk_override")
+
+
 @pytest.mark.anyio
 async def test_each_route_is_inspected_once(app_dsn: str) -> None:
     """The endpoint's site, kind and tag are worked out on the first request only (routes

@@ -13,12 +13,21 @@ This reads FastAPI internals (`fastapi.routing.serialize_response`, the route's
 `response_model_*` attributes): they live here only, and `tests/test_fastapi_wiring.py`
 fails if they change. Anything unexpected makes the pre-flight say "unsure", and the route
 falls back to committing after FastAPI's own serialization.
+
+A value that serializing uses up (a generator, `map()`, a cursor, in the value or in its
+lists and dicts) can be serialized once only. When FastAPI still serializes after the
+pre-flight (a `response: Response` parameter), or when the answer itself is an iterator,
+the pre-flight leaves such a value alone: FastAPI would otherwise serialize what is left of
+it, an empty list. When the pre-flight failed on one nested in the answer, it raises that
+failure itself rather than hand FastAPI the emptied value, which would then pass (a 200
+with `[]`, and a commit, where FastAPI answers 500); that error lacks the endpoint context
+FastAPI's own would name (file, line, path), seen only by a handler of the app's own.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -55,6 +64,31 @@ def _sets_response(dependant: Any) -> bool:
         if getattr(dep, "response_param_name", None):
             return True
         todo.extend(dep.dependencies)
+    return False
+
+
+_CONTAINERS = (list, tuple, set, frozenset)
+
+
+def _single_use(value: Any) -> bool:
+    """True if `value` holds an iterator (itself, or in its lists, tuples, sets, dict values
+    or pydantic models' fields), which FastAPI's serialization walks once and leaves empty.
+    Walked only when a value may be serialized twice: on the fast path, a value is not."""
+    todo = [value]
+    seen: set[int] = set()  # a value holding itself (FastAPI fails on it) is walked once
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, _CONTAINERS):
+            todo.extend(item)
+        elif isinstance(item, Iterator):
+            return True
+        elif hasattr(item, "__pydantic_fields__") and not isinstance(item, type):
+            todo.extend(getattr(item, "__dict__", {}).values())  # fields typed Iterator, Any
     return False
 
 
@@ -106,15 +140,27 @@ def preflight_for(route: Any) -> Callable[[Any], Verdict] | None:
     def preflight(value: Any) -> Verdict:
         if isinstance(value, Response):
             return True, value  # sent as returned (rendered in the route already)
+        if isinstance(value, Iterator) or (not build and _single_use(value)):
+            # FastAPI serializes it after us: it must get it whole. (A generator answer,
+            # the usual one-pass shape, is a cheap check: left to FastAPI, its failure is
+            # FastAPI's own, the endpoint named in the error.)
+            return False, value
         coro = serialize(response_content=value, **kwargs)
         try:
             coro.send(None)
         except StopIteration as done:
             content = done.value
         except Exception:
+            if _single_use(value):
+                raise  # what FastAPI would raise; its rerun would pass on the emptied value
             return False, value  # FastAPI will fail the same way: its 500 rolls back
         else:
             coro.close()  # it suspended: this FastAPI works differently, let it decide
+            if _single_use(value):
+                raise RuntimeError(
+                    "poolkit_fastapi: this FastAPI's serialize_response suspended on a "
+                    "one-pass answer (a generator?) it had started to consume; please report"
+                )
             return False, value
         try:
             if dump_json:
@@ -122,6 +168,8 @@ def preflight_for(route: Any) -> Callable[[Any], Verdict] | None:
             else:
                 response = response_class(content, **args)
         except Exception:
+            if _single_use(value):
+                raise  # as above: FastAPI's own rendering of the full value fails so
             return False, value
         if not build:
             return True, value

@@ -14,6 +14,14 @@ serialization, or a request cancelled while the thread ran (uvicorn's graceful-s
 timeout), must write nothing. Otherwise the `Pending` commits, an exit callback of
 FastAPI's function stack like every other lease: after serialization, before the response
 is sent. `route.endpoint` stays the user's function. Any other shape keeps the general path.
+
+The pre-flight stands for all that FastAPI does between the endpoint's return and the
+response only if nothing else runs there. Other code can still fail the request into a 500
+after the endpoint returned: a dependency with `Depends(scope="function")` (its cleanup
+runs before the response), another poolkit connection's lease (its commit), a route class
+whose own `get_route_handler` adds code around FastAPI's. Such a route still borrows in its
+thread, but commits through the `Pending`, at its place in the function stack, exactly as
+the general path does: a failure unwound before it rolls back.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from fastapi.routing import APIRoute
 from psycopg import Connection
 
 from poolkit import Pool
@@ -104,8 +113,31 @@ def install(route: Any) -> bool:
         or not _only_direct(dependant)
     ):
         return False
-    dependant.call = _wrapper(call, preflight_for(route))
+    preflight = None if _fails_late(route, dependant) else preflight_for(route)
+    dependant.call = _wrapper(call, preflight)
     return True
+
+
+def _fails_late(route: Any, dependant: Any) -> bool:
+    """True if code other than FastAPI's serialization runs between the endpoint's return
+    and the response, and may fail it: then the commit waits for that code (see above)."""
+    # An included route runs as an inclusion context (route_of), built by the original
+    # route's class.
+    original = getattr(route, "original_route", route)
+    if getattr(type(original), "get_route_handler", None) is not APIRoute.get_route_handler:
+        return True
+    todo = list(dependant.dependencies)
+    while todo:
+        dep = todo.pop()
+        if getattr(dep, "scope", None) == "function":
+            return True  # (only a `yield` dependency's cleanup uses it; cheap to be sure)
+        call = dep.call
+        # poolkit's other dependencies end their leases on the function stack too.
+        module = getattr(call, "__module__", None) or ""
+        if module.startswith("poolkit_fastapi") and not _is_sync_conn(call):
+            return True
+        todo.extend(dep.dependencies)
+    return False
 
 
 def _is_sync_conn(call: Any) -> bool:

@@ -471,6 +471,12 @@ def same_answer_app(lifespan: PoolLifespan) -> FastAPI:
             take(conn)
             return {"n": 1}
 
+        @get("/lazy", response_model=list[int])
+        def lazy(response: Response, conn: Any) -> Any:
+            take(conn)
+            response.headers["x-set"] = "1"  # so FastAPI builds the answer, from the value
+            return (n for n in (1, 2, 3))  # one pass only: the pre-flight must not take it
+
     register("/fast", True)
     register("/own", False)
     return app
@@ -480,7 +486,7 @@ def same_answer_app(lifespan: PoolLifespan) -> FastAPI:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/model"), ("POST", "/created"), ("DELETE", "/gone"), ("GET", "/plain"),
-     ("GET", "/header"), ("GET", "/later"), ("HEAD", "/model")],
+     ("GET", "/header"), ("GET", "/later"), ("HEAD", "/model"), ("GET", "/lazy")],
 )  # fmt: skip
 async def test_fast_path_answers_exactly_as_fastapi_does(
     app_dsn: str, method: str, path: str
@@ -524,6 +530,105 @@ async def test_def_route_cancelled_while_running_writes_nothing(
         with pytest.raises(asyncio.CancelledError):
             await request
         await until(lambda: pool.stats()["in_use"] == 0, "the connection to come back")
+    assert _written(app_dsn, app_name) == 0
+
+
+def _teardown_fails() -> Iterator[None]:
+    yield
+    raise RuntimeError("a function-scoped dependency failed after the route returned")
+
+
+class _FailsAfterRoute(APIRoute):
+    """A route class whose handler fails once FastAPI's own handler returned its response."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def failing(request: Request) -> Response:
+            await handler(request)
+            raise RuntimeError("the route class's handler failed after the route")
+
+        return failing
+
+
+def late_failure_app(lifespan: PoolLifespan) -> FastAPI:
+    """Routes on the fast path that FastAPI answers 500 only after the route returned."""
+    app = FastAPI(lifespan=lifespan)
+    app.state.in_thread = []
+
+    def write(conn: Connection[Any], t: str, request: Request) -> None:
+        (borrow,) = get_pools(request).get_sync().borrowed()  # by the route's own thread?
+        app.state.in_thread.append(borrow.owner == f"thread {threading.current_thread().name!r}")
+        conn.execute("INSERT INTO pk_w2 VALUES (%s)", (t,))
+
+    @app.post("/teardown")
+    def teardown(
+        conn: SyncConn,
+        t: str,
+        request: Request,
+        _: Annotated[None, Depends(_teardown_fails, scope="function")],
+    ) -> dict[str, int]:
+        write(conn, t, request)
+        return {"n": 1}
+
+    router = APIRouter(route_class=_FailsAfterRoute)
+
+    @router.post("/handler")
+    def handler(conn: SyncConn, t: str, request: Request) -> dict[str, int]:
+        write(conn, t, request)
+        return {"n": 1}
+
+    app.include_router(router)
+
+    @app.post("/lazy-invalid", response_model=list[Out])
+    def lazy_invalid(conn: SyncConn, t: str, request: Request) -> Any:
+        write(conn, t, request)
+        return (row for row in [{"n": 1}, {"n": "not a number"}])  # consumed by validation
+
+    @app.post("/lazy-nan")
+    def lazy_nan(conn: SyncConn, t: str, request: Request):  # type: ignore[no-untyped-def]  # (no response model)
+        write(conn, t, request)
+        return {"xs": (x for x in [1.0, float("nan")])}  # JSONResponse refuses the NaN
+
+    @app.post("/other-pool")
+    def other_pool(conn: SyncConn, aconn: Conn, t: str, request: Request) -> dict[str, int]:
+        write(conn, t, request)
+        # (a deferred foreign key: this pool's commit, on the function stack, fails)
+        anyio.from_thread.run(aconn.execute, "INSERT INTO pk_w3 (parent) VALUES (-1)")
+        return {"n": 1}
+
+    return app
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "path", ["/teardown", "/handler", "/lazy-invalid", "/lazy-nan", "/other-pool"]
+)
+async def test_def_route_failing_after_it_returned_writes_nothing(
+    path: str, dsn: str, app_dsn: str, app_name: str
+) -> None:
+    """What still runs between a `def` route's return and its response can make FastAPI
+    answer 500: a function-scoped `yield` dependency's cleanup, a route class's own handler,
+    another pool's commit, or FastAPI's serialization of a generator (handed to FastAPI
+    after the pre-flight had used it up, it serialized as `[]`: a 200). No commit in the
+    route's thread may come before them: the route commits as the general path does."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS pk_w2 (t text)")
+        admin.execute(
+            "CREATE TABLE IF NOT EXISTS pk_w3 (id serial PRIMARY KEY, parent int"
+            " REFERENCES pk_w3 DEFERRABLE INITIALLY DEFERRED)"
+        )
+    lifespan = PoolLifespan(one_conn(app_dsn), sync_pools=one_conn(app_dsn))
+    app = late_failure_app(lifespan)
+    async with serve(app) as (client, state):
+        r = await client.post(path, params={"t": app_name})
+        assert r.status_code == 500
+        if path == "/other-pool":
+            assert r.json()["detail"]["sqlstate"] == "23503"  # the deferred foreign key
+        else:
+            assert r.text == "Internal Server Error"
+        assert app.state.in_thread == [True]  # the fast path borrowed
+        assert get_pools(state).get_sync().stats()["in_use"] == 0
     assert _written(app_dsn, app_name) == 0
 
 

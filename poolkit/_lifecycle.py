@@ -299,6 +299,8 @@ class Lifecycle(Upkeep[CT], Generic[CT]):
                 # After configure: the cursor classes it chose (ClientCursor, say) are
                 # the ones to track.
                 _psycopg.install_tracking(conn)
+            # After configure too: the adapters it registered are every borrower's.
+            _psycopg.install_adapters(conn)
             # The configure callback's own SETs are the session's baseline, not dirt.
             _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         except BaseException:

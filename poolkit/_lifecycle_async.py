@@ -297,6 +297,8 @@ class AsyncLifecycle(AsyncUpkeep[ACT], Generic[ACT]):
                 # After configure: the cursor classes it chose (ClientCursor, say) are
                 # the ones to track.
                 _psycopg.install_tracking(conn)
+            # After configure too: the adapters it registered are every borrower's.
+            _psycopg.install_adapters(conn)
             # The configure callback's own SETs are the session's baseline, not dirt.
             _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)
         except BaseException:

@@ -15,6 +15,9 @@ Each use is here because psycopg has no public way to do it:
   append to, compared on every return and put back as they were (a borrower's handler would
   otherwise see the next borrowers' notices and notifications); `_notifies_backlog`: the
   notifications psycopg keeps for the next notifies() call, dropped with the LISTENs.
+- `_adapters`: the map behind the read-only `adapters` property, replaced by a copy that
+  notes a borrower's register_loader()/register_dumper()/types.add() (subclasses of the
+  public AdaptersMap and TypesRegistry), and put back fresh on return.
 - a cursor's `_statusmessage` (its command tag, undecoded) and `_results` (every result of
   a multi-statement string): poolkit_django's release="transaction" pins a connection on
   session commands, after each statement.
@@ -27,6 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from operator import attrgetter, itemgetter
 from typing import Any, get_origin
+
+from psycopg.abc import Dumper, Loader
+from psycopg.adapt import AdaptersMap
+from psycopg.types import TypeInfo, TypesRegistry
 
 # Attributes of a psycopg connection holding the client-side settings a borrower may
 # change: autocommit, isolation_level, read_only, deferrable, row/cursor factories.
@@ -150,6 +157,69 @@ def _note_tags(conn: Any, results: list[Any]) -> None:
                 DIRTY[key] = DIRTY.get(key, 0) | bit
 
 
+# The bit of DIRTY noting adapters a borrower registered: client-side, no SQL resets it.
+ADAPTERS_BIT = 32
+
+
+class _TrackedTypes(TypesRegistry):
+    """A pooled connection's type registry: a borrower's add() is noted (ADAPTERS_BIT)."""
+
+    def __init__(self, template: TypesRegistry, key: int) -> None:
+        super().__init__(template)
+        self._pk_key = key
+
+    def add(self, info: TypeInfo) -> None:
+        super().add(info)
+        DIRTY[self._pk_key] = DIRTY.get(self._pk_key, 0) | ADAPTERS_BIT
+
+
+class _TrackedAdapters(AdaptersMap):
+    """A pooled connection's adapters: psycopg's own map, copied on write from the one the
+    connection had once configured (`base`), noting in DIRTY a borrower's
+    register_dumper()/register_loader()/types.add(), so that its return puts a fresh copy
+    of `base` back (restore_adapters). Nothing on the lending path reads it: a borrow that
+    registers nothing costs nothing."""
+
+    def __init__(self, base: AdaptersMap, key: int) -> None:
+        super().__init__(base)
+        self.types = _TrackedTypes(base.types, key)
+        self._pk_base = base
+        self._pk_key = key
+
+    def register_dumper(self, cls: type | str | None, dumper: type[Dumper]) -> None:
+        super().register_dumper(cls, dumper)
+        DIRTY[self._pk_key] = DIRTY.get(self._pk_key, 0) | ADAPTERS_BIT
+
+    def register_loader(self, oid: int | str, loader: type[Loader]) -> None:
+        super().register_loader(oid, loader)
+        DIRTY[self._pk_key] = DIRTY.get(self._pk_key, 0) | ADAPTERS_BIT
+
+
+def install_adapters(conn: Any) -> None:
+    """Give `conn` a tracked copy of its adapters as they are now (after `configure`: what
+    it registered is every borrower's). Writes psycopg's private `_adapters`: its public
+    `adapters` is a read-only property."""
+    base = conn.adapters
+    if isinstance(base, _TrackedAdapters):
+        base = AdaptersMap(base)  # configure ran again: its registrations are the new base
+    conn.__dict__["_adapters"] = _TrackedAdapters(base, id(conn.__dict__))
+
+
+def restore_adapters(conn: Any) -> None:
+    """Undo a borrower's registrations: a fresh copy of the configured adapters."""
+    current = conn.__dict__.get("_adapters")
+    if isinstance(current, _TrackedAdapters):
+        conn.__dict__["_adapters"] = _TrackedAdapters(current._pk_base, current._pk_key)
+
+
+def note_hold_cursor(conn: Any) -> None:
+    """Note that `conn`'s session holds a cursor declared WITH HOLD (it outlives its
+    transaction): the "auto" reset closes it (CLOSE ALL) on return, and parking refuses.
+    For cursors made past the connection's factories too (Django's own ServerSideCursor)."""
+    key = id(conn.__dict__)  # state_key()
+    DIRTY[key] = DIRTY.get(key, 0) | HOLD_CURSOR_BIT
+
+
 _tracking: dict[tuple[type, bool], type] = {}
 
 
@@ -191,8 +261,7 @@ def tracking_cursor(cls: type[Any], server: bool = False) -> type[Any]:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             base_init(self, *args, **kwargs)
             if kwargs.get("withhold"):
-                key = id(self._conn.__dict__)
-                DIRTY[key] = DIRTY.get(key, 0) | HOLD_CURSOR_BIT
+                note_hold_cursor(self._conn)
 
         ns["__init__"] = __init__
     sub = type(cls.__name__, (cls,), ns)

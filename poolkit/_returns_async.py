@@ -241,8 +241,12 @@ class AsyncReturns(AsyncLifecycle[ACT], Generic[ACT]):
                 with self._lock:
                     self._n_resets += 1
             sql = self._reset_sql
+            # Whatever the policy: adapters a borrower registered are client-side state.
+            mask = _psycopg.DIRTY.pop(_psycopg.state_key(conn), 0)
+            if mask & _psycopg.ADAPTERS_BIT:
+                _psycopg.restore_adapters(conn)
+                mask &= ~_psycopg.ADAPTERS_BIT  # (no SQL for it)
             if self._auto:
-                mask = _psycopg.DIRTY.pop(_psycopg.state_key(conn), 0)
                 if untracked:
                     mask = _reset.EVERYTHING
                 sql = _reset.auto_sql(mask) if mask else None

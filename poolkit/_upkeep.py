@@ -224,6 +224,7 @@ class Upkeep(Reporting, Generic[CT]):
                 ensure(self._configure(cast(CT, conn)))
                 if self._auto:
                     _psycopg.install_tracking(conn)  # (configure may set cursor classes)
+                _psycopg.install_adapters(conn)  # (and register adapters)
                 if conn.pgconn.transaction_status != _IDLE:
                     raise ProgrammingError("configure function left a transaction open")
             _psycopg.DIRTY.pop(_psycopg.state_key(conn), None)

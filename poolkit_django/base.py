@@ -18,6 +18,7 @@ from psycopg import IsolationLevel, ServerCursor, sql
 from psycopg.pq import TransactionStatus
 
 from poolkit import ClusterPool, PoolConfig
+from poolkit._psycopg import note_hold_cursor
 
 from . import _checks, _lending, _registry
 from ._creation import DatabaseCreation
@@ -274,6 +275,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             super().close_if_unusable_or_obsolete()
             return
         if self._pk_parked:
+            # Django's rules for a connection kept from an earlier request: checked again
+            # at this request's first query (CONN_HEALTH_CHECKS), even when the end of the
+            # last one, after an error, had found it usable; given back once too old.
+            self.health_check_done = False
             if self.close_at is not None and time.monotonic() >= self.close_at:
                 self.close()
             return
@@ -312,6 +317,22 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             self._pk_parked = True
         else:
             self.close()
+
+    def chunked_cursor(self) -> Any:
+        # Django makes its server-side cursors with its own class, not through the
+        # connection's server_cursor_factory, so the pool's "auto" reset never sees their
+        # DECLARE. In autocommit they are WITH HOLD and outlive the request when not
+        # closed (an iterator kept or dropped unfinished): the pool is told, so such a
+        # session is not parked and its return closes them (CLOSE ALL) before another
+        # thread or request gets it. Here rather than in create_cursor(): named cursors
+        # only, no cost per ordinary cursor.
+        cursor = super().chunked_cursor()
+        entry = self._pk_lease
+        if entry is not None and entry.auto_reset:
+            raw = cursor.cursor
+            if raw.withhold:
+                note_hold_cursor(raw.connection)
+        return cursor
 
     def close_if_health_check_failed(self) -> None:
         # Django's rule (a check at the first query of a request, with CONN_HEALTH_CHECKS,

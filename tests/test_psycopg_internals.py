@@ -163,3 +163,26 @@ def test_a_handle_shares_the_connection(dsn: str) -> None:
         with pytest.raises(RuntimeError, match="refused"):
             handle.execute("SELECT 1")
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_tracked_adapters_are_what_the_connection_and_its_cursors_use(dsn: str) -> None:
+    """install_adapters() writes `_adapters`, the attribute behind the read-only `adapters`
+    property; cursors copy the connection's map; registrations go through the two register
+    methods and types.add(), the three places the tracked map notes them."""
+    with psycopg.connect(dsn) as conn:
+        _psycopg.install_adapters(conn)
+        tracked = conn.__dict__.get("_adapters")
+        assert isinstance(tracked, _psycopg._TrackedAdapters), f"{INTERNALS}: no _adapters"
+        assert conn.adapters is tracked, f"{INTERNALS}: adapters is not _adapters"
+        key = _psycopg.state_key(conn)
+        _psycopg.DIRTY.pop(key, None)
+        conn.adapters.register_loader("text", psycopg.types.string.TextLoader)
+        assert _psycopg.DIRTY.pop(key, 0) & _psycopg.ADAPTERS_BIT, INTERNALS
+        psycopg.types.TypeInfo("pk_internals_t", 999_997, 0).register(conn)
+        assert _psycopg.DIRTY.pop(key, 0) & _psycopg.ADAPTERS_BIT, INTERNALS
+        with conn.cursor() as cur:
+            assert cur.adapters.get_loader(25, psycopg.pq.Format.TEXT) is not None, INTERNALS
+        _psycopg.restore_adapters(conn)
+        assert conn.adapters is not tracked
+        assert conn.adapters.types.get("pk_internals_t") is None, INTERNALS
+        assert conn.execute("SELECT 'x'::text").fetchone() == ("x",)

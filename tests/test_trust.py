@@ -159,6 +159,58 @@ def test_client_attributes_without_a_query_do_not_leak(make_pool: MakePool, attr
         assert one(conn, "SELECT 1 AS one") == (1,)
 
 
+class _UpperLoader(psycopg.adapt.Loader):
+    def load(self, data: Any) -> str:
+        return bytes(data).decode().upper()
+
+
+class _TaggedDumper(psycopg.adapt.Dumper):
+    oid = psycopg.adapters.types["text"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return b"tagged:" + str(obj).encode()
+
+
+class _Tagged(str):
+    pass
+
+
+@pytest.mark.parametrize("policy", ["auto", "none", "reset_all"])
+@pytest.mark.parametrize("park", [False, True])
+def test_adapters_a_borrower_registers_do_not_leak(
+    make_pool: MakePool, policy: str, park: bool
+) -> None:
+    """A loader, dumper or type a borrower registers on the connection stays with that
+    borrow; what `configure=` registered stays for every borrower (Django's parked
+    connections go through the same check)."""
+
+    def configure(conn: Connection[Any]) -> None:
+        conn.adapters.register_loader("int4", psycopg.types.string.TextLoader)
+
+    pool = make_pool(max_size=1, reset=policy, configure=configure)
+    info = psycopg.types.TypeInfo("pk_trust_t", 999_999, 999_998)
+    pids = set()
+    for _ in range(2):
+        conn = pool.getconn()
+        pids.add(conn.info.backend_pid)
+        assert one(conn, "SELECT 1::int4") == ("1",)  # configure's loader, kept
+        conn.adapters.register_loader("text", _UpperLoader)
+        conn.adapters.register_dumper(_Tagged, _TaggedDumper)
+        conn.adapters.types.add(info)
+        assert one(conn, "SELECT 'abc'::text") == ("ABC",)
+        assert one(conn, "SELECT %s::text", (_Tagged("x"),)) == ("TAGGED:X",)
+        if park and pool._park(conn):
+            assert pool._unpark(conn)
+        pool.putconn(conn)
+        with pool.connection() as conn:
+            assert one(conn, "SELECT 'abc'::text") == ("abc",)
+            assert one(conn, "SELECT %s::text", (_Tagged("x"),)) == ("x",)
+            assert conn.adapters.types.get("pk_trust_t") is None
+            assert one(conn, "SELECT 2::int4") == ("2",)
+            pids.add(conn.info.backend_pid)
+    assert len(pids) == 1  # restored, not replaced
+
+
 # -- 2.3, 2.4, 2.5: session state on the server --------------------------------------------
 
 

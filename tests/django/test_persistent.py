@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from django.core.checks import run_checks
 from django.core.exceptions import ImproperlyConfigured
@@ -18,6 +20,7 @@ from django.db import connections
 from poolkit_django import get_pool, pools
 from tests.django._support import (
     call_json,
+    call_wsgi,
     extra_database,
     gunicorn,
     run_manage,
@@ -179,3 +182,64 @@ def test_djangos_own_pool_switch_keeps_its_rule(scratch: str, max_age: int | Non
         assert connections["aged"].pool is not None
         assert call_json("/pid", db="aged")["backend"]
         assert connections["aged"]._pk_parked
+
+
+@pytest.mark.parametrize("engine", ["native", "poolkit"])
+def test_health_check_runs_after_a_request_that_had_an_error(
+    scratch: str, admin_dsn: str, engine: str
+) -> None:
+    """CONN_HEALTH_CHECKS: a request whose query failed (errors_occurred) ends with Django's
+    is_usable() check; the next request's first query is checked again, as Django does for
+    every request on a persistent connection. A parked connection whose server session
+    ended in between is replaced, not used: the request succeeds. ("native": Django's own
+    backend without a pool, the behaviour to match.)"""
+    options: dict[str, Any] = {"pool": False} if engine == "native" else {}
+    with extra_database(
+        "aged", scratch, engine=engine, conn_max_age=600, CONN_HEALTH_CHECKS=True, **options
+    ):
+        before = call_json("/pid", db="aged")["backend"]
+        assert call_json("/db_error", db="aged") == {"error": "ProgrammingError"}
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [before])
+        status, _, body = call_wsgi("/pid", db="aged")
+        assert status == 200, body[:2000]
+        assert json.loads(body)["backend"] != before
+        if engine == "poolkit":
+            s = pools()["aged"].stats()
+            assert s["size"] == s["idle"] + s["in_use"] + s["parked"]
+
+
+@pytest.mark.parametrize("max_age", [600, 0])
+def test_a_server_side_cursor_left_open_does_not_reach_another_thread(
+    scratch: str, max_age: int
+) -> None:
+    """A server-side cursor (QuerySet.iterator(), chunked_cursor()) made in autocommit is
+    declared WITH HOLD and outlives the request in the session when it is not closed.
+    Django's own backend keeps it in the thread's session (CONN_MAX_AGE) or closes the
+    session (CONN_MAX_AGE=0); under the pool the next request of another thread gets that
+    session, so the cursor must be closed before it gets there."""
+    pool = {"min_size": 1, "max_size": 1, "timeout": 5}
+    with extra_database("aged", scratch, pool=pool, conn_max_age=max_age):
+        with warnings.catch_warnings():
+            # psycopg: "deleted while still open", the point of the view.
+            warnings.simplefilter("ignore", ResourceWarning)
+            assert call_json("/cursor/left_open", db="aged") == {"first": 1}
+        seen: list[Any] = []
+
+        def other_thread() -> None:
+            try:
+                seen.append(call_json("/cursors", db="aged"))
+            except BaseException as exc:  # reported below
+                seen.append(exc)
+            finally:
+                connections["aged"].close()
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join(20)
+        assert seen == [{"cursors": []}]
+        assert call_json("/cursors", db="aged") == {"cursors": []}  # nor in this thread
+        connections["aged"].close()
+        s = pools()["aged"].stats()
+        assert s["size"] == s["idle"] == 1
+        assert s["in_use"] == s["parked"] == 0

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from django.db import connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -66,6 +66,35 @@ def session_show(request: HttpRequest) -> JsonResponse:
             "backend": backend,
         }
     )
+
+
+def db_error(request: HttpRequest) -> JsonResponse:
+    """A query that fails (not a DataError or IntegrityError: Django sets errors_occurred),
+    caught by the view, which answers normally."""
+    try:
+        with connections[_alias(request)].cursor() as cur:
+            cur.execute("SELECT * FROM no_such_table")
+    except DatabaseError as exc:
+        return JsonResponse({"error": type(exc).__name__})
+    return JsonResponse({"error": None})
+
+
+def cursor_left_open(request: HttpRequest) -> JsonResponse:
+    """Read the first row of a server-side cursor (what QuerySet.iterator() uses) and drop
+    it without close(): in autocommit it is declared WITH HOLD, so it outlives the request
+    in the session."""
+    cur = connections[_alias(request)].chunked_cursor()
+    cur.execute("SELECT generate_series(1, 1000)")
+    (first,) = cur.fetchone()
+    return JsonResponse({"first": first})
+
+
+def cursors(request: HttpRequest) -> JsonResponse:
+    """The cursors the session holds (pg_cursors, this query's own portal left out)."""
+    with connections[_alias(request)].cursor() as cur:
+        cur.execute("SELECT name FROM pg_cursors WHERE name <> '' ORDER BY name")
+        names = [name for (name,) in cur.fetchall()]
+    return JsonResponse({"cursors": names})
 
 
 def sleep(request: HttpRequest) -> JsonResponse:

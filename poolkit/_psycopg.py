@@ -205,6 +205,21 @@ def install_adapters(conn: Any) -> None:
     conn.__dict__["_adapters"] = _TrackedAdapters(base, id(conn.__dict__))
 
 
+def adopt_adapters(conn: Any) -> None:
+    """Make what was registered on `conn` so far part of its setup, kept for every borrower:
+    for registrations that come with each connect (Django's connection_created receivers,
+    django.contrib.postgres's hstore and citext), which are not a borrower's leftover."""
+    key = id(conn.__dict__)  # state_key()
+    mask = DIRTY.get(key, 0)
+    if mask & ADAPTERS_BIT:
+        install_adapters(conn)
+        mask &= ~ADAPTERS_BIT
+        if mask:
+            DIRTY[key] = mask
+        else:
+            del DIRTY[key]
+
+
 def restore_adapters(conn: Any) -> None:
     """Undo a borrower's registrations: a fresh copy of the configured adapters."""
     current = conn.__dict__.get("_adapters")

@@ -18,7 +18,7 @@ from psycopg import IsolationLevel, ServerCursor, sql
 from psycopg.pq import TransactionStatus
 
 from poolkit import ClusterPool, PoolConfig
-from poolkit._psycopg import note_hold_cursor
+from poolkit._psycopg import adopt_adapters, note_hold_cursor
 
 from . import _checks, _lending, _registry
 from ._creation import DatabaseCreation
@@ -196,6 +196,10 @@ class DatabaseWrapper(pg.DatabaseWrapper):
             super().connect()
         finally:
             self._pk_connecting = False
+        if self._pk_lease is not None:
+            # Types registered by connection_created receivers (django.contrib.postgres)
+            # are the connection's setup: kept, and no reason not to park it.
+            adopt_adapters(self._pk_conn)
 
     def _pk_reborrow(self) -> Any:
         """The next statement of a request after a release: borrow again, keeping the
@@ -230,6 +234,7 @@ class DatabaseWrapper(pg.DatabaseWrapper):
                 connection_created.send(sender=self.__class__, connection=self)
             finally:
                 self._pk_connecting = False
+            adopt_adapters(conn)  # (as in connect())
         return conn
 
     def close(self) -> None:

@@ -243,3 +243,42 @@ def test_a_server_side_cursor_left_open_does_not_reach_another_thread(
         s = pools()["aged"].stats()
         assert s["size"] == s["idle"] == 1
         assert s["in_use"] == s["parked"] == 0
+
+
+def test_adapters_registered_when_django_connects_keep_the_connection_parked(
+    scratch: str,
+) -> None:
+    """Receivers of connection_created register types on the connection (as
+    django.contrib.postgres does for hstore and citext): that is the connection's setup, not
+    a request's leftover, so the connection parks and keeps them; a loader a view registers
+    is dropped at request end."""
+    from django.db.backends.signals import connection_created
+
+    def register(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if connection.alias == "aged":
+            connection.connection.adapters.register_loader("int4", psycopg.types.string.TextLoader)
+
+    connection_created.connect(register, dispatch_uid="pk_test_register")
+    try:
+        with extra_database("aged", scratch, conn_max_age=600):
+            first = call_json("/pid", db="aged")["backend"]
+            wrapper = connections["aged"]
+            assert wrapper._pk_parked
+            with wrapper.cursor() as cur:  # unparks: the same session, the loader kept
+                cur.execute("SELECT pg_backend_pid(), 1::int4, 'a'::text")
+                assert cur.fetchone() == (str(first), "1", "a")
+                wrapper.connection.adapters.register_loader("text", _UpperLoader)
+            wrapper.close_if_unusable_or_obsolete()  # request end: returned, loader dropped
+            assert not wrapper._pk_parked
+            with wrapper.cursor() as cur:  # Django connects again (and registers again)
+                cur.execute("SELECT 1::int4, 'a'::text")
+                assert cur.fetchone() == ("1", "a")
+            wrapper.close_if_unusable_or_obsolete()
+            assert wrapper._pk_parked
+    finally:
+        connection_created.disconnect(dispatch_uid="pk_test_register")
+
+
+class _UpperLoader(psycopg.adapt.Loader):
+    def load(self, data: Any) -> str:
+        return bytes(data).decode().upper()

@@ -227,6 +227,27 @@ def restore_adapters(conn: Any) -> None:
         conn.__dict__["_adapters"] = _TrackedAdapters(current._pk_base, current._pk_key)
 
 
+# What PostgreSQL says when it ends one session for a reason of that session's own
+# (25P03, 57P05, 25P04): nothing about the server or the other connections. English
+# server messages only (lc_messages): otherwise the loss counts as an outage, as before.
+_SESSION_ONLY = (
+    b"terminating connection due to idle-in-transaction timeout",
+    b"terminating connection due to idle-session timeout",
+    b"terminating connection due to transaction timeout",
+)
+
+
+def session_ended(conn: Any) -> str | None:
+    """The server's reason if it closed `conn`'s session alone (a session timeout), else None."""
+    if conn is None:
+        return None
+    message = conn.pgconn.error_message or b""
+    for known in _SESSION_ONLY:
+        if known in message:
+            return known.decode()
+    return None
+
+
 def note_hold_cursor(conn: Any) -> None:
     """Note that `conn`'s session holds a cursor declared WITH HOLD (it outlives its
     transaction): the "auto" reset closes it (CLOSE ALL) on return, and parking refuses.

@@ -187,8 +187,19 @@ class Upkeep(Reporting, Generic[CT]):
         """A connection is found broken: so is every idle one older than its last success.
 
         Only those: a connection opened after the lost one last worked may well be fine,
-        and closing it too would start a reconnect storm after an outage.
+        and closing it too would start a reconnect storm after an outage. Not even those
+        when the server said it ended this session alone (a session timeout): the others
+        are fine, and replacing them all would be a storm of its own.
         """
+        reason = _psycopg.session_ended(slot.conn)
+        if reason is not None:
+            logger.warning(
+                "pool %r: the server ended one connection's session (%s): replacing it",
+                self.name,
+                reason,
+            )
+            self._retire(slot)
+            return
         with self._lock:
             self._n_lost += 1
             self._invalid_before = max(self._invalid_before, slot.last_good)

@@ -214,6 +214,41 @@ async def test_adapters_a_borrower_registers_do_not_leak(
     assert len(pids) == 1  # restored, not replaced
 
 
+# -- a session the server ended alone ---------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_a_caught_session_fatal_is_not_reported_as_connection_lost(
+    app_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session the server ended for a reason of its own (idle_in_transaction_session_timeout,
+    25P03, caught by the block) is not an outage: that connection alone is replaced, and the
+    healthy idle ones stay (a bulk invalidation here would be a reconnect storm per timeout)."""
+    caplog.set_level(logging.WARNING, logger="poolkit")
+    pool: AsyncPool[Any] = AsyncPool(app_dsn, min_size=3, max_size=3, open=False)
+    await pool.open(wait=True, timeout=20)
+    try:
+        held = [await pool.getconn() for _ in range(3)]
+        for conn in held:  # each has worked once: none is "older than the last success"
+            await conn.execute("SELECT 1")
+            await conn.commit()
+            await pool.putconn(conn)
+        await sleep(0.05)
+        async with pool.connection() as conn:
+            await conn.execute("SET idle_in_transaction_session_timeout = 200")
+            await conn.execute("SELECT 1")  # a transaction is open
+            await sleep(0.6)  # the server ends this session, and only this one
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                await conn.execute("SELECT 1")  # caught: the block goes on and ends
+        stats = pool.stats()
+        assert "connection lost" not in caplog.text, caplog.text
+        assert "idle-in-transaction timeout" in caplog.text, caplog.text  # the cause, named
+        assert stats["connections_lost"] == 0, stats
+        assert stats["connections_closed"] == 1, stats  # the other two idle ones are kept
+    finally:
+        await pool.close(timeout=0)
+
+
 # -- 2.3, 2.4, 2.5: session state on the server --------------------------------------------
 
 

@@ -43,8 +43,11 @@ def describe_error(error: BaseException) -> str:
     """One line for logs and messages: the server's reason, masked, without libpq's noise."""
     text = " ".join(str(error).split())
     text = re.sub(r"^connection failed: ", "", text)
-    # libpq prefixes the server's reason with the address, which messages give anyway.
-    text = re.sub(r'^connection to server at "[^"]*"(, port \d+)? failed: ', "", text)
+    # libpq prefixes the server's reason with the address (a TCP host or a unix socket),
+    # which messages give anyway.
+    text = re.sub(
+        r'^connection to server (at "[^"]*"(, port \d+)?|on socket "[^"]*") failed: ', "", text
+    )
     return mask_conninfo(text or type(error).__name__)
 
 

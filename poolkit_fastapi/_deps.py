@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
+from types import TracebackType
 from typing import Annotated, Any
 
 import anyio
@@ -99,7 +101,11 @@ def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
         leases[key] = conn
-        stack.push_async_exit(AsyncLease(pool, conn, pools.retry_after, held))
+        lease = AsyncLease(pool, conn, pools.retry_after, held)
+        if held:
+            stack.push_async_exit(lease)
+        else:
+            _end_last(scope, stack, lease)
         return conn
 
     return dependency
@@ -134,7 +140,7 @@ def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
             # The route's wrapper borrows in the route's own worker thread (no hop of its
             # own); the Pending commits on the function stack, after serialization.
             pending = leases[key] = Pending(pool, tag, ep, pools.retry_after)
-            _stack(scope, False).push_async_exit(pending)
+            _end_last(scope, _stack(scope, False), pending)
             return pending  # type: ignore[return-value]
         stack = _stack(scope, held)
         try:
@@ -143,10 +149,96 @@ def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
             raise unavailable(pool, exc, pools.retry_after) from None
         lease = SyncLease(pool, conn, pools.retry_after, held)
         leases[key] = conn
-        stack.push_async_exit(lease)
+        if held:
+            stack.push_async_exit(lease)
+        else:
+            _end_last(scope, stack, lease)
         return conn
 
     return dependency
+
+
+_ExitCallback = Callable[
+    [type[BaseException] | None, BaseException | None, TracebackType | None], Awaitable[Any]
+]
+
+
+class _RollbackOnError:
+    """A lease's place in the function stack, where it was borrowed: rolls back at once if
+    the route (or a dependency that got the connection) raised, before a dependency
+    further out, which exits later, could swallow the exception and leave a commit."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: _ExitCallback) -> None:
+        self.lease = lease
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            await self.lease(exc_type, exc, tb)
+
+
+class _EndLast:
+    """The request's function-stack leases, ended after every other exit callback there.
+
+    A `Depends(scope="function")` dependency solved before the connection (declared
+    first, or not needing it) has its cleanup run after the lease's own exit callback;
+    if that cleanup raises (an HTTPException refusing the request), the answer is that
+    error, so the commit must wait for it: ending last sees the request's final outcome.
+    """
+
+    __slots__ = ("leases",)
+
+    def __init__(self) -> None:
+        self.leases: list[_ExitCallback] = []
+
+    async def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Last borrowed first, as the stack would; a failed commit rolls back the others,
+        # and the first error raised is the answer. (Leases already ended do nothing.)
+        error: BaseException | None = None
+        for lease in reversed(self.leases):
+            seen = exc if error is None else error
+            try:
+                await lease(type(seen) if seen is not None else None, seen, None)
+            except BaseException as ex:
+                error = error or ex
+        if error is not None:
+            raise error
+
+
+_END_LAST = "poolkit.end_last"
+
+
+def _end_last(scope: MutableMapping[str, Any], stack: AsyncExitStack, lease: _ExitCallback) -> None:
+    """End `lease` on the function stack after every callback pushed there, before or after."""
+    stack.push_async_exit(_RollbackOnError(lease))
+    # One per stack: a router's own dependencies are solved on a function stack of their
+    # own (FastAPI's APIRouter._solve_dependencies), which closes at another time.
+    entry = scope.get(_END_LAST)
+    if entry is not None and entry[0] is stack:
+        last = entry[1]
+    else:
+        last = _EndLast()
+        scope[_END_LAST] = (stack, last)
+        # AsyncExitStack has no public way to put a callback under those already pushed;
+        # its callbacks are a deque of (is_sync, callback) popped from the right (CPython
+        # 3.7+). Without it, the lease ends at its own place, as a plain push would.
+        callbacks = getattr(stack, "_exit_callbacks", None)
+        if isinstance(callbacks, deque):
+            callbacks.appendleft((False, last))
+        else:
+            stack.push_async_exit(last)
+    last.leases.append(lease)
 
 
 def _overridden(scope: MutableMapping[str, Any]) -> bool:

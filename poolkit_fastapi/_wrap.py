@@ -20,8 +20,8 @@ response only if nothing else runs there. Other code can still fail the request 
 after the endpoint returned: a dependency with `Depends(scope="function")` (its cleanup
 runs before the response), another poolkit connection's lease (its commit), a route class
 whose own `get_route_handler` adds code around FastAPI's. Such a route still borrows in its
-thread, but commits through the `Pending`, at its place in the function stack, exactly as
-the general path does: a failure unwound before it rolls back.
+thread, but commits through the `Pending` once the rest of the function stack has run,
+exactly as the general path does (_deps._end_last): a failure there rolls back.
 """
 
 from __future__ import annotations

@@ -339,6 +339,105 @@ async def test_route_that_raises_writes_nothing(
     assert rows(app_dsn, app_name) == 1
 
 
+async def refuse_after_the_route() -> AsyncIterator[None]:
+    """A function-scope dependency whose cleanup refuses the request after the route ran."""
+    yield
+    raise HTTPException(403, "refused after the route")
+
+
+def refuse_after_the_route_sync() -> Iterator[None]:
+    yield
+    raise HTTPException(403, "refused after the route")
+
+
+async def swallow_errors() -> AsyncIterator[None]:
+    """A function-scope dependency that swallows the route's error (FastAPI says re-raise)."""
+    with contextlib.suppress(RuntimeError):
+        yield
+
+
+LateAsync = Annotated[None, Depends(refuse_after_the_route, scope="function")]
+LateSync = Annotated[None, Depends(refuse_after_the_route_sync, scope="function")]
+Swallow = Annotated[None, Depends(swallow_errors, scope="function")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["async", "sync", "sync-with-async-dependency"])
+@pytest.mark.parametrize("order", ["dependency-first", "conn-first"])
+async def test_dependency_refusing_after_the_route_writes_nothing(
+    kind: str, order: str, table: str, app_dsn: str, app_name: str
+) -> None:
+    # A function-scope dependency's cleanup runs before the response: its HTTPException is
+    # the answer, so the route's work must be rolled back, whatever the parameter order
+    # (a dependency declared first exits after a lease pushed on the stack later).
+    app = FastAPI(lifespan=PoolLifespan(app_dsn, sync_pools=app_dsn))
+    if kind == "async":
+
+        @app.post("/dependency-first")
+        async def a1(_: LateAsync, conn: Conn, t: str) -> dict[str, Any]:
+            await conn.execute(INSERT, (t, "x", None))
+            return {}
+
+        @app.post("/conn-first")
+        async def a2(conn: Conn, t: str, _: LateAsync) -> dict[str, Any]:
+            await conn.execute(INSERT, (t, "x", None))
+            return {}
+
+    else:
+        if kind == "sync":
+
+            @app.post("/dependency-first")
+            def s1(_: LateSync, conn: SyncConn, t: str) -> dict[str, Any]:
+                conn.execute(INSERT, (t, "x", None))
+                return {}
+
+            @app.post("/conn-first")
+            def s2(conn: SyncConn, t: str, _: LateSync) -> dict[str, Any]:
+                conn.execute(INSERT, (t, "x", None))
+                return {}
+
+        else:
+
+            @app.post("/dependency-first")
+            def m1(_: LateAsync, conn: SyncConn, t: str) -> dict[str, Any]:
+                conn.execute(INSERT, (t, "x", None))
+                return {}
+
+            @app.post("/conn-first")
+            def m2(conn: SyncConn, t: str, _: LateAsync) -> dict[str, Any]:
+                conn.execute(INSERT, (t, "x", None))
+                return {}
+
+    async with serve(app) as (client, state):
+        with anyio.fail_after(20):
+            r = await client.post(f"/{order}", params={"t": app_name})
+        assert r.status_code == 403, r.text
+        pools = get_pools(state)
+        assert pools.get().stats()["in_use"] == pools.get_sync().stats()["in_use"] == 0
+    assert rows(app_dsn, app_name) == 0
+
+
+@pytest.mark.anyio
+async def test_route_error_swallowed_by_a_dependency_still_writes_nothing(
+    table: str, app_dsn: str, app_name: str
+) -> None:
+    # The lease sees the route's exception where it sits on the stack, before an outer
+    # dependency can hide it: rolled back even though FastAPI then has no answer (500).
+    app = FastAPI(lifespan=PoolLifespan(app_dsn))
+
+    @app.post("/swallowed")
+    async def swallowed(_: Swallow, conn: Conn, t: str) -> dict[str, Any]:
+        await conn.execute(INSERT, (t, "x", None))
+        raise RuntimeError("the route crashed")
+
+    async with serve(app) as (client, state):
+        with anyio.fail_after(20):
+            r = await client.post("/swallowed", params={"t": app_name})
+        assert r.status_code == 500, r.text
+        assert get_pools(state).get().stats()["in_use"] == 0
+    assert rows(app_dsn, app_name) == 0
+
+
 # ---- 3. 200 concurrent requests on a pool of 4 --------------------------------------------------
 
 
@@ -901,3 +1000,18 @@ async def test_dashboard_dependencies_guard_it(app_dsn: str) -> None:
             r = await client.get(path, headers={"X-Operator": "yes"})
             assert r.status_code == 200, (path, r.text)
         assert (await client.get("/ready")).status_code == 200  # the guard is the dashboard's
+
+
+def test_the_exit_stack_internals_the_leases_rely_on() -> None:
+    """_deps._end_last() puts the request's commit under every function-scope exit callback
+    through AsyncExitStack's `_exit_callbacks` (no public way exists); without it the
+    commit silently moves back to its own place, before a later cleanup that may refuse
+    the request. Loud here instead."""
+    import collections
+    import contextlib
+
+    stack = contextlib.AsyncExitStack()
+    callbacks = getattr(stack, "_exit_callbacks", None)
+    assert isinstance(callbacks, collections.deque), "AsyncExitStack internals changed"
+    stack.push_async_exit(lambda *exc: None)  # type: ignore[arg-type, return-value]
+    assert callbacks[-1][0] is False, "AsyncExitStack's (is_sync, callback) entries changed"

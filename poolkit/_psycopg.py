@@ -136,12 +136,18 @@ def forget_prepared(conn: Any) -> None:
     prepared._to_flush.clear()
 
 
-# Session state learned from command tags, as a bit mask (see _reset.py).
+# State a borrow left behind, as a bit mask per state_key(): learned from command tags
+# (see _reset.py), WITH HOLD cursors and registered adapters.
 DIRTY: dict[int, int] = {}
 
 SESSION_TAGS: dict[bytes, int] = {}  # filled by _reset.py: tag prefix -> bit
 SESSION_PREFIXES: tuple[bytes, ...] = ()  # its keys, for one startswith() call
 HOLD_CURSOR_BIT = 0  # set by _reset.py: the bit of a cursor declared WITH HOLD
+
+
+def _note(key: int, bit: int) -> None:
+    """Add `bit` to the state noted under `key` (a state_key())."""
+    DIRTY[key] = DIRTY.get(key, 0) | bit
 
 
 def _note_tags(conn: Any, results: list[Any]) -> None:
@@ -153,8 +159,7 @@ def _note_tags(conn: Any, results: list[Any]) -> None:
             continue
         for prefix, bit in SESSION_TAGS.items():
             if tag.startswith(prefix):
-                key = id(conn.__dict__)  # state_key(): shared by a connection's handles
-                DIRTY[key] = DIRTY.get(key, 0) | bit
+                _note(id(conn.__dict__), bit)  # (state_key(): shared by a connection's handles)
 
 
 # The bit of DIRTY noting adapters a borrower registered: client-side, no SQL resets it.
@@ -170,7 +175,7 @@ class _TrackedTypes(TypesRegistry):
 
     def add(self, info: TypeInfo) -> None:
         super().add(info)
-        DIRTY[self._pk_key] = DIRTY.get(self._pk_key, 0) | ADAPTERS_BIT
+        _note(self._pk_key, ADAPTERS_BIT)
 
 
 class _TrackedAdapters(AdaptersMap):
@@ -188,11 +193,11 @@ class _TrackedAdapters(AdaptersMap):
 
     def register_dumper(self, cls: type | str | None, dumper: type[Dumper]) -> None:
         super().register_dumper(cls, dumper)
-        DIRTY[self._pk_key] = DIRTY.get(self._pk_key, 0) | ADAPTERS_BIT
+        _note(self._pk_key, ADAPTERS_BIT)
 
     def register_loader(self, oid: int | str, loader: type[Loader]) -> None:
         super().register_loader(oid, loader)
-        DIRTY[self._pk_key] = DIRTY.get(self._pk_key, 0) | ADAPTERS_BIT
+        _note(self._pk_key, ADAPTERS_BIT)
 
 
 def install_adapters(conn: Any) -> None:
@@ -252,8 +257,7 @@ def note_hold_cursor(conn: Any) -> None:
     """Note that `conn`'s session holds a cursor declared WITH HOLD (it outlives its
     transaction): the "auto" reset closes it (CLOSE ALL) on return, and parking refuses.
     For cursors made past the connection's factories too (Django's own ServerSideCursor)."""
-    key = id(conn.__dict__)  # state_key()
-    DIRTY[key] = DIRTY.get(key, 0) | HOLD_CURSOR_BIT
+    _note(id(conn.__dict__), HOLD_CURSOR_BIT)  # (state_key())
 
 
 _tracking: dict[tuple[type, bool], type] = {}

@@ -363,22 +363,20 @@ class DatabaseWrapper(pg.DatabaseWrapper):
     def make_cursor(self, cursor: Any) -> Any:
         if not self._pk_release_tx:
             return super().make_cursor(cursor)
-        if isinstance(cursor, ServerCursor):
-            self._pk_pinned = DISCARD  # a server-side cursor lives in the session
-        self._pk_cursors += 1
-        self._pk_used = True
-        wrapped = ReleasingCursor(cursor, self)
-        wrapped._pk_gen = self._pk_gen
-        return wrapped
+        return self._pk_releasing(ReleasingCursor, cursor)
 
     def make_debug_cursor(self, cursor: Any) -> Any:
         if not self._pk_release_tx:
             return super().make_debug_cursor(cursor)
+        return self._pk_releasing(ReleasingDebugCursor, cursor)
+
+    def _pk_releasing(self, cls: Any, cursor: Any) -> Any:
+        """`cursor` wrapped so that closing the last one releases the connection."""
         if isinstance(cursor, ServerCursor):
-            self._pk_pinned = DISCARD
+            self._pk_pinned = DISCARD  # a server-side cursor lives in the session
         self._pk_cursors += 1
         self._pk_used = True
-        wrapped = ReleasingDebugCursor(cursor, self)
+        wrapped = cls(cursor, self)
         wrapped._pk_gen = self._pk_gen
         return wrapped
 

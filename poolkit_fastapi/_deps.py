@@ -101,11 +101,7 @@ def _async_dependency(kind: Kind) -> Callable[..., Awaitable[AsyncConnection[Any
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
         leases[key] = conn
-        lease = AsyncLease(pool, conn, pools.retry_after, held)
-        if held:
-            stack.push_async_exit(lease)
-        else:
-            _end_last(scope, stack, lease)
+        _end_last(scope, stack, AsyncLease(pool, conn, pools.retry_after, held), held)
         return conn
 
     return dependency
@@ -140,19 +136,15 @@ def _sync_dependency(kind: Kind) -> Callable[..., Awaitable[Connection[Any]]]:
             # The route's wrapper borrows in the route's own worker thread (no hop of its
             # own); the Pending commits on the function stack, after serialization.
             pending = leases[key] = Pending(pool, tag, ep, pools.retry_after)
-            _end_last(scope, _stack(scope, False), pending)
+            _end_last(scope, _stack(scope, False), pending, False)
             return pending  # type: ignore[return-value]
         stack = _stack(scope, held)
         try:
             conn = await anyio.to_thread.run_sync(borrow_sync, pool, tag, ep)
         except UNAVAILABLE as exc:
             raise unavailable(pool, exc, pools.retry_after) from None
-        lease = SyncLease(pool, conn, pools.retry_after, held)
         leases[key] = conn
-        if held:
-            stack.push_async_exit(lease)
-        else:
-            _end_last(scope, stack, lease)
+        _end_last(scope, stack, SyncLease(pool, conn, pools.retry_after, held), held)
         return conn
 
     return dependency
@@ -219,8 +211,16 @@ class _EndLast:
 _END_LAST = "poolkit.end_last"
 
 
-def _end_last(scope: MutableMapping[str, Any], stack: AsyncExitStack, lease: _ExitCallback) -> None:
-    """End `lease` on the function stack after every callback pushed there, before or after."""
+def _end_last(
+    scope: MutableMapping[str, Any], stack: AsyncExitStack, lease: _ExitCallback, held: bool
+) -> None:
+    """End `lease` on the function stack after every callback pushed there, before or after.
+
+    A `held` lease (a stream's) is on the stack that closes when the stream ends: it ends
+    at its own place there."""
+    if held:
+        stack.push_async_exit(lease)
+        return
     stack.push_async_exit(_RollbackOnError(lease))
     # One per stack: a router's own dependencies are solved on a function stack of their
     # own (FastAPI's APIRouter._solve_dependencies), which closes at another time.

@@ -145,18 +145,20 @@ def preflight_for(route: Any) -> Callable[[Any], Verdict] | None:
             # the usual one-pass shape, is a cheap check: left to FastAPI, its failure is
             # FastAPI's own, the endpoint named in the error.)
             return False, value
+        # Past this point a one-pass value is possible only when we build the answer
+        # (`not build` walked it above): the failure paths below walk it only then.
         coro = serialize(response_content=value, **kwargs)
         try:
             coro.send(None)
         except StopIteration as done:
             content = done.value
         except Exception:
-            if _single_use(value):
+            if build and _single_use(value):
                 raise  # what FastAPI would raise; its rerun would pass on the emptied value
             return False, value  # FastAPI will fail the same way: its 500 rolls back
         else:
             coro.close()  # it suspended: this FastAPI works differently, let it decide
-            if _single_use(value):
+            if build and _single_use(value):
                 raise RuntimeError(
                     "poolkit_fastapi: this FastAPI's serialize_response suspended on a "
                     "one-pass answer (a generator?) it had started to consume; please report"
@@ -168,7 +170,7 @@ def preflight_for(route: Any) -> Callable[[Any], Verdict] | None:
             else:
                 response = response_class(content, **args)
         except Exception:
-            if _single_use(value):
+            if build and _single_use(value):
                 raise  # as above: FastAPI's own rendering of the full value fails so
             return False, value
         if not build:
